@@ -1,0 +1,58 @@
+"""The one place that decides which backend a ``Buffer`` runs on."""
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from .base import Backend, DispatchLayout, DispatchOutput, LowLatencyDispatchOutput, LowLatencyLayout
+from .reference import ReferenceBackend
+
+BACKEND_NAMES = ("auto", "reference", "cuda")
+
+
+def cuda_backend_available() -> bool:
+    """True when the compiled extension imports and a CUDA device is visible."""
+    try:
+        from .cuda import is_available
+    except ImportError:
+        return False
+    return is_available()
+
+
+def create_backend(
+    name: str,
+    group: dist.ProcessGroup,
+    num_nvl_bytes: int,
+    num_rdma_bytes: int,
+    low_latency_mode: bool,
+    num_qps_per_rank: int,
+) -> Backend:
+    """Build backend ``name``; ``"auto"`` is ``"cuda"`` when :func:`cuda_backend_available`, else
+    ``"reference"``. Collective: every rank of ``group`` must call it."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+    if name == "auto":
+        name = "cuda" if cuda_backend_available() and num_nvl_bytes > 0 else "reference"
+    if name == "cuda":
+        if not cuda_backend_available():
+            raise RuntimeError(
+                "backend='cuda' needs the compiled extension deepep_megatron._C and a CUDA device; build it with "
+                "`DEEPEP_MEGATRON_BUILD_CUDA=1 pip install -e .` on a machine with nvcc and a CUDA torch, "
+                "or use backend='reference'"
+            )
+        from .cuda import CudaBackend
+
+        return CudaBackend(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank)
+    return ReferenceBackend(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank)
+
+
+__all__ = [
+    "Backend",
+    "BACKEND_NAMES",
+    "DispatchLayout",
+    "DispatchOutput",
+    "LowLatencyDispatchOutput",
+    "LowLatencyLayout",
+    "ReferenceBackend",
+    "create_backend",
+    "cuda_backend_available",
+]

@@ -1,0 +1,187 @@
+"""The small interface every backend implements, and the layout objects they return.
+
+``Buffer`` checks arguments, owns handles, streams and events; a backend only moves data. Every
+backend must produce exactly the same results (see ``reference.py``, the oracle):
+
+* normal dispatch: a token goes to each destination rank once; received rows are ordered by
+  (source rank, source token index); ``recv_topk_idx`` holds local expert ids (-1 elsewhere) and
+  ``recv_topk_weights`` is 0 where ``recv_topk_idx`` is -1.
+* normal combine: for each source token, the sum over destination ranks, in rank order, in fp32.
+* low-latency dispatch: one message per (token, top-k slot); for local expert ``e`` the first
+  ``recv_count[e]`` rows of ``recv_x[e]`` are its tokens grouped by source rank (ascending) and,
+  within a rank, by source token index.
+* low-latency combine: ``sum_k w[t, k] * y_k`` in fp32, k ascending, cast to the input dtype.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config
+
+
+@dataclass
+class DispatchLayout:
+    """What a backend needs to repeat (cached dispatch) or reverse (combine) one normal dispatch.
+
+    Attributes:
+        is_token_in_rank: [T, R] bool, token t was sent to rank r.
+        num_tokens_per_rank: [R] int32, rows this rank sent to each rank.
+        num_recv_tokens_per_rank: [R] int32 (on the host), rows received from each rank.
+        recv_src_idx: [N_recv] int32, source token index of each received row.
+        num_recv_tokens_per_expert_list: per local expert, received count (aligned).
+        private: backend-specific state (prefix matrices per channel, send heads, ...).
+    """
+
+    is_token_in_rank: torch.Tensor
+    num_tokens_per_rank: torch.Tensor
+    num_recv_tokens_per_rank: torch.Tensor
+    recv_src_idx: torch.Tensor
+    num_recv_tokens_per_expert_list: list[int]
+    private: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_recv_tokens(self) -> int:
+        return int(self.recv_src_idx.numel())
+
+
+@dataclass
+class DispatchOutput:
+    """Result of a normal dispatch. The topk fields are None for a cached dispatch."""
+
+    recv_x: torch.Tensor
+    recv_x_scales: Optional[torch.Tensor]
+    recv_topk_idx: Optional[torch.Tensor]
+    recv_topk_weights: Optional[torch.Tensor]
+    layout: DispatchLayout
+
+
+@dataclass
+class LowLatencyLayout:
+    """What low-latency combine needs from the dispatch it reverses.
+
+    Attributes:
+        recv_src_info: [E_local, R * max_tokens] int32, source token index of each received slot
+            (-1 past ``recv_count``).
+        recv_layout_range: [E_local, R] int64, ``(offset << 32) | count`` of each source rank's
+            slots inside ``recv_x[e]`` (DeepEP's packing).
+        num_max_dispatch_tokens_per_rank, hidden, num_experts: the shapes it was made for.
+        private: backend-specific state.
+    """
+
+    recv_src_info: torch.Tensor
+    recv_layout_range: torch.Tensor
+    num_max_dispatch_tokens_per_rank: int
+    hidden: int
+    num_experts: int
+    private: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LowLatencyDispatchOutput:
+    recv_x: torch.Tensor  # [E_local, R * max_tokens, H] bf16, or e4m3 when use_fp8
+    recv_x_scales: Optional[torch.Tensor]  # [E_local, R * max_tokens, H / 128] fp32 when use_fp8
+    recv_count: torch.Tensor  # [E_local] int32
+    layout: LowLatencyLayout
+
+
+#: A receive hook: completes the receive of a low-latency call that was issued with
+#: ``return_recv_hook=True``. It holds no SMs until called.
+RecvHook = Callable[[], None]
+
+
+class Backend(ABC):
+    """One way of moving tokens between the ranks of ``group``."""
+
+    name: str = "abstract"
+    #: Whether dispatch/combine need the NVLink buffer (num_nvl_bytes > 0).
+    needs_nvl_buffer: bool = False
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        num_nvl_bytes: int,
+        num_rdma_bytes: int,
+        low_latency_mode: bool,
+        num_qps_per_rank: int,
+    ) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.num_ranks = dist.get_world_size(group)
+        self.num_nvl_bytes = num_nvl_bytes
+        self.num_rdma_bytes = num_rdma_bytes
+        self.low_latency_mode = low_latency_mode
+        self.num_qps_per_rank = num_qps_per_rank
+
+    @abstractmethod
+    def get_dispatch_layout(
+        self, topk_idx: torch.Tensor, num_experts: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return ``(num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32,
+        is_token_in_rank [T, R] bool)`` for ``topk_idx`` [T, K] int64 (-1 = no expert)."""
+
+    @abstractmethod
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        x_scales: Optional[torch.Tensor],
+        topk_idx: Optional[torch.Tensor],
+        topk_weights: Optional[torch.Tensor],
+        num_tokens_per_rank: Optional[torch.Tensor],
+        is_token_in_rank: Optional[torch.Tensor],
+        num_tokens_per_expert: Optional[torch.Tensor],
+        expert_alignment: int,
+        config: Config,
+        cached_layout: Optional[DispatchLayout],
+    ) -> DispatchOutput:
+        """Send each token [T, H] to the ranks that hold its experts.
+
+        With ``cached_layout`` the layout arguments are None and only ``x`` (and its scales) move.
+        """
+
+    @abstractmethod
+    def combine(
+        self,
+        x: torch.Tensor,
+        topk_weights: Optional[torch.Tensor],
+        layout: DispatchLayout,
+        config: Config,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Reverse a dispatch: ``x`` [N_recv, H] -> ``combined_x`` [T, H] (sum over ranks, fp32)."""
+
+    @abstractmethod
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        use_fp8: bool,
+        round_scale: bool,
+        use_ue8m0: bool,
+        return_recv_hook: bool,
+    ) -> tuple[LowLatencyDispatchOutput, Optional[RecvHook]]:
+        """Send one message per (token, expert). With ``return_recv_hook`` the outputs are
+        allocated but filled only when the returned hook is called."""
+
+    @abstractmethod
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        layout: LowLatencyLayout,
+        out: Optional[torch.Tensor],
+        return_recv_hook: bool,
+    ) -> tuple[torch.Tensor, Optional[RecvHook]]:
+        """Send each expert output back and reduce ``sum_k w[t, k] * y_k`` -> [T, H]."""
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Reset low-latency signalling state (nothing to do for stateless backends)."""
+
+    def destroy(self) -> None:
+        """Release communication resources (collective: every rank calls it)."""

@@ -1,0 +1,277 @@
+"""Pure-PyTorch backend over torch.distributed: the test oracle and the CPU path.
+
+Every exchange is one ``all_to_all_single`` of packed byte rows (so any dtype, FP8 included, moves
+bit-exactly) preceded, where the receiver cannot know the sizes, by one ``all_to_all_single`` of
+counts. Works on gloo (CPU tensors) and NCCL (CUDA tensors); with a gloo group and CUDA tensors
+(several ranks sharing one GPU) the rows are staged through host memory.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..config import Config
+from ..fp8 import per_token_cast_to_fp8
+from .base import (
+    Backend,
+    DispatchLayout,
+    DispatchOutput,
+    LowLatencyDispatchOutput,
+    LowLatencyLayout,
+    RecvHook,
+)
+
+
+def pack_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate the bytes of each row of ``tensors`` (all [N, ...]) into one uint8 [N, B]."""
+    num_rows = tensors[0].size(0)
+    parts = []
+    for t in tensors:
+        row_numel = 1
+        for s in t.shape[1:]:
+            row_numel *= s
+        parts.append(t.contiguous().view(num_rows, row_numel).view(torch.uint8))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def unpack_rows(rows: torch.Tensor, like: Sequence[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
+    """Inverse of :func:`pack_rows`: ``like`` lists (dtype, per-row shape) of each packed tensor."""
+    out, offset, num_rows = [], 0, rows.size(0)
+    for dtype, shape in like:
+        numel = 1
+        for s in shape:
+            numel *= s
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        # A fresh tensor: a slice may keep a stride (or offset) that a dtype view cannot reinterpret.
+        chunk = torch.empty(num_rows, nbytes, dtype=torch.uint8, device=rows.device)
+        chunk.copy_(rows[:, offset : offset + nbytes])
+        out.append(chunk.view(dtype).view(num_rows, *shape))
+        offset += nbytes
+    return out
+
+
+def _spec(t: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...]]:
+    return t.dtype, tuple(t.shape[1:])
+
+
+class ReferenceBackend(Backend):
+    """Dispatch/combine with torch.distributed collectives. Same results as the kernels."""
+
+    name = "reference"
+
+    def __init__(self, group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank) -> None:
+        super().__init__(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank)
+        self._uses_nccl = dist.get_backend(group) == "nccl"
+
+    # ------------------------------------------------------------------ exchange primitives
+    def _comm_device(self, like: torch.Tensor) -> torch.device:
+        if self._uses_nccl:
+            if like.device.type != "cuda":
+                raise ValueError(
+                    f"the process group uses NCCL, so tensors must be on a CUDA device, got {like.device}; "
+                    "use a gloo group for CPU tensors"
+                )
+            return like.device
+        return torch.device("cpu")
+
+    def _exchange_counts(self, send_counts: torch.Tensor) -> list[int]:
+        """``send_counts[r]`` rows go to rank r; return how many arrive from each rank."""
+        send = send_counts.to(self._comm_device(send_counts), torch.int64)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        return recv.tolist()
+
+    def _exchange_rows(self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        """Send ``rows`` [N, B] uint8, ``send_counts[r]`` of them to rank r, in order."""
+        row_bytes = rows.size(1)
+        comm_device = self._comm_device(rows)
+        send = rows.to(comm_device).reshape(-1)
+        recv = torch.empty(sum(recv_counts) * row_bytes, dtype=torch.uint8, device=comm_device)
+        dist.all_to_all_single(
+            recv,
+            send,
+            output_split_sizes=[c * row_bytes for c in recv_counts],
+            input_split_sizes=[c * row_bytes for c in send_counts],
+            group=self.group,
+        )
+        return recv.view(-1, row_bytes).to(rows.device)
+
+    # ------------------------------------------------------------------ normal path
+    def get_dispatch_layout(self, topk_idx, num_experts):
+        num_local_experts = num_experts // self.num_ranks
+        valid = topk_idx >= 0
+        experts = topk_idx[valid]
+        num_tokens_per_expert = torch.bincount(experts, minlength=num_experts).to(torch.int32)
+        ranks = torch.where(valid, topk_idx // num_local_experts, torch.zeros_like(topk_idx))
+        hits = F.one_hot(ranks, self.num_ranks).bool() & valid.unsqueeze(-1)
+        is_token_in_rank = hits.any(dim=1)
+        num_tokens_per_rank = is_token_in_rank.sum(dim=0).to(torch.int32)
+        return num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank
+
+    def dispatch(
+        self,
+        x,
+        x_scales,
+        topk_idx,
+        topk_weights,
+        num_tokens_per_rank,
+        is_token_in_rank,
+        num_tokens_per_expert,
+        expert_alignment,
+        config: Config,
+        cached_layout: Optional[DispatchLayout],
+    ) -> DispatchOutput:
+        payload = [x] if x_scales is None else [x, x_scales]
+        if cached_layout is not None:
+            layout = cached_layout
+            send_tokens = layout.private["send_tokens"]
+            rows = pack_rows([t[send_tokens] for t in payload])
+            recv = self._exchange_rows(
+                rows, layout.num_tokens_per_rank.tolist(), layout.num_recv_tokens_per_rank.tolist()
+            )
+            recv_payload = unpack_rows(recv, [_spec(t) for t in payload])
+            return DispatchOutput(recv_payload[0], recv_payload[1] if x_scales is not None else None, None, None, layout)
+
+        # (rank, token) pairs sorted by rank then token: the deterministic send order.
+        dest_ranks, send_tokens = is_token_in_rank.t().nonzero(as_tuple=True)
+        send_counts_t = torch.bincount(dest_ranks, minlength=self.num_ranks)
+        send_counts = send_counts_t.tolist()
+        recv_counts = self._exchange_counts(send_counts_t)
+
+        columns = payload + [topk_idx.to(torch.int64), topk_weights.to(torch.float32), torch.arange(x.size(0), device=x.device)]
+        recv = self._exchange_rows(pack_rows([t[send_tokens] for t in columns]), send_counts, recv_counts)
+        recv_columns = unpack_rows(recv, [_spec(t) for t in columns])
+        recv_x = recv_columns[0]
+        recv_x_scales = recv_columns[1] if x_scales is not None else None
+        recv_global_idx, recv_topk_weights, recv_src_idx = recv_columns[-3:]
+
+        num_local_experts = num_tokens_per_expert.numel() // self.num_ranks
+        local = recv_global_idx - self.rank * num_local_experts
+        is_local = (recv_global_idx >= 0) & (local >= 0) & (local < num_local_experts)
+        recv_topk_idx = torch.where(is_local, local, torch.full_like(local, -1))
+        recv_topk_weights = torch.where(is_local, recv_topk_weights, torch.zeros_like(recv_topk_weights))
+        per_expert = torch.bincount(recv_topk_idx[is_local], minlength=num_local_experts).tolist()
+        per_expert = [(c + expert_alignment - 1) // expert_alignment * expert_alignment for c in per_expert]
+
+        layout = DispatchLayout(
+            is_token_in_rank=is_token_in_rank,
+            num_tokens_per_rank=send_counts_t.to(torch.int32),
+            num_recv_tokens_per_rank=torch.tensor(recv_counts, dtype=torch.int32),
+            recv_src_idx=recv_src_idx.to(torch.int32),
+            num_recv_tokens_per_expert_list=per_expert,
+            private={"send_tokens": send_tokens},
+        )
+        return DispatchOutput(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, layout)
+
+    def combine(self, x, topk_weights, layout: DispatchLayout, config: Config):
+        columns = [x] if topk_weights is None else [x, topk_weights.to(torch.float32)]
+        recv = self._exchange_rows(
+            pack_rows(columns), layout.num_recv_tokens_per_rank.tolist(), layout.num_tokens_per_rank.tolist()
+        )
+        back = unpack_rows(recv, [_spec(t) for t in columns])
+        num_tokens = layout.is_token_in_rank.size(0)
+        send_tokens = layout.private["send_tokens"]
+        combined = torch.zeros(num_tokens, x.size(1), dtype=torch.float32, device=x.device)
+        combined_w = (
+            torch.zeros(num_tokens, topk_weights.size(1), dtype=torch.float32, device=x.device)
+            if topk_weights is not None
+            else None
+        )
+        # Sum rank by rank (a token appears at most once per rank): a fixed fp32 order.
+        start = 0
+        for count in layout.num_tokens_per_rank.tolist():
+            tokens = send_tokens[start : start + count]
+            combined[tokens] += back[0][start : start + count].float()
+            if combined_w is not None:
+                combined_w[tokens] += back[1][start : start + count]
+            start += count
+        return combined.to(x.dtype), combined_w
+
+    # ------------------------------------------------------------------ low-latency path
+    def low_latency_dispatch(
+        self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0, return_recv_hook
+    ):
+        num_tokens, hidden = x.shape
+        num_local_experts = num_experts // self.num_ranks
+        slots = self.num_ranks * num_max_dispatch_tokens_per_rank
+        # One message per valid (token, k), sorted by (destination rank, local expert, token).
+        pair_tokens, pair_k = (topk_idx >= 0).nonzero(as_tuple=True)
+        experts = topk_idx[pair_tokens, pair_k]
+        order = torch.sort(experts, stable=True).indices  # expert-major keeps rank-major order too
+        pair_tokens, pair_k, experts = pair_tokens[order], pair_k[order], experts[order]
+        send_counts_t = torch.bincount(experts // num_local_experts, minlength=self.num_ranks)
+
+        if use_fp8:
+            x_fp8, x_scales = per_token_cast_to_fp8(x, use_ue8m0=use_ue8m0, round_scale=round_scale)
+            payload = [x_fp8, x_scales]
+            recv_x = torch.empty(num_local_experts, slots, hidden, dtype=x_fp8.dtype, device=x.device)
+            recv_x_scales = torch.empty(num_local_experts, slots, x_scales.size(1), dtype=torch.float32, device=x.device)
+        else:
+            payload = [x]
+            recv_x = torch.empty(num_local_experts, slots, hidden, dtype=x.dtype, device=x.device)
+            recv_x_scales = None
+        recv_count = torch.zeros(num_local_experts, dtype=torch.int32, device=x.device)
+        recv_src_info = torch.full((num_local_experts, slots), -1, dtype=torch.int32, device=x.device)
+        recv_layout_range = torch.zeros(num_local_experts, self.num_ranks, dtype=torch.int64, device=x.device)
+        private: dict = {"pair_tokens": pair_tokens, "pair_k": pair_k, "send_counts": send_counts_t.tolist()}
+        layout = LowLatencyLayout(recv_src_info, recv_layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts, private)
+        output = LowLatencyDispatchOutput(recv_x, recv_x_scales, recv_count, layout)
+
+        def receive() -> None:
+            recv_counts = self._exchange_counts(send_counts_t)
+            header = torch.stack([pair_tokens, experts % num_local_experts], dim=1)
+            columns = [header] + [t[pair_tokens] for t in payload]
+            recv = self._exchange_rows(pack_rows(columns), private["send_counts"], recv_counts)
+            recv_columns = unpack_rows(recv, [_spec(t) for t in columns])
+            src_tokens, local_experts = recv_columns[0][:, 0], recv_columns[0][:, 1]
+            src_ranks = torch.repeat_interleave(
+                torch.arange(self.num_ranks, device=x.device), torch.tensor(recv_counts, device=x.device)
+            )
+            # Slot of each message inside its expert: position among that expert's messages,
+            # which arrive grouped by source rank and, within a rank, by token.
+            by_expert = torch.sort(local_experts, stable=True).indices
+            counts = torch.bincount(local_experts, minlength=num_local_experts)
+            starts = torch.cumsum(counts, 0) - counts
+            slot_sorted = torch.arange(by_expert.numel(), device=x.device) - starts[local_experts[by_expert]]
+            slot = torch.empty_like(slot_sorted)
+            slot[by_expert] = slot_sorted
+            recv_x[local_experts, slot] = recv_columns[1]
+            if recv_x_scales is not None:
+                recv_x_scales[local_experts, slot] = recv_columns[2]
+            recv_count.copy_(counts.to(torch.int32))
+            recv_src_info[local_experts, slot] = src_tokens.to(torch.int32)
+            per_rank = torch.zeros(num_local_experts, self.num_ranks, dtype=torch.int64, device=x.device)
+            per_rank.index_put_((local_experts, src_ranks), torch.ones_like(local_experts), accumulate=True)
+            offsets = torch.cumsum(per_rank, 1) - per_rank
+            recv_layout_range.copy_((offsets << 32) | per_rank)
+            private.update(recv_counts=recv_counts, recv_local_experts=local_experts, recv_slots=slot)
+
+        if return_recv_hook:
+            return output, receive
+        receive()
+        return output, None
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, layout: LowLatencyLayout, out, return_recv_hook):
+        num_tokens, hidden = topk_idx.size(0), x.size(2)
+        private = layout.private
+        combined = out if out is not None else torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
+
+        def receive() -> None:
+            rows = x[private["recv_local_experts"], private["recv_slots"]]
+            back = self._exchange_rows(pack_rows([rows]), private["recv_counts"], private["send_counts"])
+            expert_out = unpack_rows(back, [_spec(rows)])[0].float()
+            pair_tokens, pair_k = private["pair_tokens"], private["pair_k"]
+            acc = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
+            for k in range(topk_idx.size(1)):  # k ascending: a fixed fp32 order
+                sel = pair_k == k
+                tokens = pair_tokens[sel]
+                acc[tokens] += topk_weights[tokens, k].float().unsqueeze(1) * expert_out[sel]
+            combined.copy_(acc.to(combined.dtype))
+
+        if return_recv_hook:
+            return combined, receive
+        receive()
+        return combined, None

@@ -1,0 +1,153 @@
+"""Tuning knobs of the normal (high-throughput) kernels and the buffer sizes they need.
+
+A :class:`Config` says how many SMs a dispatch/combine kernel may occupy and how the per-(channel,
+peer) ring buffers in the NVLink buffer are chunked. The size hints turn a config into the number of
+bytes a :class:`~deepep_megatron.Buffer` must be created with, so callers can size buffers up front
+and a too-small buffer is reported before any kernel runs.
+
+This module imports nothing of the package: it is pure arithmetic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Largest top-k the normal kernels carry per token (DeepEP's limit is 9; DeepSeek-V3 uses 8).
+MAX_TOPK = 16
+#: Channels of the FP8 scales: one fp32 scale per this many hidden elements.
+FP8_BLOCK = 128
+#: Rank counts the intranode kernels accept (ranks of one NVLink domain).
+SUPPORTED_NVL_RANK_COUNTS = (2, 4, 8)
+#: Alignment (bytes) of every region in the communication buffers.
+BUFFER_ALIGN = 128
+
+
+def align_up(value: int, alignment: int) -> int:
+    """Smallest multiple of ``alignment`` that is >= ``value``."""
+    return (value + alignment - 1) // alignment * alignment
+
+
+def token_slot_bytes(hidden_bytes: int) -> int:
+    """Bytes one token occupies in a ring-buffer slot of the NVLink buffer.
+
+    ``hidden_bytes`` is ``hidden * max(element_size, 2)`` (DeepEP's convention: FP8 tokens are
+    sized as if bf16, which leaves room for their scales). A slot holds the hidden row, the FP8
+    scales (``hidden / 128`` fp32), ``MAX_TOPK`` expert ids (int32) and weights (fp32) and the
+    source token index, each region 16-byte aligned.
+    """
+    hidden = hidden_bytes // 2
+    scales = (hidden + FP8_BLOCK - 1) // FP8_BLOCK * 4
+    return align_up(hidden_bytes, 16) + align_up(scales, 16) + align_up(MAX_TOPK * 8, 16) + 16
+
+
+@dataclass(frozen=True)
+class Config:
+    """Kernel configuration for one dispatch or combine (DeepEP-compatible field names).
+
+    Attributes:
+        num_sms: SMs (thread blocks) the kernel occupies; two blocks form one channel, so this
+            must be even. Each channel moves one contiguous slice of the tokens.
+        num_max_nvl_chunked_send_tokens: tokens a sender moves per step into a peer's ring.
+        num_max_nvl_chunked_recv_tokens: slots in each per-(channel, peer) ring buffer.
+        num_max_rdma_chunked_send_tokens / num_max_rdma_chunked_recv_tokens: the same for the
+            RDMA leg of the internode kernels.
+    """
+
+    num_sms: int = 20
+    num_max_nvl_chunked_send_tokens: int = 6
+    num_max_nvl_chunked_recv_tokens: int = 256
+    num_max_rdma_chunked_send_tokens: int = 6
+    num_max_rdma_chunked_recv_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        if self.num_sms <= 0 or self.num_sms % 2 != 0:
+            raise ValueError(f"Config.num_sms must be a positive even number (two SMs per channel), got {self.num_sms}")
+        if not 0 < self.num_max_nvl_chunked_send_tokens < self.num_max_nvl_chunked_recv_tokens:
+            raise ValueError(
+                "Config needs 0 < num_max_nvl_chunked_send_tokens < num_max_nvl_chunked_recv_tokens, got "
+                f"{self.num_max_nvl_chunked_send_tokens} and {self.num_max_nvl_chunked_recv_tokens}"
+            )
+        if not 0 < self.num_max_rdma_chunked_send_tokens <= self.num_max_rdma_chunked_recv_tokens:
+            raise ValueError(
+                "Config needs 0 < num_max_rdma_chunked_send_tokens <= num_max_rdma_chunked_recv_tokens, got "
+                f"{self.num_max_rdma_chunked_send_tokens} and {self.num_max_rdma_chunked_recv_tokens}"
+            )
+
+    @property
+    def num_channels(self) -> int:
+        return self.num_sms // 2
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes of NVLink buffer one rank needs for this config.
+
+        Layout per rank: a control region (rank x rank count matrix, per-expert counts, per
+        channel/peer head and tail counters) followed by ``num_channels x num_ranks`` rings of
+        ``num_max_nvl_chunked_recv_tokens`` slots of :func:`token_slot_bytes`.
+        """
+        if hidden_bytes <= 0:
+            raise ValueError(f"hidden_bytes must be positive, got {hidden_bytes}")
+        if num_ranks <= 0:
+            raise ValueError(f"num_ranks must be positive, got {num_ranks}")
+        control = align_up(num_ranks * num_ranks * 4 + 4096 * 4 + self.num_channels * num_ranks * 4 * 4, BUFFER_ALIGN)
+        rings = self.num_channels * num_ranks * self.num_max_nvl_chunked_recv_tokens * token_slot_bytes(hidden_bytes)
+        return align_up(control + rings, BUFFER_ALIGN)
+
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_rdma_ranks: int) -> int:
+        """Bytes of RDMA (NVSHMEM) buffer one rank needs for the internode normal kernels."""
+        if num_rdma_ranks <= 1:
+            return 0
+        slots = self.num_channels * num_rdma_ranks * self.num_max_rdma_chunked_recv_tokens * 2  # send + recv
+        return align_up(slots * token_slot_bytes(hidden_bytes) + BUFFER_ALIGN * num_rdma_ranks, BUFFER_ALIGN)
+
+
+# Defaults per rank count. Chunk sizes follow DeepEP's published intranode defaults; the SM count
+# is what ``Buffer.set_num_sms`` last set (20 unless changed).
+_DISPATCH_CHUNKS = {2: (24, 256), 4: (6, 256), 8: (6, 256)}
+_COMBINE_CHUNKS = {2: (10, 256), 4: (9, 256), 8: (4, 256)}
+
+
+def _default_config(table: dict[int, tuple[int, int]], num_ranks: int, num_sms: int) -> Config:
+    send, recv = table.get(num_ranks, (6, 256))
+    return Config(num_sms, send, recv, 6, 128)
+
+
+def default_dispatch_config(num_ranks: int, num_sms: int = 20) -> Config:
+    """Recommended dispatch config for ``num_ranks`` ranks."""
+    return _default_config(_DISPATCH_CHUNKS, num_ranks, num_sms)
+
+
+def default_combine_config(num_ranks: int, num_sms: int = 20) -> Config:
+    """Recommended combine config for ``num_ranks`` ranks."""
+    return _default_config(_COMBINE_CHUNKS, num_ranks, num_sms)
+
+
+def low_latency_message_bytes(hidden: int, use_fp8: bool) -> int:
+    """Bytes of one token message of the low-latency kernels: a 16-byte header (source token
+    index, flags) then the row, bf16 or e4m3 with its per-128-channel fp32 scales."""
+    if use_fp8:
+        return align_up(16 + hidden + hidden // FP8_BLOCK * 4, 16)
+    return align_up(16 + hidden * 2, 16)
+
+
+def get_low_latency_rdma_size_hint(
+    num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+) -> int:
+    """Bytes of RDMA buffer one rank needs for low-latency dispatch + combine.
+
+    Two halves (double buffering, so consecutive calls never overwrite data a peer is still
+    reading), each with a send region for this rank's tokens, a receive region of
+    ``num_experts x max_tokens`` messages (one slot per (local expert, source rank, token)) and
+    per-expert signal counters. Sized for the larger of the bf16 dispatch and the bf16 combine.
+    """
+    for name, value in (
+        ("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank),
+        ("hidden", hidden),
+        ("num_ranks", num_ranks),
+        ("num_experts", num_experts),
+    ):
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    msg = low_latency_message_bytes(hidden, use_fp8=False)
+    send = num_max_dispatch_tokens_per_rank * msg * max(1, min(num_experts, MAX_TOPK))
+    recv = num_experts * num_max_dispatch_tokens_per_rank * msg
+    signals = align_up(num_experts * 8, BUFFER_ALIGN)
+    return 2 * align_up(send + recv + signals, BUFFER_ALIGN)

@@ -1,0 +1,70 @@
+"""FP8 cast round trip, UE8M0 scales, Config checks and size hints (single process)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepep_megatron import Buffer, Config, per_token_cast_back, per_token_cast_to_fp8
+from deepep_megatron.config import get_low_latency_rdma_size_hint
+
+
+@pytest.mark.parametrize("hidden", [128, 2048, 7168])
+@pytest.mark.parametrize("use_ue8m0", [False, True])
+def test_fp8_round_trip_error_is_bounded(hidden: int, use_ue8m0: bool) -> None:
+    g = torch.Generator().manual_seed(hidden)
+    x = (torch.randn(64, hidden, generator=g) * torch.logspace(-3, 3, 64).unsqueeze(1)).to(torch.bfloat16)
+    x_fp8, scales = per_token_cast_to_fp8(x, use_ue8m0=use_ue8m0)
+    assert x_fp8.dtype == torch.float8_e4m3fn and scales.shape == (64, hidden // 128)
+    back = per_token_cast_back(x_fp8, scales, torch.float32)
+    blocks = x.float().view(64, -1, 128)
+    # e4m3 has 3 mantissa bits: relative error <= 2^-4 of the block max (plus bf16 rounding),
+    # doubled with power-of-two scales that leave up to one binade unused.
+    bound = blocks.abs().amax(-1, keepdim=True) * (2**-4) * (2 if use_ue8m0 else 1) * 1.01
+    assert ((back.view(64, -1, 128) - blocks).abs() <= bound).all()
+    if use_ue8m0:
+        assert torch.equal(torch.exp2(torch.log2(scales).round()), scales)
+
+
+def test_fp8_all_zero_block_stays_finite() -> None:
+    x = torch.zeros(2, 256, dtype=torch.bfloat16)
+    x[1, 128:] = 3.0
+    x_fp8, scales = per_token_cast_to_fp8(x)
+    back = per_token_cast_back(x_fp8, scales)
+    assert torch.isfinite(scales).all() and torch.equal(back, x)
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda: per_token_cast_to_fp8(torch.randn(4, 100)), ValueError, "divisible by 128"),
+        (lambda: per_token_cast_to_fp8(torch.randn(4, 2, 128)), ValueError, "2-D"),
+        (lambda: per_token_cast_to_fp8(torch.ones(4, 128, dtype=torch.int32)), TypeError, "bf16/fp16/fp32"),
+        (lambda: per_token_cast_back(torch.randn(4, 128), torch.ones(4, 1)), TypeError, "x_fp8"),
+        (lambda: per_token_cast_back(torch.randn(4, 128).to(torch.float8_e4m3fn), torch.ones(4, 2)), ValueError, "scales must have shape"),
+        (lambda: Config(num_sms=7), ValueError, "even"),
+        (lambda: Config(num_sms=20, num_max_nvl_chunked_send_tokens=300), ValueError, "num_max_nvl_chunked_send_tokens"),
+        (lambda: Buffer.set_num_sms(3), ValueError, "even"),
+        (lambda: get_low_latency_rdma_size_hint(0, 7168, 8, 256), ValueError, "num_max_dispatch_tokens_per_rank"),
+    ],
+)
+def test_bad_single_process_input(call, error, match) -> None:
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_size_hints_grow_with_what_they_carry() -> None:
+    config = Buffer.get_dispatch_config(8)
+    small = config.get_nvl_buffer_size_hint(2048 * 2, 8)
+    assert small < config.get_nvl_buffer_size_hint(7168 * 2, 8)
+    assert small < Config(num_sms=40).get_nvl_buffer_size_hint(2048 * 2, 8)
+    assert get_low_latency_rdma_size_hint(128, 7168, 8, 256) > get_low_latency_rdma_size_hint(64, 7168, 8, 256)
+    assert Buffer.get_nvl_size_hint(7168 * 2, 8) >= Buffer.get_combine_config(8).get_nvl_buffer_size_hint(7168 * 2, 8)
+
+
+def test_set_num_sms_changes_default_configs() -> None:
+    before = Buffer.num_sms
+    try:
+        Buffer.set_num_sms(24)
+        assert Buffer.get_dispatch_config(2).num_sms == 24 and Buffer.get_combine_config(4).num_sms == 24
+    finally:
+        Buffer.set_num_sms(before)
