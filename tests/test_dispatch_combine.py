@@ -29,6 +29,7 @@ def _cases(world_size: int) -> list[Case]:
         Case(world_size, tokens=tuple(40 + r for r in range(world_size)), hidden=384, num_topk=3, num_experts=4 * world_size, seed=4, starved_rank=world_size - 1, dtype=torch.float32),
         Case(world_size, tokens=(0,) + tuple(9 for _ in range(world_size - 1)), hidden=128, num_topk=2, num_experts=2 * world_size, seed=5, drop=0.5, empty_tokens=0.3),
         Case(world_size, tokens=tuple(300 for _ in range(world_size)), hidden=256, num_topk=8, num_experts=256, seed=6),
+        Case(world_size, tokens=(4096,) + (1000,) * (world_size - 1), hidden=128, num_topk=6, num_experts=8 * world_size, seed=7),
     ]
 
 
