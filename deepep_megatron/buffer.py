@@ -111,7 +111,7 @@ def _check_topk_idx(topk_idx: Any, num_experts: int, num_tokens: Optional[int], 
     if not 1 <= topk_idx.size(1) <= MAX_TOPK:
         raise ValueError(f"topk_idx.size(1) (top-k) must be in 1..{MAX_TOPK}, got {topk_idx.size(1)}")
     if topk_idx.numel() > 0:
-        low, high = int(topk_idx.min()), int(topk_idx.max())
+        low, high = torch.stack(torch.aminmax(topk_idx)).tolist()  # one host sync
         if low < -1 or high >= num_experts:
             raise ValueError(
                 f"topk_idx values must be in [-1, num_experts={num_experts}) (-1 = no expert), "

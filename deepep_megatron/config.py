@@ -19,6 +19,8 @@ FP8_BLOCK = 128
 SUPPORTED_NVL_RANK_COUNTS = (2, 4, 8)
 #: Alignment (bytes) of every region in the communication buffers.
 BUFFER_ALIGN = 128
+#: Bytes of the control region at the start of every NVLink buffer (csrc/api.h kControlBytes).
+NVL_CONTROL_BYTES = 65536
 
 
 def align_up(value: int, alignment: int) -> int:
@@ -77,19 +79,19 @@ class Config:
         return self.num_sms // 2
 
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
-        """Bytes of NVLink buffer one rank needs for this config.
+        """Bytes of NVLink buffer one rank needs for this config (the ``cuda`` backend's exact layout).
 
-        Layout per rank: a control region (rank x rank count matrix, per-expert counts, per
-        channel/peer head and tail counters) followed by ``num_channels x num_ranks`` rings of
-        ``num_max_nvl_chunked_recv_tokens`` slots of :func:`token_slot_bytes`.
+        Layout per rank (csrc/runtime.cuh): a fixed control region of :data:`NVL_CONTROL_BYTES`
+        (barrier signals, notify counts, per channel/peer head and tail counters) followed by
+        ``num_channels x num_ranks`` rings of ``num_max_nvl_chunked_recv_tokens`` slots of
+        :func:`token_slot_bytes`. Combine reuses the same rings (its slots are smaller).
         """
         if hidden_bytes <= 0:
             raise ValueError(f"hidden_bytes must be positive, got {hidden_bytes}")
         if num_ranks <= 0:
             raise ValueError(f"num_ranks must be positive, got {num_ranks}")
-        control = align_up(num_ranks * num_ranks * 4 + 4096 * 4 + self.num_channels * num_ranks * 4 * 4, BUFFER_ALIGN)
         rings = self.num_channels * num_ranks * self.num_max_nvl_chunked_recv_tokens * token_slot_bytes(hidden_bytes)
-        return align_up(control + rings, BUFFER_ALIGN)
+        return align_up(NVL_CONTROL_BYTES + rings, BUFFER_ALIGN)
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_rdma_ranks: int) -> int:
         """Bytes of RDMA (NVSHMEM) buffer one rank needs for the internode normal kernels."""
@@ -99,10 +101,12 @@ class Config:
         return align_up(slots * token_slot_bytes(hidden_bytes) + BUFFER_ALIGN * num_rdma_ranks, BUFFER_ALIGN)
 
 
-# Defaults per rank count. Chunk sizes follow DeepEP's published intranode defaults; the SM count
-# is what ``Buffer.set_num_sms`` last set (20 unless changed).
-_DISPATCH_CHUNKS = {2: (24, 256), 4: (6, 256), 8: (6, 256)}
-_COMBINE_CHUNKS = {2: (10, 256), 4: (9, 256), 8: (4, 256)}
+# Defaults per rank count: (send chunk, ring slots). For 2 ranks they are tuned on H200 x2 with
+# scripts/bench_intranode.py (docs/perf.md: dispatch chunk 32, combine chunk 24 were best or within
+# noise at 24 SMs); for 4 and 8 ranks they are DeepEP's published intranode defaults, not yet tuned
+# here. The SM count is what ``Buffer.set_num_sms`` last set (20 unless changed).
+_DISPATCH_CHUNKS = {2: (32, 256), 4: (6, 256), 8: (6, 256)}
+_COMBINE_CHUNKS = {2: (24, 256), 4: (9, 256), 8: (4, 256)}
 
 
 def _default_config(table: dict[int, tuple[int, int]], num_ranks: int, num_sms: int) -> Config:

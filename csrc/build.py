@@ -1,0 +1,43 @@
+"""Sources and flags of the CUDA extension ``deepep_megatron._C`` (the one place that lists them).
+
+``setup.py`` calls :func:`extension_kwargs` and passes the result to
+``torch.utils.cpp_extension.CUDAExtension``. The kernels target Hopper (sm_90) only.
+"""
+from __future__ import annotations
+
+import os
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+
+#: Kernel and binding sources, relative to the repository root (where setup.py runs).
+SOURCES = (
+    "csrc/runtime.cu",
+    "csrc/layout.cu",
+    "csrc/intranode.cu",
+    "csrc/bindings.cpp",
+)
+
+NVCC_FLAGS = (
+    "-O3",
+    "-std=c++17",
+    "-gencode=arch=compute_90,code=sm_90",
+    "-lineinfo",
+    "--expt-relaxed-constexpr",
+    "-Xptxas=-warn-spills",
+)
+
+CXX_FLAGS = ("-O3", "-std=c++17")
+
+
+def extension_kwargs() -> dict:
+    """Keyword arguments for ``CUDAExtension`` building ``deepep_megatron._C`` for sm_90."""
+    for source in SOURCES:
+        if not os.path.exists(os.path.join(_ROOT, source)):
+            raise FileNotFoundError(f"CUDA extension source {source} is missing under {_ROOT}")
+    return {
+        "name": "deepep_megatron._C",
+        "sources": list(SOURCES),
+        "include_dirs": [os.path.join(_ROOT, "csrc")],
+        "extra_compile_args": {"cxx": list(CXX_FLAGS), "nvcc": list(NVCC_FLAGS)},
+    }

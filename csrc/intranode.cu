@@ -1,0 +1,640 @@
+// Intranode normal kernels: notify, dispatch, combine over CUDA IPC (NVLink between GPUs, or the
+// same HBM when several ranks share one GPU under MPS).
+//
+// ---------------------------------------------------------------------------------------------
+// notify (1 block)                           who signals whom
+//   barrier(epoch)                           every rank <-> every rank (kOffBarrier)
+//   rank s writes into rank d's buffer:      notify_channel_count[s][c] = channel_count[d][c]
+//                                            notify_expert_count[s][e]  = num_tokens_per_expert[d*E_l + e]
+//   barrier(epoch + 1)
+//   rank d reads its own region and writes (device memory):
+//     recv_channel_offset [R, C+1] int32     first output row of (source s, channel c); rows are
+//                                            ordered by (source rank, source token) because channels
+//                                            are contiguous token slices taken in order
+//     recv_counts [R + E_l] int32            rows from each source, then per-local-expert counts
+//                                            rounded up to expert_alignment (copied to the host)
+//     send_counts [R] int32                  rows this rank sends to each rank
+//
+// dispatch (2*C blocks of 24 warps; block 2c sends channel c, block 2c+1 receives channel c)
+//   sender block, warp group for destination d (24/R warps):
+//     scans its tokens [begin, end) of channel c in order, takes up to send_chunk of those with
+//     is_token_in_rank[t][d], waits until ring (c, me) of rank d has room (its own ring_head[c][d],
+//     written by d), writes each token's slot into d's buffer:
+//        slot = [x row | fp32 scales | int32 global topk ids | fp32 topk weights | int32 source idx]
+//     then (after the group's named barrier) st.release.sys of ring_tail[c][me] in d's buffer; the
+//     release is cumulative over the group's slot writes ordered before it by the barrier.
+//     The group for d == me skips the ring: it writes its tokens straight into its own output rows
+//     recv_channel_offset[me][c] + position (so the receiver group for s == me has nothing to do).
+//   receiver block, warp group for source s (24/R warps; the own-rank group returns at once):
+//     waits on its own ring_tail[c][s] (ld.acquire.sys), copies every available slot i to output
+//     row recv_channel_offset[s][c] + i (topk ids made local, -1 / weight 0 where not local), then
+//     st.release.sys of ring_head[c][me] in s's buffer (frees the slots).
+//
+// combine (2*C blocks; the reverse direction)
+//   sender block on rank d, group for the tokens' home rank s (all 24 warps split over the R-1
+//     peers; own rows are not sent): rows
+//     [recv_channel_offset[s][c], recv_channel_offset[s][c+1]) of x (in order), slot = [row | fp32
+//     topk weights], into ring (c, d) of rank s; same head/tail protocol.
+//   receiver block on rank s, all 24 warps, one token per warp per round: token t of channel c is at
+//     position send_position[t][d] of the stream from d; lanes d < R wait for ring_tail[c][d], then
+//     the warp sums rows from d = 0..R-1 in fp32 starting at 0 (exactly the reference's order) and
+//     casts once. After every round (__syncthreads) ring_head[c][me] in d's buffer is advanced to the
+//     highest position consumed from d. Rows a rank holds of its own tokens never enter a ring:
+//     the receiver reads them straight from x (row recv_channel_offset[me][c] + position).
+//
+// Every wait is bounded by ctx.timeout_ns; a timeout fills the diagnostic and the kernel exits.
+// ---------------------------------------------------------------------------------------------
+#include <stdexcept>
+#include <string>
+
+#include "api.h"
+#include "runtime.cuh"
+
+namespace deepep_megatron {
+
+namespace {
+
+constexpr int kMaxSendChunk = 128;
+
+// ------------------------------------------------------------------------------------- notify
+__global__ void notify_kernel(PeerContext ctx, uint32_t epoch, const int* __restrict__ channel_count,
+                              const int* __restrict__ num_tokens_per_expert, int num_channels, int num_local_experts,
+                              int expert_alignment, int* __restrict__ recv_channel_offset, int* __restrict__ recv_counts,
+                              int* __restrict__ send_counts) {
+  __shared__ int ok;
+  __shared__ int totals[kMaxRanks];
+  const int num_ranks = ctx.num_ranks, me = ctx.rank;
+  if (threadIdx.x == 0) ok = 1;
+  __syncthreads();
+  if (!cross_rank_barrier(ctx, epoch)) ok = 0;
+  __syncthreads();
+  if (!ok) return;
+
+  for (int i = threadIdx.x; i < num_ranks * num_channels; i += blockDim.x) {
+    const int d = i / num_channels, c = i % num_channels;
+    at<int>(ctx.buffers[d], kOffNotifyChannel)[me * kMaxChannels + c] = channel_count[d * num_channels + c];
+  }
+  for (int i = threadIdx.x; i < num_ranks * num_local_experts; i += blockDim.x) {
+    const int d = i / num_local_experts, e = i % num_local_experts;
+    at<int>(ctx.buffers[d], kOffNotifyExpert)[me * kMaxLocalExperts + e] = num_tokens_per_expert[i];
+  }
+  for (int d = threadIdx.x; d < num_ranks; d += blockDim.x) {
+    int sum = 0;
+    for (int c = 0; c < num_channels; ++c) sum += channel_count[d * num_channels + c];
+    send_counts[d] = sum;
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (!cross_rank_barrier(ctx, epoch + 1)) ok = 0;
+  __syncthreads();
+  if (!ok) return;
+
+  const volatile int* notify_channel = at<int>(ctx.buffers[me], kOffNotifyChannel);
+  const volatile int* notify_expert = at<int>(ctx.buffers[me], kOffNotifyExpert);
+  for (int s = threadIdx.x; s < num_ranks; s += blockDim.x) {
+    int sum = 0;
+    for (int c = 0; c < num_channels; ++c) sum += notify_channel[s * kMaxChannels + c];
+    totals[s] = sum;
+    recv_counts[s] = sum;
+  }
+  __syncthreads();
+  for (int s = threadIdx.x; s < num_ranks; s += blockDim.x) {
+    int offset = 0;
+    for (int r = 0; r < s; ++r) offset += totals[r];
+    for (int c = 0; c < num_channels; ++c) {
+      recv_channel_offset[s * (num_channels + 1) + c] = offset;
+      offset += notify_channel[s * kMaxChannels + c];
+    }
+    recv_channel_offset[s * (num_channels + 1) + num_channels] = offset;
+  }
+  for (int e = threadIdx.x; e < num_local_experts; e += blockDim.x) {
+    int sum = 0;
+    for (int s = 0; s < num_ranks; ++s) sum += notify_expert[s * kMaxLocalExperts + e];
+    recv_counts[num_ranks + e] = (sum + expert_alignment - 1) / expert_alignment * expert_alignment;
+  }
+}
+
+// ------------------------------------------------------------------------------------- copies
+// Warp copies `bytes` (multiple of 16) from a read-only input to a ring slot (local or remote).
+template <int kUnroll>
+__device__ __forceinline__ void warp_copy_input_to_ring(uint8_t* dst, const uint8_t* src, int bytes, int lane) {
+  const int n = bytes / 16;
+  const int4* s = reinterpret_cast<const int4*>(src);
+  int4* d = reinterpret_cast<int4*>(dst);
+  for (int i = lane; i < n; i += 32 * kUnroll) {  // every step keeps kUnroll loads in flight, tail included
+    int4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (i + 32 * u < n) v[u] = ld_input_int4(s + i + 32 * u);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (i + 32 * u < n) st_ring_int4(d + i + 32 * u, v[u]);
+    }
+  }
+}
+
+// Warp copies `bytes` (multiple of 16) from a ring slot of this rank's buffer to an output row.
+template <int kUnroll>
+__device__ __forceinline__ void warp_copy_ring_to_output(uint8_t* dst, const uint8_t* src, int bytes, int lane) {
+  const int n = bytes / 16;
+  const int4* s = reinterpret_cast<const int4*>(src);
+  int4* d = reinterpret_cast<int4*>(dst);
+  for (int i = lane; i < n; i += 32 * kUnroll) {  // every step keeps kUnroll loads in flight, tail included
+    int4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (i + 32 * u < n) v[u] = ld_ring_int4(s + i + 32 * u);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (i + 32 * u < n) d[i + 32 * u] = v[u];
+    }
+  }
+}
+
+// Warp copies `bytes` (multiple of 16) from a read-only input row to an output row (same GPU).
+template <int kUnroll>
+__device__ __forceinline__ void warp_copy_input_to_output(uint8_t* dst, const uint8_t* src, int bytes, int lane) {
+  const int n = bytes / 16;
+  const int4* s = reinterpret_cast<const int4*>(src);
+  int4* d = reinterpret_cast<int4*>(dst);
+  for (int i = lane; i < n; i += 32 * kUnroll) {  // every step keeps kUnroll loads in flight, tail included
+    int4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (i + 32 * u < n) v[u] = ld_input_int4(s + i + 32 * u);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (i + 32 * u < n) d[i + 32 * u] = v[u];
+    }
+  }
+}
+
+// Received top-k entry: the global expert id becomes local (-1, weight 0 when on another rank).
+__device__ __forceinline__ void write_local_topk(const DispatchArgs& a, int64_t row, int k, int global_expert,
+                                                 float weight, int me) {
+  const int local_expert = global_expert - me * a.num_local_experts;
+  const bool is_local = global_expert >= 0 && local_expert >= 0 && local_expert < a.num_local_experts;
+  a.recv_topk_idx[row * a.num_topk + k] = is_local ? local_expert : -1;
+  a.recv_topk_weights[row * a.num_topk + k] = is_local ? weight : 0.0f;
+}
+
+__device__ __forceinline__ uint8_t* ring_slot(uint8_t* buffer, const RingGeometry& ring, int num_ranks, int channel,
+                                              int sender, uint32_t position) {
+  const size_t ring_index = static_cast<size_t>(channel) * num_ranks + sender;
+  const size_t slot = ring_index * ring.num_slots + position % static_cast<uint32_t>(ring.num_slots);
+  return buffer + kControlBytes + slot * static_cast<size_t>(ring.slot_bytes);
+}
+
+__device__ __forceinline__ uint32_t* counter(uint8_t* buffer, size_t region, int channel, int rank) {
+  return at<uint32_t>(buffer, region) + channel * kMaxRanks + rank;
+}
+
+// Which peer a warp serves. The own-rank group gets kSelfWarps warps (its work is a local copy, or
+// nothing), every other rank (24 - kSelfWarps) / (R - 1); spare warps idle. Returns false for those.
+template <int kNumRanks, int kSelfWarps>
+struct WarpGroups {
+  static constexpr int kPeerWarps = (kWarpsPerBlock - kSelfWarps) / (kNumRanks - 1);
+  static_assert(kPeerWarps >= 1, "too few warps per block");
+  __device__ static bool assign(int warp, int me, int& peer, int& warp_in_group, int& group_warps) {
+    if (warp < kSelfWarps) {
+      peer = me;
+      warp_in_group = warp;
+      group_warps = kSelfWarps;
+      return true;
+    }
+    const int index = (warp - kSelfWarps) / kPeerWarps;
+    if (index >= kNumRanks - 1) return false;
+    peer = index < me ? index : index + 1;
+    warp_in_group = (warp - kSelfWarps) % kPeerWarps;
+    group_warps = kPeerWarps;
+    return true;
+  }
+};
+
+// ------------------------------------------------------------------------------------- dispatch
+template <int kNumRanks>
+__global__ void __launch_bounds__(kThreadsPerBlock, 1)
+    dispatch_kernel(PeerContext ctx, RingGeometry ring, DispatchArgs a) {
+  __shared__ int chunk_tokens[kNumRanks][kMaxSendChunk];
+  __shared__ int chunk_size[kNumRanks];  // tokens in this step; 0 = done, -1 = timed out
+
+  const int channel = blockIdx.x / 2;
+  const bool is_sender = (blockIdx.x % 2) == 0;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // One even group of warps per rank, in senders and receivers (the receivers' own-rank group has
+  // nothing to do: own tokens skip the ring). Measured on H200 x2: giving the own-rank sender group
+  // fewer warps makes it the bottleneck, and 24 receiver warps per peer were no faster than 12.
+  int peer, warp_in_group, group_warps;
+  WarpGroups<kNumRanks, kWarpsPerBlock / kNumRanks>::assign(warp, ctx.rank, peer, warp_in_group, group_warps);
+  const int group_threads = group_warps * 32;
+  const int barrier_id = 1 + peer;
+  const bool leader = warp_in_group == 0 && lane == 0;
+  const int me = ctx.rank;
+  uint8_t* own = ctx.buffers[me];
+
+  if (is_sender) {
+    int begin, end;
+    channel_range(a.num_tokens, ring.num_channels, channel, begin, end);
+    uint8_t* dest = ctx.buffers[peer];
+    uint32_t* remote_tail = counter(dest, kOffRingTail, channel, me);
+    const uint32_t* local_head = counter(own, kOffRingHead, channel, peer);
+    uint32_t* tail_shadow = counter(own, kOffTailShadow, channel, peer);
+    const uint32_t base = ld_volatile(tail_shadow);
+    int cursor = begin;  // meaningful in warp 0 of the group only
+    uint32_t sent = 0;
+    int n = 0;
+    while (true) {
+      if (warp_in_group == 0) {
+        // Collect the next (up to send_chunk) tokens that go to `peer`, in token order.
+        n = 0;
+        while (n < ring.send_chunk && cursor < end) {
+          const int token = cursor + lane;
+          const bool hit = token < end && a.is_token_in_rank[static_cast<int64_t>(token) * kNumRanks + peer];
+          const unsigned mask = __ballot_sync(0xffffffffu, hit);
+          const int count = __popc(mask);
+          const int take = min(count, ring.send_chunk - n);
+          const int rank_in_mask = __popc(mask & ((1u << lane) - 1u));
+          if (hit && rank_in_mask < take) chunk_tokens[peer][n + rank_in_mask] = token;
+          if (take < count) {  // stop right after the take-th hit of this window
+            unsigned rest = mask;
+            for (int j = 1; j < take; ++j) rest &= rest - 1u;
+            cursor += __ffs(static_cast<int>(rest));  // (bit index of the take-th hit) + 1
+          } else {
+            cursor = min(cursor + 32, end);
+          }
+          n += take;
+        }
+        if (lane == 0) {
+          int size = n;
+          if (n > 0 && peer != me) {  // own tokens bypass the ring: nothing to wait for
+            uint32_t seen;
+            const uint32_t target = base + sent + static_cast<uint32_t>(n) - static_cast<uint32_t>(ring.num_slots);
+            if (!wait_counter(ctx, local_head, target, kWaitDispatchSpace, peer, channel, seen)) size = -1;
+          }
+          chunk_size[peer] = size;
+        }
+        __syncwarp();
+      }
+      group_barrier(barrier_id, group_threads);
+      n = chunk_size[peer];
+      if (n <= 0) break;
+      if (peer == me) {
+        // Own tokens skip the ring: write them straight into this rank's output rows.
+        const int out_begin = a.recv_channel_offset[me * (ring.num_channels + 1) + channel];
+        for (int i = warp_in_group; i < n; i += group_warps) {
+          const int token = chunk_tokens[peer][i];
+          const int64_t row = out_begin + static_cast<int64_t>(sent) + i;
+          warp_copy_input_to_output<8>(a.recv_x + row * a.x_row_bytes, a.x + static_cast<int64_t>(token) * a.x_row_bytes,
+                                       a.x_row_bytes, lane);
+          for (int j = lane; j < a.num_scales; j += 32) {
+            a.recv_x_scales[row * a.num_scales + j] = __ldg(a.x_scales + static_cast<int64_t>(token) * a.num_scales + j);
+          }
+          if (lane < a.num_topk) {
+            const int64_t k = static_cast<int64_t>(token) * a.num_topk + lane;
+            write_local_topk(a, row, lane, static_cast<int>(__ldg(a.topk_idx + k)), __ldg(a.topk_weights + k), me);
+          }
+          if (lane == 0 && a.recv_src_idx != nullptr) a.recv_src_idx[row] = token;
+        }
+        sent += static_cast<uint32_t>(n);
+        group_barrier(barrier_id, group_threads);  // chunk_tokens is rewritten next step
+        continue;
+      }
+      for (int i = warp_in_group; i < n; i += group_warps) {
+        const int token = chunk_tokens[peer][i];
+        uint8_t* slot = ring_slot(dest, ring, kNumRanks, channel, me, sent + i);
+        warp_copy_input_to_ring<8>(slot, a.x + static_cast<int64_t>(token) * a.x_row_bytes, a.x_row_bytes, lane);
+        for (int j = lane; j < a.num_scales; j += 32) {
+          reinterpret_cast<float*>(slot + a.off_scales)[j] = __ldg(a.x_scales + static_cast<int64_t>(token) * a.num_scales + j);
+        }
+        if (lane < a.num_topk) {
+          const int64_t k = static_cast<int64_t>(token) * a.num_topk + lane;
+          reinterpret_cast<int*>(slot + a.off_topk_idx)[lane] = static_cast<int>(__ldg(a.topk_idx + k));
+          reinterpret_cast<float*>(slot + a.off_topk_weights)[lane] = __ldg(a.topk_weights + k);
+        }
+        if (lane == 0) *reinterpret_cast<int*>(slot + a.off_src_idx) = token;
+      }
+      group_barrier(barrier_id, group_threads);
+      if (leader) {
+        st_release_sys(remote_tail, base + sent + static_cast<uint32_t>(n));
+      }
+      sent += static_cast<uint32_t>(n);
+    }
+    if (leader && n == 0 && peer != me) *tail_shadow = base + sent;
+  } else {
+    if (peer == me) return;  // own tokens were written by the sender block
+    const int source = peer;
+    const int* offsets = a.recv_channel_offset + source * (ring.num_channels + 1);
+    const int out_begin = offsets[channel];
+    const int total = offsets[channel + 1] - out_begin;
+    const uint32_t* local_tail = counter(own, kOffRingTail, channel, source);
+    uint32_t* remote_head = counter(ctx.buffers[source], kOffRingHead, channel, me);
+    uint32_t* head_shadow = counter(own, kOffHeadShadow, channel, source);
+    const uint32_t base = ld_volatile(head_shadow);
+    int consumed = 0;
+    while (consumed < total) {
+      if (leader) {
+        uint32_t seen;
+        int available = -1;
+        if (wait_counter(ctx, local_tail, base + consumed + 1, kWaitDispatchData, source, channel, seen)) {
+          available = min(static_cast<int>(seen - base), total);
+        }
+        chunk_size[source] = available;
+      }
+      __syncwarp();
+      group_barrier(barrier_id, group_threads);
+      const int available = chunk_size[source];
+      if (available < 0) break;
+      for (int i = consumed + warp_in_group; i < available; i += group_warps) {
+        const uint8_t* slot = ring_slot(own, ring, kNumRanks, channel, source, static_cast<uint32_t>(i));
+        const int64_t row = out_begin + i;
+        warp_copy_ring_to_output<4>(a.recv_x + row * a.x_row_bytes, slot, a.x_row_bytes, lane);
+        for (int j = lane; j < a.num_scales; j += 32) {
+          a.recv_x_scales[row * a.num_scales + j] = __ldcg(reinterpret_cast<const float*>(slot + a.off_scales) + j);
+        }
+        if (lane < a.num_topk) {
+          write_local_topk(a, row, lane, __ldcg(reinterpret_cast<const int*>(slot + a.off_topk_idx) + lane),
+                           __ldcg(reinterpret_cast<const float*>(slot + a.off_topk_weights) + lane), me);
+        }
+        if (lane == 0 && a.recv_src_idx != nullptr) {
+          a.recv_src_idx[row] = __ldcg(reinterpret_cast<const int*>(slot + a.off_src_idx));
+        }
+      }
+      group_barrier(barrier_id, group_threads);
+      if (leader) st_release_sys(remote_head, base + static_cast<uint32_t>(available));
+      consumed = available;
+    }
+    if (leader && consumed == total) *head_shadow = base + static_cast<uint32_t>(total);
+  }
+}
+
+// ------------------------------------------------------------------------------------- combine
+template <typename T>
+struct Vec;
+template <>
+struct Vec<__nv_bfloat16> {
+  static constexpr int kElems = 8;
+  __device__ static void add(float* acc, const int4& v) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __bfloat1622float2(h[j]);
+      acc[2 * j] += f.x;
+      acc[2 * j + 1] += f.y;
+    }
+  }
+  __device__ static int4 pack(const float* acc) {
+    int4 v;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) h[j] = __floats2bfloat162_rn(acc[2 * j], acc[2 * j + 1]);
+    return v;
+  }
+};
+template <>
+struct Vec<float> {
+  static constexpr int kElems = 4;
+  __device__ static void add(float* acc, const int4& v) {
+    acc[0] += __int_as_float(v.x);
+    acc[1] += __int_as_float(v.y);
+    acc[2] += __int_as_float(v.z);
+    acc[3] += __int_as_float(v.w);
+  }
+  __device__ static int4 pack(const float* acc) {
+    return make_int4(__float_as_int(acc[0]), __float_as_int(acc[1]), __float_as_int(acc[2]), __float_as_int(acc[3]));
+  }
+};
+
+template <int kNumRanks, typename T>
+__global__ void __launch_bounds__(kThreadsPerBlock, 1)
+    combine_kernel(PeerContext ctx, RingGeometry ring, CombineArgs a) {
+  constexpr int kUnroll = kNumRanks <= 2 ? 2 : 1;  // int4 per lane per step (registers: kNumRanks * kUnroll int4)
+  __shared__ int chunk_size[kNumRanks];
+  __shared__ int progress[kWarpsPerBlock][kNumRanks];
+  __shared__ int abort_flag;
+
+  const int channel = blockIdx.x / 2;
+  const bool is_sender = (blockIdx.x % 2) == 0;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int me = ctx.rank;
+  uint8_t* own = ctx.buffers[me];
+
+  if (is_sender) {
+    // Own rows are read by the receiver straight from x: all warps serve the peers.
+    int home, warp_in_group, group_warps;
+    if (!WarpGroups<kNumRanks, 0>::assign(warp, me, home, warp_in_group, group_warps)) return;
+    const int group_threads = group_warps * 32;
+    const int barrier_id = 1 + home;
+    const bool leader = warp_in_group == 0 && lane == 0;
+    const int* offsets = a.recv_channel_offset + home * (ring.num_channels + 1);
+    const int row_begin = offsets[channel];
+    const int total = offsets[channel + 1] - row_begin;
+    uint8_t* dest = ctx.buffers[home];
+    uint32_t* remote_tail = counter(dest, kOffRingTail, channel, me);
+    const uint32_t* local_head = counter(own, kOffRingHead, channel, home);
+    uint32_t* tail_shadow = counter(own, kOffTailShadow, channel, home);
+    const uint32_t base = ld_volatile(tail_shadow);
+    int sent = 0;
+    bool timed_out = false;
+    while (sent < total) {
+      const int n = min(ring.send_chunk, total - sent);
+      if (leader) {
+        uint32_t seen;
+        const uint32_t target = base + static_cast<uint32_t>(sent + n) - static_cast<uint32_t>(ring.num_slots);
+        chunk_size[home] = wait_counter(ctx, local_head, target, kWaitCombineSpace, home, channel, seen) ? n : -1;
+      }
+      __syncwarp();
+      group_barrier(barrier_id, group_threads);
+      if (chunk_size[home] < 0) {
+        timed_out = true;
+        break;
+      }
+      for (int i = warp_in_group; i < n; i += group_warps) {
+        const int64_t row = row_begin + sent + i;
+        uint8_t* slot = ring_slot(dest, ring, kNumRanks, channel, me, static_cast<uint32_t>(sent + i));
+        warp_copy_input_to_ring<8>(slot, a.x + row * a.row_bytes, a.row_bytes, lane);
+        if (lane < a.num_topk) {
+          reinterpret_cast<float*>(slot + a.off_weights)[lane] = __ldg(a.topk_weights + row * a.num_topk + lane);
+        }
+      }
+      group_barrier(barrier_id, group_threads);
+      if (leader) {
+        st_release_sys(remote_tail, base + static_cast<uint32_t>(sent + n));
+      }
+      sent += n;
+    }
+    if (leader && !timed_out) *tail_shadow = base + static_cast<uint32_t>(total);
+    return;
+  }
+
+  // Receiver: lane d (< R) of every warp tracks the stream from rank d.
+  int begin, end;
+  channel_range(a.num_tokens, ring.num_channels, channel, begin, end);
+  const bool tracks_rank = lane < kNumRanks && lane != me;  // lanes of peers (own rows need no wait)
+  const int self_row_begin = a.recv_channel_offset[me * (ring.num_channels + 1) + channel];
+  const int source = tracks_rank ? lane : 0;
+  const uint32_t* local_tail = counter(own, kOffRingTail, channel, source);
+  uint32_t* head_shadow = counter(own, kOffHeadShadow, channel, source);
+  const uint32_t base = tracks_rank ? ld_volatile(head_shadow) : 0u;
+  uint32_t tail_seen = base;
+  int consumed_upto = 0;  // positions [0, consumed_upto) of the stream from `source` read by this warp
+  int released = 0;       // in warp 0: head already published to `source`
+  if (threadIdx.x == 0) abort_flag = 0;
+  __syncthreads();
+
+  const int64_t row_int4 = a.row_bytes / 16;
+  for (int round = begin; round < end; round += kWarpsPerBlock) {
+    const int token = round + warp;
+    if (token < end) {
+      const int position = lane < kNumRanks ? a.send_position[static_cast<int64_t>(token) * kNumRanks + lane] : -1;
+      bool ok = true;
+      if (tracks_rank && position >= 0) {
+        const uint32_t needed = base + static_cast<uint32_t>(position) + 1u;
+        if (static_cast<int32_t>(tail_seen - needed) < 0) {
+          ok = wait_counter(ctx, local_tail, needed, kWaitCombineData, source, channel, tail_seen);
+        }
+        consumed_upto = position + 1;
+      }
+      if (!ok) abort_flag = 1;
+      const bool all_ok = __all_sync(0xffffffffu, ok);
+      if (all_ok) {
+        const uint8_t* rows[kNumRanks];
+        const float* weights[kNumRanks];
+        bool has[kNumRanks];
+#pragma unroll
+        for (int d = 0; d < kNumRanks; ++d) {
+          const int p = __shfl_sync(0xffffffffu, position, d);
+          has[d] = p >= 0;
+          if (d == me) {  // own rows: straight from x / topk_weights
+            const int64_t row = self_row_begin + static_cast<int64_t>(has[d] ? p : 0);
+            rows[d] = a.x + row * a.row_bytes;
+            weights[d] = a.topk_weights + row * a.num_topk;
+          } else {
+            rows[d] = ring_slot(own, ring, kNumRanks, channel, d, static_cast<uint32_t>(has[d] ? p : 0));
+            weights[d] = reinterpret_cast<const float*>(rows[d] + a.off_weights);
+          }
+        }
+        int4* out = reinterpret_cast<int4*>(a.combined_x + static_cast<int64_t>(token) * a.row_bytes);
+        for (int64_t i = lane; i < row_int4; i += 32 * kUnroll) {
+          int4 v[kNumRanks][kUnroll];
+#pragma unroll
+          for (int d = 0; d < kNumRanks; ++d) {
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) {
+              const int64_t col = i + 32 * u;
+              if (has[d] && col < row_int4) v[d][u] = ld_ring_int4(reinterpret_cast<const int4*>(rows[d]) + col);
+            }
+          }
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            const int64_t col = i + 32 * u;
+            if (col >= row_int4) continue;
+            float acc[Vec<T>::kElems];
+#pragma unroll
+            for (int j = 0; j < Vec<T>::kElems; ++j) acc[j] = 0.0f;
+#pragma unroll
+            for (int d = 0; d < kNumRanks; ++d) {
+              if (has[d]) Vec<T>::add(acc, v[d][u]);
+            }
+            out[col] = Vec<T>::pack(acc);
+          }
+        }
+        if (lane < a.num_topk) {
+          float acc = 0.0f;
+#pragma unroll
+          for (int d = 0; d < kNumRanks; ++d) {
+            if (has[d]) acc += __ldcg(weights[d] + lane);
+          }
+          a.combined_topk_weights[static_cast<int64_t>(token) * a.num_topk + lane] = acc;
+        }
+      }
+    }
+    if (tracks_rank) progress[warp][lane] = consumed_upto;
+    __syncthreads();
+    if (abort_flag) return;
+    if (warp == 0 && tracks_rank) {
+      int highest = released;
+      for (int w = 0; w < kWarpsPerBlock; ++w) highest = max(highest, progress[w][lane]);
+      if (highest > released) {
+        st_release_sys(counter(ctx.buffers[source], kOffRingHead, channel, me), base + static_cast<uint32_t>(highest));
+        released = highest;
+      }
+    }
+    __syncthreads();  // progress is rewritten in the next round
+  }
+  if (warp == 0 && tracks_rank) *head_shadow = base + static_cast<uint32_t>(released);
+}
+
+template <int kNumRanks>
+void launch_dispatch_for(const PeerContext& ctx, const RingGeometry& ring, const DispatchArgs& args, cudaStream_t stream) {
+  dispatch_kernel<kNumRanks><<<2 * ring.num_channels, kThreadsPerBlock, 0, stream>>>(ctx, ring, args);
+}
+
+template <int kNumRanks>
+void launch_combine_for(const PeerContext& ctx, const RingGeometry& ring, const CombineArgs& args, cudaStream_t stream) {
+  if (args.is_bf16) {
+    combine_kernel<kNumRanks, __nv_bfloat16><<<2 * ring.num_channels, kThreadsPerBlock, 0, stream>>>(ctx, ring, args);
+  } else {
+    combine_kernel<kNumRanks, float><<<2 * ring.num_channels, kThreadsPerBlock, 0, stream>>>(ctx, ring, args);
+  }
+}
+
+void check_ring(const PeerContext& ctx, const RingGeometry& ring) {
+  if (ring.num_channels < 1 || ring.num_channels > kMaxChannels) {
+    throw std::invalid_argument("num_channels must be in 1.." + std::to_string(kMaxChannels) + ", got " +
+                                std::to_string(ring.num_channels));
+  }
+  if (ring.send_chunk < 1 || ring.send_chunk > kMaxSendChunk || ring.send_chunk + kWarpsPerBlock > ring.num_slots) {
+    throw std::invalid_argument("send chunk " + std::to_string(ring.send_chunk) + " must be in 1.." +
+                                std::to_string(kMaxSendChunk) + " and at most num_slots - " +
+                                std::to_string(kWarpsPerBlock) + " (num_slots=" + std::to_string(ring.num_slots) + ")");
+  }
+  if (ring.slot_bytes % 16 != 0) throw std::invalid_argument("slot_bytes must be a multiple of 16");
+  if (ctx.num_ranks != 2 && ctx.num_ranks != 4 && ctx.num_ranks != 8) {
+    throw std::invalid_argument("intranode kernels support 2, 4 or 8 ranks, got " + std::to_string(ctx.num_ranks));
+  }
+}
+
+}  // namespace
+
+void launch_notify(const PeerContext& ctx, uint32_t epoch, const int* channel_count, const int* num_tokens_per_expert,
+                   int num_channels, int num_local_experts, int expert_alignment, int* recv_channel_offset,
+                   int* recv_counts, int* send_counts, cudaStream_t stream) {
+  if (num_channels < 1 || num_channels > kMaxChannels) throw std::invalid_argument("notify: num_channels out of range");
+  if (num_local_experts < 0 || num_local_experts > kMaxLocalExperts) {
+    throw std::invalid_argument("notify: at most " + std::to_string(kMaxLocalExperts) + " experts per rank, got " +
+                                std::to_string(num_local_experts));
+  }
+  notify_kernel<<<1, 256, 0, stream>>>(ctx, epoch, channel_count, num_tokens_per_expert, num_channels,
+                                       num_local_experts, expert_alignment, recv_channel_offset, recv_counts,
+                                       send_counts);
+  check_cuda(cudaGetLastError(), "notify kernel launch");
+}
+
+void launch_dispatch(const PeerContext& ctx, const RingGeometry& ring, const DispatchArgs& args, cudaStream_t stream) {
+  check_ring(ctx, ring);
+  if (args.x_row_bytes % 16 != 0) throw std::invalid_argument("dispatch: the x row must be a multiple of 16 bytes");
+  if (args.num_topk > kMaxTopk) throw std::invalid_argument("dispatch: top-k above " + std::to_string(kMaxTopk));
+  switch (ctx.num_ranks) {
+    case 2: launch_dispatch_for<2>(ctx, ring, args, stream); break;
+    case 4: launch_dispatch_for<4>(ctx, ring, args, stream); break;
+    default: launch_dispatch_for<8>(ctx, ring, args, stream); break;
+  }
+  check_cuda(cudaGetLastError(), "dispatch kernel launch");
+}
+
+void launch_combine(const PeerContext& ctx, const RingGeometry& ring, const CombineArgs& args, cudaStream_t stream) {
+  check_ring(ctx, ring);
+  if (args.row_bytes % 16 != 0) throw std::invalid_argument("combine: the x row must be a multiple of 16 bytes");
+  if (args.num_topk > 32) throw std::invalid_argument("combine: topk_weights has more than 32 columns");
+  switch (ctx.num_ranks) {
+    case 2: launch_combine_for<2>(ctx, ring, args, stream); break;
+    case 4: launch_combine_for<4>(ctx, ring, args, stream); break;
+    default: launch_combine_for<8>(ctx, ring, args, stream); break;
+  }
+  check_cuda(cudaGetLastError(), "combine kernel launch");
+}
+
+}  // namespace deepep_megatron

@@ -1,0 +1,137 @@
+// Runtime: one rank's NVLink buffer (cudaMalloc + CUDA IPC), the peers' mappings, the host-mapped
+// diagnostic word, and the cross-rank barrier kernel.
+//
+// Data layout: see runtime.cuh (control region + rings). This file only allocates and zeroes it.
+// Barrier: each rank r writes `epoch` into barrier_signal[r] of every peer's buffer (remote
+// st.release.sys), then waits until its own barrier_signal[s] reaches `epoch` for every s
+// (ld.acquire.sys, bounded by the timeout). Epochs are host counters that advance identically on
+// every rank because every rank issues the same sequence of collective calls.
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "api.h"
+#include "runtime.cuh"
+
+namespace deepep_megatron {
+
+void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("deepep_megatron._C: ") + what + " failed: " + cudaGetErrorName(err) + " (" +
+                             cudaGetErrorString(err) + ")");
+  }
+}
+
+__global__ void barrier_kernel(PeerContext ctx, uint32_t epoch) {
+  __syncthreads();
+  cross_rank_barrier(ctx, epoch);
+}
+
+void launch_barrier(const PeerContext& ctx, uint32_t epoch, cudaStream_t stream) {
+  barrier_kernel<<<1, 32, 0, stream>>>(ctx, epoch);
+  check_cuda(cudaGetLastError(), "barrier kernel launch");
+}
+
+Runtime::Runtime(int rank, int num_ranks, int64_t num_nvl_bytes, int device)
+    : rank_(rank), num_ranks_(num_ranks), num_nvl_bytes_(num_nvl_bytes), device_(device) {
+  if (num_ranks < 1 || num_ranks > kMaxRanks || rank < 0 || rank >= num_ranks) {
+    throw std::invalid_argument("Runtime: rank " + std::to_string(rank) + " of " + std::to_string(num_ranks) +
+                                " is out of range (at most " + std::to_string(kMaxRanks) + " ranks)");
+  }
+  if (num_nvl_bytes < static_cast<int64_t>(kControlBytes)) {
+    throw std::invalid_argument("Runtime: num_nvl_bytes=" + std::to_string(num_nvl_bytes) + " is smaller than the " +
+                                std::to_string(kControlBytes) + "-byte control region");
+  }
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  check_cuda(cudaMalloc(&local_, static_cast<size_t>(num_nvl_bytes)), "cudaMalloc of the NVLink buffer");
+  check_cuda(cudaMemset(local_, 0, static_cast<size_t>(num_nvl_bytes)), "cudaMemset of the NVLink buffer");
+  check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&host_diagnostic_), sizeof(Diagnostic), cudaHostAllocMapped),
+             "cudaHostAlloc of the diagnostic word");
+  std::memset(host_diagnostic_, 0, sizeof(Diagnostic));
+  check_cuda(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_diagnostic_), host_diagnostic_, 0),
+             "cudaHostGetDevicePointer of the diagnostic word");
+  check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize after allocating the NVLink buffer");
+  peers_[rank_] = local_;
+}
+
+Runtime::~Runtime() {
+  // Best effort: explicit close_peers()/free_local() are the normal path (collective in Python).
+  if (peers_open_) {
+    for (int r = 0; r < num_ranks_; ++r) {
+      if (r != rank_ && peers_[r] != nullptr) cudaIpcCloseMemHandle(peers_[r]);
+    }
+  }
+  if (local_ != nullptr) cudaFree(local_);
+  if (host_diagnostic_ != nullptr) cudaFreeHost(host_diagnostic_);
+}
+
+std::string Runtime::ipc_handle() const {
+  if (local_ == nullptr) throw std::runtime_error("Runtime: the NVLink buffer was already freed");
+  cudaIpcMemHandle_t handle;
+  check_cuda(cudaIpcGetMemHandle(&handle, local_), "cudaIpcGetMemHandle");
+  return std::string(reinterpret_cast<const char*>(&handle), sizeof(handle));
+}
+
+void Runtime::open_peers(const std::vector<std::string>& handles) {
+  if (peers_open_) throw std::runtime_error("Runtime: peers are already open");
+  if (static_cast<int>(handles.size()) != num_ranks_) {
+    throw std::invalid_argument("Runtime.open_peers: expected " + std::to_string(num_ranks_) + " handles, got " +
+                                std::to_string(handles.size()));
+  }
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  for (int r = 0; r < num_ranks_; ++r) {
+    if (handles[r].size() != sizeof(cudaIpcMemHandle_t)) {
+      throw std::invalid_argument("Runtime.open_peers: handle of rank " + std::to_string(r) + " has " +
+                                  std::to_string(handles[r].size()) + " bytes, expected " +
+                                  std::to_string(sizeof(cudaIpcMemHandle_t)));
+    }
+    if (r == rank_) continue;
+    cudaIpcMemHandle_t handle;
+    std::memcpy(&handle, handles[r].data(), sizeof(handle));
+    void* ptr = nullptr;
+    check_cuda(cudaIpcOpenMemHandle(&ptr, handle, cudaIpcMemLazyEnablePeerAccess),
+               ("cudaIpcOpenMemHandle of rank " + std::to_string(r) + "'s NVLink buffer").c_str());
+    peers_[r] = static_cast<uint8_t*>(ptr);
+  }
+  peers_open_ = true;
+}
+
+void Runtime::close_peers() {
+  if (!peers_open_) return;
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize before closing the peers' buffers");
+  for (int r = 0; r < num_ranks_; ++r) {
+    if (r != rank_ && peers_[r] != nullptr) {
+      check_cuda(cudaIpcCloseMemHandle(peers_[r]), "cudaIpcCloseMemHandle");
+      peers_[r] = nullptr;
+    }
+  }
+  peers_open_ = false;
+}
+
+void Runtime::free_local() {
+  if (peers_open_) close_peers();
+  if (local_ != nullptr) {
+    check_cuda(cudaFree(local_), "cudaFree of the NVLink buffer");
+    local_ = nullptr;
+    peers_[rank_] = nullptr;
+  }
+}
+
+std::vector<int64_t> Runtime::diagnostic() const {
+  const volatile Diagnostic* d = host_diagnostic_;
+  return {d->flag, d->code, d->rank, d->peer, d->channel, d->block, d->expected, d->seen};
+}
+
+PeerContext Runtime::context(double timeout_s) const {
+  if (!peers_open_ || local_ == nullptr) throw std::runtime_error("Runtime: the peers' buffers are not open");
+  PeerContext ctx{};
+  for (int r = 0; r < kMaxRanks; ++r) ctx.buffers[r] = r < num_ranks_ ? peers_[r] : nullptr;
+  ctx.diagnostic = device_diagnostic_;
+  ctx.timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
+  ctx.rank = rank_;
+  ctx.num_ranks = num_ranks_;
+  return ctx;
+}
+
+}  // namespace deepep_megatron

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# GPU checks of the cuda backend, run on a GPU machine from the repository root:
+#   scripts/gpu_ci.sh                     build, sanitizer, GPU tests, benchmark
+#   STEPS=build,test scripts/gpu_ci.sh    a subset (build, sanitize, test, bench)
+#   BENCH_ARGS="--ranks 2 --sms 8,24" scripts/gpu_ci.sh
+# Logs go to $OUT (or /tmp/gpu_ci); a short summary table is printed last.
+#
+# Order: build; the sanitizer and one-rank-per-GPU tests/benchmark without MPS; then MPS starts and
+# the tests that put several ranks on one GPU run under it; MPS is stopped at the end.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_ci}
+mkdir -p "$OUT"
+STEPS=${STEPS:-build,sanitize,test,bench}
+export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
+export MAX_JOBS=${MAX_JOBS:-16}
+NUM_GPUS=$(nvidia-smi -L | wc -l)
+BENCH_ARGS=${BENCH_ARGS:-"--ranks 2"}
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+
+step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, record status and seconds
+  local name=$1
+  shift
+  local start=$SECONDS
+  echo "=== $name: $*"
+  "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 15 "$OUT/$name.log"
+  printf '%-22s rc=%-3s %4ss\n' "$name" "$rc" "$((SECONDS - start))" >>"$SUMMARY"
+  return $rc
+}
+want() { [[ ",$STEPS," == *",$1,"* ]]; }
+
+mps_start() {
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mpslog
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  nvidia-cuda-mps-control -d && sleep 1
+}
+mps_stop() {
+  if [[ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ]]; then
+    echo quit | nvidia-cuda-mps-control
+    sleep 1
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  fi
+}
+trap mps_stop EXIT
+
+if want build; then
+  rm -rf build deepep_megatron/_C*.so
+  step build env DEEPEP_MEGATRON_BUILD_CUDA=1 python3 setup.py build_ext --inplace || { cat "$SUMMARY"; exit 1; }
+  python3 -c 'import deepep_megatron._C as c; print("extension ok, control bytes", c.CONTROL_BYTES)'
+fi
+
+if want sanitize; then
+  step sanitize timeout 300 python3 scripts/sanitize_intranode.py
+fi
+
+if want test; then
+  step test_no_mps python3 -m pytest -q -m gpu tests/gpu -rs --timeout 320 -p no:cacheprovider
+fi
+
+if want bench && ((NUM_GPUS >= 2)); then
+  step bench python3 scripts/bench_intranode.py $BENCH_ARGS --out "$OUT/bench_table.md"
+fi
+
+if want test || { want bench && ((NUM_GPUS < 2)); }; then
+  mps_start
+  if want test; then
+    step test_mps env DEEPEP_MEGATRON_GPU_TESTS_ONLY_MPS=1 python3 -m pytest -q -m gpu tests/gpu -rs --timeout 320 -p no:cacheprovider
+  fi
+  if want bench && ((NUM_GPUS < 2)); then
+    step bench python3 scripts/bench_intranode.py $BENCH_ARGS --out "$OUT/bench_table.md"
+  fi
+  mps_stop
+fi
+
+echo
+echo "===== summary ($NUM_GPUS GPU(s): $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)) ====="
+cat "$SUMMARY"
+grep -hE "passed|failed|skipped|error" "$OUT"/test_*.log 2>/dev/null | tail -n 4
+grep -hE "^(memcheck|racecheck):" "$OUT/sanitize.log" 2>/dev/null
+if [[ -f "$OUT/bench_table.md" ]]; then cat "$OUT/bench_table.md"; fi

@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""compute-sanitizer (memcheck + racecheck) over a small EP2 dispatch/combine of the cuda backend.
+
+    python scripts/sanitize_intranode.py [--tools memcheck,racecheck]
+
+Each rank runs in its own process under ``compute-sanitizer --tool T``; ranks go to GPU
+``rank % device_count`` and talk over gloo (IPC handles) and CUDA IPC. With one GPU and no MPS the two
+processes time-slice the GPU, which is slow but finishes for this small case (the kernel timeout
+is raised to 300 s). Exit status 0 only if every tool reports no error and results match the
+reference backend. Prints one line per tool last.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child(rank: int, world: int) -> None:
+    sys.path.insert(0, ROOT)
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import torch
+    import torch.distributed as dist
+
+    from deepep_megatron import Buffer, Config, per_token_cast_to_fp8
+    from oracle import Case, expert_transform, make_inputs
+
+    torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    config = Config(4, 6, 64)
+    case = Case(world, tokens=(37, 52), hidden=256, num_topk=3, num_experts=8, seed=3)
+    fast = Buffer(dist.group.WORLD, num_nvl_bytes=config.get_nvl_buffer_size_hint(256 * 4, world), backend="cuda")
+    ref = Buffer(dist.group.WORLD, backend="reference")
+    x, topk_idx, topk_weights = make_inputs(case, rank, device="cuda")
+    per_rank, _, per_expert, in_rank, _ = fast.get_dispatch_layout(topk_idx, case.num_experts)
+    for x_in in (x, per_token_cast_to_fp8(x)):
+        args = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                    topk_idx=topk_idx, topk_weights=topk_weights, config=config)
+        out_fast, out_ref = fast.dispatch(x_in, **args), ref.dispatch(x_in, **args)
+        a = out_fast[0] if isinstance(x_in, torch.Tensor) else out_fast[0][0].view(torch.uint8)
+        b = out_ref[0] if isinstance(x_in, torch.Tensor) else out_ref[0][0].view(torch.uint8)
+        assert torch.equal(a.cpu(), b.cpu()), "dispatch differs from the reference"
+        cached = fast.dispatch(x_in, handle=out_fast[4], config=config)[0]
+        c = cached if isinstance(x_in, torch.Tensor) else cached[0].view(torch.uint8)
+        assert torch.equal(c.cpu(), b.cpu()), "cached dispatch differs from the reference"
+    recv, _, recv_w, _, handle, _ = fast.dispatch(x, **args)
+    _, _, _, _, handle_ref, _ = ref.dispatch(x, **args)
+    y = expert_transform(recv, rank)
+    comb = fast.combine(y, handle, topk_weights=recv_w, config=config)
+    comb_ref = ref.combine(y, handle_ref, topk_weights=recv_w)
+    assert torch.equal(comb[0].cpu(), comb_ref[0].cpu()), "combine differs from the reference"
+    assert torch.equal(comb[1].cpu(), comb_ref[1].cpu()), "combined weights differ from the reference"
+    fast.runtime.synchronize()
+    fast.destroy()
+    dist.destroy_process_group()
+    print(f"rank {rank}: results match the reference", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tools", default="memcheck,racecheck")
+    parser.add_argument("--child-rank", type=int, default=None)
+    args = parser.parse_args()
+    world = 2
+    if args.child_rank is not None:
+        child(args.child_rank, world)
+        return 0
+    summary = []
+    for tool in args.tools.split(","):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DEEPEP_MEGATRON_TIMEOUT_S="300",
+                   PYTHONUNBUFFERED="1")
+        extra = ["--racecheck-report", "all"] if tool == "racecheck" else []
+        procs = []
+        start = time.monotonic()
+        for rank in range(world):
+            cmd = ["compute-sanitizer", "--tool", tool, "--error-exitcode", "99", *extra,
+                   sys.executable, os.path.abspath(__file__), "--child-rank", str(rank)]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        outputs = [p.communicate(timeout=900)[0] for p in procs]
+        for rank, (p, text) in enumerate(zip(procs, outputs)):
+            print(f"===== {tool} rank {rank} (exit {p.returncode}) =====\n{text}", flush=True)
+        ok = all(p.returncode == 0 for p in procs) and all("ERROR SUMMARY: 0 errors" in t or "RACECHECK SUMMARY: 0 hazards" in t for t in outputs)
+        summary.append(f"{tool}: {'clean' if ok else 'FAILED'} (exit codes {[p.returncode for p in procs]}, {time.monotonic() - start:.0f} s)")
+    print("\n".join(summary), flush=True)
+    return 0 if all("clean" in s for s in summary) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The ``cuda`` backend's intranode kernels against the reference backend, on real GPUs.
+
+Ranks run one per GPU over NCCL when there are enough GPUs, otherwise several per GPU over gloo,
+which needs MPS (start it first: scripts/gpu_ci.sh does). Skipped without a GPU, the extension, or
+(for several ranks per GPU) MPS, so the CPU-only CI stays green.
+
+Checks: dispatch is bit-identical to the reference (rows, FP8 scales, top-k ids/weights, counts,
+source indices), combine too (the kernels sum in the same fp32 order), on random data with outputs
+poisoned first, for bf16/fp32/FP8, cached dispatch, async_finish + previous_event, several SM counts,
+ranks that receive nothing and ranks with no tokens. A stall test checks the timeout error.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from harness import run_ranks
+from oracle import Case, expert_transform, make_inputs
+
+try:
+    from deepep_megatron.backends import cuda_backend_available
+
+    _AVAILABLE = cuda_backend_available()
+except Exception:  # noqa: BLE001 - any import problem means: not available here
+    _AVAILABLE = False
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not _AVAILABLE, reason="needs a CUDA GPU and the compiled extension deepep_megatron._C"),
+]
+
+SMS_PER_GPU = 132
+GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "NVSHMEM_DISABLE_NVLS": "1", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+
+
+def _mps_running() -> bool:
+    pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY")
+    return bool(pipe) and os.path.exists(os.path.join(pipe, "control"))
+
+
+#: Set by scripts/gpu_ci.sh for its second pass (under MPS): run only what needs MPS.
+ONLY_MPS = os.environ.get("DEEPEP_MEGATRON_GPU_TESTS_ONLY_MPS") == "1"
+
+
+def _launch(world_size: int) -> tuple[str, int]:
+    """(process-group backend, ranks per GPU) for ``world_size`` ranks, or skip."""
+    num_gpus = torch.cuda.device_count()
+    if num_gpus >= world_size:
+        if ONLY_MPS:
+            pytest.skip("one rank per GPU: ran in the pass without MPS")
+        return "nccl", 1
+    if not _mps_running():
+        pytest.skip(f"{world_size} ranks on {num_gpus} GPU(s) need MPS (CUDA_MPS_PIPE_DIRECTORY with a running daemon)")
+    return "gloo", -(-world_size // num_gpus)
+
+
+def _max_sms(ranks_per_gpu: int) -> int:
+    """Largest even SM count per rank such that every rank's persistent blocks fit at once."""
+    return min(48, (SMS_PER_GPU // ranks_per_gpu) // 2 * 2)
+
+
+def _cases(world_size: int) -> list[tuple[Case, bool]]:
+    """(case, use FP8) pairs covering the shapes the issue lists."""
+    big = 4096 if world_size <= 4 else 2048
+    w = world_size
+    return [
+        (Case(w, tokens=(1,) * w, hidden=2048, num_topk=1, num_experts=max(8, w), seed=11), False),
+        (Case(w, tokens=tuple(100 + 37 * r for r in range(w)), hidden=7168, num_topk=8, num_experts=256, seed=12), False),
+        (Case(w, tokens=tuple(100 + 37 * r for r in range(w)), hidden=7168, num_topk=8, num_experts=256, seed=12), True),
+        (Case(w, tokens=(big,) * w, hidden=7168, num_topk=8, num_experts=256, seed=13), False),
+        (Case(w, tokens=(big,) * w, hidden=7168, num_topk=8, num_experts=256, seed=13), True),
+        (Case(w, tokens=(0,) + tuple(300 + r for r in range(w - 1)), hidden=4096, num_topk=4, num_experts=8 * w,
+              seed=14, starved_rank=w - 1, dtype=torch.float32), False),
+        (Case(w, tokens=tuple(777 - 50 * r for r in range(w)), hidden=2560, num_topk=6, num_experts=16 * w, seed=15,
+              drop=0.5, empty_tokens=0.3), False),
+        (Case(w, tokens=tuple(513 for _ in range(w)), hidden=2048, num_topk=2, num_experts=8, seed=16) if 8 % w == 0
+         else Case(w, tokens=(513,) * w, hidden=2048, num_topk=2, num_experts=w, seed=16), True),
+    ]
+
+
+def _poison(device: torch.device, nbytes: int = 1 << 28) -> None:
+    """Fill the allocator's free memory with 0xFF (NaN for floats) so unwritten outputs show."""
+    junk = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    junk.fill_(0xFF)
+    del junk
+
+
+def _bits(t):
+    if t is None:
+        return None
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def _same(a, b, what: str) -> None:
+    if a is None or b is None:
+        assert a is None and b is None, f"{what}: one side is None"
+        return
+    a, b = _bits(a), _bits(b)
+    assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
+    if not torch.equal(a.cpu(), b.cpu()):
+        diff = (a.float() - b.float()).abs()
+        bad = int((a.cpu() != b.cpu()).sum())
+        raise AssertionError(f"{what}: {bad} elements differ (max abs diff {float(diff.nan_to_num(1e30).max()):g})")
+
+
+def _compare_cases(rank: int, world_size: int, ranks_per_gpu: int) -> int:
+    import torch.distributed as dist
+
+    from deepep_megatron import Buffer, Config, per_token_cast_back, per_token_cast_to_fp8
+
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    group = dist.group.WORLD
+    max_sms = _max_sms(ranks_per_gpu)
+    sms_choices = sorted({2, min(24, max_sms), max_sms})
+    Buffer.set_num_sms(max(sms_choices))  # calls without a config use this many SMs
+    cases = _cases(world_size)
+    hidden_bytes = max(c.hidden * max(c.dtype.itemsize, 2) for c, _ in cases)
+    num_nvl_bytes = max(Config(s, 6, 256).get_nvl_buffer_size_hint(hidden_bytes, world_size) for s in sms_choices)
+    fast = Buffer(group, num_nvl_bytes=num_nvl_bytes, backend="cuda")
+    ref = Buffer(group, backend="reference")
+    assert fast.backend_name == "cuda"
+    checked = 0
+    for index, (case, use_fp8) in enumerate(cases):
+        num_sms = sms_choices[index % len(sms_choices)]
+        config = Config(num_sms, 6 + index % 3 * 9, 256)
+        x, topk_idx, topk_weights = make_inputs(case, rank, device=str(device))
+        tag = f"case {index} ({case}, fp8={use_fp8}, num_sms={num_sms})"
+
+        _poison(device)
+        lay_fast = fast.get_dispatch_layout(topk_idx, case.num_experts)
+        lay_ref = ref.get_dispatch_layout(topk_idx, case.num_experts)
+        for name, a, b in zip(("num_tokens_per_rank", "num_tokens_per_expert", "is_token_in_rank"),
+                              (lay_fast[0], lay_fast[2], lay_fast[3]), (lay_ref[0], lay_ref[2], lay_ref[3])):
+            _same(a, b, f"{tag}: layout {name}")
+        per_rank, _, per_expert, in_rank, _ = lay_ref
+
+        x_in = per_token_cast_to_fp8(x) if use_fp8 else x
+        args = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                    topk_idx=topk_idx, topk_weights=topk_weights, expert_alignment=1 + index % 4, config=config)
+        _poison(device)
+        out_fast = fast.dispatch(x_in, **args)
+        out_ref = ref.dispatch(x_in, **args)
+        recv_fast, recv_ref = out_fast[0], out_ref[0]
+        if use_fp8:
+            _same(recv_fast[0], recv_ref[0], f"{tag}: recv_x (e4m3)")
+            _same(recv_fast[1], recv_ref[1], f"{tag}: recv_x scales")
+        else:
+            _same(recv_fast, recv_ref, f"{tag}: recv_x")
+        _same(out_fast[1], out_ref[1], f"{tag}: recv_topk_idx")
+        _same(out_fast[2], out_ref[2], f"{tag}: recv_topk_weights")
+        assert out_fast[3] == out_ref[3], f"{tag}: num_recv_tokens_per_expert_list {out_fast[3]} vs {out_ref[3]}"
+        handle_fast, handle_ref = out_fast[4], out_ref[4]
+        _same(handle_fast.recv_src_idx, handle_ref.recv_src_idx, f"{tag}: recv_src_idx")
+        _same(handle_fast.layout.num_recv_tokens_per_rank, handle_ref.layout.num_recv_tokens_per_rank, f"{tag}: recv per rank")
+        _same(handle_fast.layout.num_tokens_per_rank.cpu(), handle_ref.layout.num_tokens_per_rank.cpu(), f"{tag}: send per rank")
+
+        # Cached dispatch (the backward of combine), async with a previous event.
+        _poison(device)
+        event = fast.dispatch(x_in, handle=handle_fast, async_finish=True)[5]
+        cached_fast_event = fast.dispatch(x_in, handle=handle_fast, previous_event=event, async_finish=True)
+        cached_fast_event[5].current_stream_wait()
+        cached_ref = ref.dispatch(x_in, handle=handle_ref)
+        if use_fp8:
+            _same(cached_fast_event[0][0], cached_ref[0][0], f"{tag}: cached recv_x (e4m3)")
+            _same(cached_fast_event[0][1], cached_ref[0][1], f"{tag}: cached scales")
+        else:
+            _same(cached_fast_event[0], cached_ref[0], f"{tag}: cached recv_x")
+
+        # Combine of a per-rank transform, with and without top-k weights.
+        rows = per_token_cast_back(*recv_ref, dtype=torch.bfloat16) if use_fp8 else recv_ref
+        y = expert_transform(rows, rank)
+        _poison(device)
+        comb_fast = fast.combine(y, handle_fast, topk_weights=out_ref[2], config=Config(num_sms, 4 + index % 2 * 6, 256))
+        comb_ref = ref.combine(y, handle_ref, topk_weights=out_ref[2])
+        _same(comb_fast[0], comb_ref[0], f"{tag}: combined_x")
+        _same(comb_fast[1], comb_ref[1], f"{tag}: combined_topk_weights")
+        _poison(device)
+        comb_async = fast.combine(y, handle_fast, async_finish=True)
+        comb_async[2].current_stream_wait()
+        _same(comb_async[0], comb_ref[0], f"{tag}: combined_x (async, no weights)")
+        assert comb_async[1] is None
+        checked += 1
+    torch.cuda.synchronize()
+    fast.runtime.synchronize()
+    fast.destroy()
+    return checked
+
+
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_cuda_matches_reference(world_size: int) -> None:
+    backend, ranks_per_gpu = _launch(world_size)
+    results = run_ranks(_compare_cases, world_size, ranks_per_gpu, backend=backend, timeout_s=300, env=GPU_ENV)
+    assert all(r == len(_cases(world_size)) for r in results)
+
+
+def _stall(rank: int, world_size: int) -> float:
+    import torch.distributed as dist
+
+    from deepep_megatron import Buffer, Config
+
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    config = Config(4, 6, 256)
+    buffer = Buffer(dist.group.WORLD, num_nvl_bytes=config.get_nvl_buffer_size_hint(2048 * 2, world_size), backend="cuda")
+    assert buffer.runtime.timeout_s == 2.0
+    elapsed = -1.0
+    if rank == 0:
+        case = Case(world_size, tokens=(64,) * world_size, hidden=2048, num_topk=2, num_experts=8)
+        x, topk_idx, topk_weights = make_inputs(case, rank, device=str(device))
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, case.num_experts)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="timed out") as info:
+            buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                            topk_idx=topk_idx, topk_weights=topk_weights, config=config)
+        elapsed = time.monotonic() - start
+        assert "rank 1" in str(info.value), str(info.value)
+        with pytest.raises(RuntimeError, match="unusable"):
+            buffer.get_dispatch_layout(topk_idx, case.num_experts)
+    dist.barrier()  # rank 1 stays alive (its buffer mapped) until rank 0 has seen the timeout
+    return elapsed
+
+
+def test_stall_raises_timeout() -> None:
+    if torch.cuda.device_count() < 2 and not _mps_running():
+        pytest.skip("two ranks on one GPU need MPS")
+    if torch.cuda.device_count() >= 2 and ONLY_MPS:
+        pytest.skip("one rank per GPU: ran in the pass without MPS")
+    env = dict(GPU_ENV, DEEPEP_MEGATRON_TIMEOUT_S="2")
+    results = run_ranks(_stall, 2, backend="gloo", timeout_s=120, env=env)
+    assert 2.0 <= results[0] < 8.0, f"the timeout error came after {results[0]:.1f} s (limit 2 s)"
