@@ -1,0 +1,89 @@
+"""Everything that differs between the megatron-core versions we support, in one place.
+
+Supported: 0.16.x (Python 3.11; tested in CI) and 0.19.x (Python >= 3.12; the GPU machines).
+Differences handled here:
+
+* MoE module spec: in 0.16 ``layer_spec.submodules.mlp`` is a ``ModuleSpec(module=MoELayer, ...)``;
+  in 0.19 it may be a ``functools.partial(MoELayer, submodules=...)``. :func:`replace_moe_layer`
+  swaps the MoE class in either form (and in a block spec's ``layer_specs``).
+* Default process groups of an MoE layer: ``moe_utils.get_default_pg_collection`` (0.16) or
+  ``ProcessGroupCollection.use_mpu_process_groups`` (newer): :func:`default_moe_pg_collection`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import megatron.core
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+#: (major, minor) of the installed megatron-core.
+MCORE_VERSION: tuple[int, int] = tuple(int(p) for p in megatron.core.__version__.split(".")[:2])  # type: ignore[assignment]
+MIN_SUPPORTED = (0, 16)
+
+
+def check_version() -> None:
+    """Refuse megatron-core older than 0.16 with a clear message."""
+    if MCORE_VERSION < MIN_SUPPORTED:
+        raise ImportError(
+            f"deepep_megatron.megatron needs megatron-core >= 0.16, found {megatron.core.__version__}; "
+            "pip install 'megatron-core>=0.16.1'"
+        )
+
+
+def default_moe_pg_collection() -> ProcessGroupCollection:
+    """The process groups an MoE layer uses when none are passed: parallel_state's."""
+    try:
+        from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+    except ImportError:  # newer releases dropped the MoE-specific helper
+        return ProcessGroupCollection.use_mpu_process_groups()
+    return get_default_pg_collection()
+
+
+def _is_plain_moe_layer(module: Any, replacement: type) -> bool:
+    return isinstance(module, type) and issubclass(module, MoELayer) and not issubclass(module, replacement)
+
+
+def replace_moe_layer(spec: Any, replacement: type) -> Any:
+    """Return a copy of ``spec`` in which every ``MoELayer`` is built as ``replacement`` instead.
+
+    ``spec`` may be a layer ``ModuleSpec``, an MoE ``ModuleSpec`` / ``functools.partial``, or a
+    block spec with ``layer_specs`` (``TransformerBlockSubmodules``). Dense layers are kept as
+    they are. Raises ``ValueError`` when no MoE layer is found (the spec was built without
+    ``num_experts``).
+    """
+    found = []
+
+    def visit(node: Any) -> Any:
+        if isinstance(node, ModuleSpec):
+            if _is_plain_moe_layer(node.module, replacement):
+                found.append(node)
+                return dataclasses.replace(node, module=replacement)
+            if node.submodules is not None and dataclasses.is_dataclass(node.submodules):
+                return dataclasses.replace(node, submodules=visit(node.submodules))
+            return node
+        if isinstance(node, functools.partial):
+            if _is_plain_moe_layer(node.func, replacement):
+                found.append(node)
+                return functools.partial(replacement, *node.args, **node.keywords)
+            if "submodules" in node.keywords:
+                keywords = dict(node.keywords, submodules=visit(node.keywords["submodules"]))
+                return functools.partial(node.func, *node.args, **keywords)
+            return node
+        if dataclasses.is_dataclass(node) and not isinstance(node, type):
+            if hasattr(node, "layer_specs"):  # TransformerBlockSubmodules
+                return dataclasses.replace(node, layer_specs=[visit(s) for s in node.layer_specs])
+            if hasattr(node, "mlp"):  # TransformerLayerSubmodules
+                return dataclasses.replace(node, mlp=visit(node.mlp))
+        return node
+
+    result = visit(spec)
+    if not found:
+        raise ValueError(
+            "the spec contains no MoELayer to replace; build it with num_experts set "
+            "(e.g. get_gpt_layer_local_spec(num_experts=...))"
+        )
+    return result
