@@ -34,6 +34,15 @@ struct Diagnostic {
   int64_t seen;      // counter value it last saw
 };
 
+// Written by the notify kernel into host-mapped memory (the host spins on `sequence`, no stream
+// sync, no copy): the receive sizes of a normal dispatch and the cross-rank topk_idx range check.
+struct NotifyResult {
+  uint32_t sequence;   // written last: the epoch of notify's second barrier once the rest is valid
+  int bad_ranks;       // bit s: rank s's topk_idx held ids outside [-1, num_experts)
+  int64_t low, high;   // this rank's min / max topk_idx value (INT64_MAX / INT64_MIN without tokens)
+  int counts[kMaxRanks + kMaxLocalExperts];  // rows from each source rank, then per local expert (aligned)
+};
+
 // Everything a kernel needs to reach the peers. Passed by value.
 struct PeerContext {
   uint8_t* buffers[kMaxRanks];  // base of each rank's NVLink buffer in this process (own at [rank])
@@ -95,11 +104,13 @@ void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num
                                 int* num_tokens_per_rank, int* num_tokens_per_expert, bool* is_token_in_rank,
                                 cudaStream_t stream);
 void launch_channel_layout(const bool* is_token_in_rank, int num_tokens, int num_ranks, int num_channels,
-                           int* channel_count, int* send_position, cudaStream_t stream);
+                           int* channel_count, int* send_position, const int64_t* topk_idx, int num_topk,
+                           int64_t* channel_topk_range, cudaStream_t stream);
 void launch_barrier(const PeerContext& ctx, uint32_t epoch, cudaStream_t stream);
 void launch_notify(const PeerContext& ctx, uint32_t epoch, const int* channel_count, const int* num_tokens_per_expert,
-                   int num_channels, int num_local_experts, int expert_alignment, int* recv_channel_offset,
-                   int* recv_counts, int* send_counts, cudaStream_t stream);
+                   int num_channels, int num_local_experts, int expert_alignment, const int64_t* channel_topk_range,
+                   int64_t num_experts, int* recv_channel_offset, int* send_counts, NotifyResult* result,
+                   cudaStream_t stream);
 void launch_dispatch(const PeerContext& ctx, const RingGeometry& ring, const DispatchArgs& args, cudaStream_t stream);
 void launch_combine(const PeerContext& ctx, const RingGeometry& ring, const CombineArgs& args, cudaStream_t stream);
 
@@ -122,6 +133,11 @@ class Runtime {
   std::vector<int64_t> diagnostic() const;  // [flag, code, rank, peer, channel, block, expected, seen]
   PeerContext context(double timeout_s) const;
   uint32_t next_epoch() { return ++epoch_; }
+  NotifyResult* notify_result_device() const { return device_notify_; }
+  // Spin (GIL released by the caller) until the notify of `sequence` has written its result, a
+  // kernel of this rank reported a timeout (returns false), or `host_timeout_s` passes (throws).
+  bool wait_notify(uint32_t sequence, double host_timeout_s) const;
+  const NotifyResult& notify_result() const { return *host_notify_; }
   uintptr_t buffer_ptr() const { return reinterpret_cast<uintptr_t>(local_); }
   int64_t num_nvl_bytes() const { return num_nvl_bytes_; }
   int rank() const { return rank_; }
@@ -137,6 +153,8 @@ class Runtime {
   bool peers_open_ = false;
   Diagnostic* host_diagnostic_ = nullptr;
   Diagnostic* device_diagnostic_ = nullptr;
+  NotifyResult* host_notify_ = nullptr;
+  NotifyResult* device_notify_ = nullptr;
   uint32_t epoch_ = 0;
 };
 

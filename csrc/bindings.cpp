@@ -60,12 +60,14 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "channel_layout",
       [](uintptr_t in_rank, int num_tokens, int num_ranks, int num_channels, uintptr_t channel_count,
-         uintptr_t send_position, uintptr_t stream) {
+         uintptr_t send_position, uintptr_t topk_idx, int num_topk, uintptr_t channel_topk_range, uintptr_t stream) {
         launch_channel_layout(reinterpret_cast<const bool*>(in_rank), num_tokens, num_ranks, num_channels,
                               reinterpret_cast<int*>(channel_count), reinterpret_cast<int*>(send_position),
-                              as_stream(stream));
+                              reinterpret_cast<const int64_t*>(topk_idx), num_topk,
+                              reinterpret_cast<int64_t*>(channel_topk_range), as_stream(stream));
       },
-      "channel_count [R, C] int32 and send_position [T, R] int32 from is_token_in_rank [T, R] bool.");
+      "channel_count [R, C] int32 and send_position [T, R] int32 from is_token_in_rank [T, R] bool; with "
+      "topk_idx [T, K] int64 (else 0) also its min/max per channel into channel_topk_range [C, 2] int64.");
 
   py::class_<Runtime>(m, "Runtime")
       .def(py::init<int, int, int64_t, int>(), py::arg("rank"), py::arg("num_ranks"), py::arg("num_nvl_bytes"),
@@ -95,9 +97,28 @@ PYBIND11_MODULE(_C, m) {
              launch_notify(ctx, epoch, pointer<const int>(args, "channel_count"),
                            pointer<const int>(args, "num_tokens_per_expert"), integer(args, "num_channels"),
                            integer(args, "num_local_experts"), integer(args, "expert_alignment"),
-                           pointer<int>(args, "recv_channel_offset"), pointer<int>(args, "recv_counts"),
-                           pointer<int>(args, "send_counts"), as_stream(stream));
-           })
+                           pointer<const int64_t>(args, "channel_topk_range"), args["num_experts"].cast<int64_t>(),
+                           pointer<int>(args, "recv_channel_offset"), pointer<int>(args, "send_counts"),
+                           rt.notify_result_device(), as_stream(stream));
+             return epoch + 1;  // the sequence wait_notify waits for
+           },
+           "Launch notify; returns the sequence number to pass to wait_notify.")
+      .def("wait_notify",
+           [](const Runtime& rt, uint32_t sequence, int num_counts, double host_timeout_s) -> py::object {
+             {
+               py::gil_scoped_release release;
+               if (!rt.wait_notify(sequence, host_timeout_s)) return py::none();  // a kernel timed out
+             }
+             const NotifyResult& r = rt.notify_result();
+             if (num_counts < 0 || num_counts > kMaxRanks + kMaxLocalExperts) {
+               throw std::invalid_argument("wait_notify: num_counts out of range");
+             }
+             py::list counts(num_counts);
+             for (int i = 0; i < num_counts; ++i) counts[i] = py::int_(r.counts[i]);
+             return py::make_tuple(counts, r.bad_ranks, r.low, r.high);
+           },
+           "Spin until notify `sequence` has published its result (no stream sync). Returns (counts[:num_counts], "
+           "bad_ranks mask, own topk_idx min, max), or None if a kernel of this rank timed out.")
       .def("dispatch",
            [](Runtime& rt, double timeout_s, const py::dict& args, uintptr_t stream) {
              DispatchArgs a{};

@@ -6,14 +6,19 @@
 //   barrier(epoch)                           every rank <-> every rank (kOffBarrier)
 //   rank s writes into rank d's buffer:      notify_channel_count[s][c] = channel_count[d][c]
 //                                            notify_expert_count[s][e]  = num_tokens_per_expert[d*E_l + e]
+//                                            notify_flags[s] = 1 if s's topk_idx has ids outside
+//                                            [-1, E) (min/max from channel_layout), else 0
 //   barrier(epoch + 1)
 //   rank d reads its own region and writes (device memory):
 //     recv_channel_offset [R, C+1] int32     first output row of (source s, channel c); rows are
 //                                            ordered by (source rank, source token) because channels
 //                                            are contiguous token slices taken in order
-//     recv_counts [R + E_l] int32            rows from each source, then per-local-expert counts
-//                                            rounded up to expert_alignment (copied to the host)
 //     send_counts [R] int32                  rows this rank sends to each rank
+//   and into host-mapped memory (NotifyResult, api.h; the host spins on its sequence word, which
+//   thread 0 writes last, instead of a stream sync + copy):
+//     counts [R + E_l]                       rows from each source, then per-local-expert counts
+//                                            rounded up to expert_alignment
+//     bad_ranks, low, high                   which ranks' topk_idx failed the range check; own min/max
 //
 // dispatch (2*C blocks of 24 warps; block 2c sends channel c, block 2c+1 receives channel c)
 //   sender block, warp group for destination d (24/R warps):
@@ -59,8 +64,9 @@ constexpr int kMaxSendChunk = 128;
 // ------------------------------------------------------------------------------------- notify
 __global__ void notify_kernel(PeerContext ctx, uint32_t epoch, const int* __restrict__ channel_count,
                               const int* __restrict__ num_tokens_per_expert, int num_channels, int num_local_experts,
-                              int expert_alignment, int* __restrict__ recv_channel_offset, int* __restrict__ recv_counts,
-                              int* __restrict__ send_counts) {
+                              int expert_alignment, const int64_t* __restrict__ channel_topk_range,
+                              int64_t num_experts, int* __restrict__ recv_channel_offset,
+                              int* __restrict__ send_counts, NotifyResult* __restrict__ result) {
   __shared__ int ok;
   __shared__ int totals[kMaxRanks];
   const int num_ranks = ctx.num_ranks, me = ctx.rank;
@@ -83,6 +89,19 @@ __global__ void notify_kernel(PeerContext ctx, uint32_t epoch, const int* __rest
     for (int c = 0; c < num_channels; ++c) sum += channel_count[d * num_channels + c];
     send_counts[d] = sum;
   }
+  if (threadIdx.x == 0) {  // the topk_idx range check: this rank's verdict goes to every rank
+    long long low = INT64_MAX, high = INT64_MIN;
+    if (channel_topk_range != nullptr) {
+      for (int c = 0; c < num_channels; ++c) {
+        low = min(low, static_cast<long long>(channel_topk_range[2 * c]));
+        high = max(high, static_cast<long long>(channel_topk_range[2 * c + 1]));
+      }
+    }
+    const int bad = (low <= high && (low < -1 || high >= num_experts)) ? 1 : 0;
+    for (int d = 0; d < num_ranks; ++d) at<int>(ctx.buffers[d], kOffNotifyFlags)[me] = bad;
+    result->low = low;
+    result->high = high;
+  }
   __threadfence_system();
   __syncthreads();
   if (!cross_rank_barrier(ctx, epoch + 1)) ok = 0;
@@ -91,6 +110,13 @@ __global__ void notify_kernel(PeerContext ctx, uint32_t epoch, const int* __rest
 
   const volatile int* notify_channel = at<int>(ctx.buffers[me], kOffNotifyChannel);
   const volatile int* notify_expert = at<int>(ctx.buffers[me], kOffNotifyExpert);
+  volatile int* recv_counts = result->counts;  // host-mapped
+  if (threadIdx.x == 0) {
+    const volatile int* flags = at<int>(ctx.buffers[me], kOffNotifyFlags);
+    int mask = 0;
+    for (int s = 0; s < num_ranks; ++s) mask |= (flags[s] != 0 ? 1 : 0) << s;
+    result->bad_ranks = mask;
+  }
   for (int s = threadIdx.x; s < num_ranks; s += blockDim.x) {
     int sum = 0;
     for (int c = 0; c < num_channels; ++c) sum += notify_channel[s * kMaxChannels + c];
@@ -111,6 +137,14 @@ __global__ void notify_kernel(PeerContext ctx, uint32_t epoch, const int* __rest
     int sum = 0;
     for (int s = 0; s < num_ranks; ++s) sum += notify_expert[s * kMaxLocalExperts + e];
     recv_counts[num_ranks + e] = (sum + expert_alignment - 1) / expert_alignment * expert_alignment;
+  }
+  // Publish to the host: every thread's result writes (host-mapped and recv_channel_offset) are
+  // made visible system-wide before thread 0 raises the sequence the host spins on.
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    *reinterpret_cast<volatile uint32_t*>(&result->sequence) = epoch + 1;
   }
 }
 
@@ -600,16 +634,17 @@ void check_ring(const PeerContext& ctx, const RingGeometry& ring) {
 }  // namespace
 
 void launch_notify(const PeerContext& ctx, uint32_t epoch, const int* channel_count, const int* num_tokens_per_expert,
-                   int num_channels, int num_local_experts, int expert_alignment, int* recv_channel_offset,
-                   int* recv_counts, int* send_counts, cudaStream_t stream) {
+                   int num_channels, int num_local_experts, int expert_alignment, const int64_t* channel_topk_range,
+                   int64_t num_experts, int* recv_channel_offset, int* send_counts, NotifyResult* result,
+                   cudaStream_t stream) {
   if (num_channels < 1 || num_channels > kMaxChannels) throw std::invalid_argument("notify: num_channels out of range");
   if (num_local_experts < 0 || num_local_experts > kMaxLocalExperts) {
     throw std::invalid_argument("notify: at most " + std::to_string(kMaxLocalExperts) + " experts per rank, got " +
                                 std::to_string(num_local_experts));
   }
   notify_kernel<<<1, 256, 0, stream>>>(ctx, epoch, channel_count, num_tokens_per_expert, num_channels,
-                                       num_local_experts, expert_alignment, recv_channel_offset, recv_counts,
-                                       send_counts);
+                                       num_local_experts, expert_alignment, channel_topk_range, num_experts,
+                                       recv_channel_offset, send_counts, result);
   check_cuda(cudaGetLastError(), "notify kernel launch");
 }
 

@@ -9,9 +9,14 @@
 //
 // channel_layout
 //   reads   is_token_in_rank [T, R] bool
+//           topk_idx [T, K] int64 (optional) expert ids, only for their range check
 //   writes  channel_count [R, C] int32     tokens of channel c (a contiguous token slice) sent to r
 //           send_position [T, R] int32     index of token t in the stream (channel of t, me -> r),
 //                                          -1 when t does not go to r
+//           channel_topk_range [C, 2] int64 min / max of topk_idx over channel c's tokens
+//                                          (INT64_MAX / INT64_MIN when empty); the notify kernel
+//                                          reduces it and reports bad ids to every rank, so the
+//                                          dispatch needs no host sync of its own for that check
 //   One block per channel, block-wide exclusive scans over tiles of 256 tokens, one per rank.
 #include "api.h"
 #include "runtime.cuh"
@@ -59,12 +64,42 @@ __global__ void __launch_bounds__(kLayoutThreads) get_dispatch_layout_kernel(
 __global__ void __launch_bounds__(kLayoutThreads) channel_layout_kernel(const bool* __restrict__ is_token_in_rank,
                                                                         int num_tokens, int num_ranks, int num_channels,
                                                                         int* __restrict__ channel_count,
-                                                                        int* __restrict__ send_position) {
+                                                                        int* __restrict__ send_position,
+                                                                        const int64_t* __restrict__ topk_idx,
+                                                                        int num_topk,
+                                                                        int64_t* __restrict__ channel_topk_range) {
   __shared__ int warp_totals[kMaxRanks][kLayoutThreads / 32];
+  __shared__ long long warp_low[kLayoutThreads / 32], warp_high[kLayoutThreads / 32];
   const int channel = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   int begin, end;
   channel_range(num_tokens, num_channels, channel, begin, end);
+  if (channel_topk_range != nullptr) {
+    long long low = INT64_MAX, high = INT64_MIN;
+    const int64_t first = static_cast<int64_t>(begin) * num_topk, last = static_cast<int64_t>(end) * num_topk;
+    for (int64_t i = first + threadIdx.x; i < last; i += kLayoutThreads) {
+      const long long v = __ldg(reinterpret_cast<const long long*>(topk_idx) + i);
+      low = min(low, v);
+      high = max(high, v);
+    }
+    for (int offset = 16; offset > 0; offset /= 2) {
+      low = min(low, __shfl_xor_sync(0xffffffffu, low, offset));
+      high = max(high, __shfl_xor_sync(0xffffffffu, high, offset));
+    }
+    if (lane == 0) {
+      warp_low[warp] = low;
+      warp_high[warp] = high;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int w = 1; w < kLayoutThreads / 32; ++w) {
+        low = min(low, warp_low[w]);
+        high = max(high, warp_high[w]);
+      }
+      channel_topk_range[2 * channel] = low;
+      channel_topk_range[2 * channel + 1] = high;
+    }
+  }
   int running[kMaxRanks];
   for (int r = 0; r < kMaxRanks; ++r) running[r] = 0;
 
@@ -119,9 +154,11 @@ void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num
 }
 
 void launch_channel_layout(const bool* is_token_in_rank, int num_tokens, int num_ranks, int num_channels,
-                           int* channel_count, int* send_position, cudaStream_t stream) {
+                           int* channel_count, int* send_position, const int64_t* topk_idx, int num_topk,
+                           int64_t* channel_topk_range, cudaStream_t stream) {
   channel_layout_kernel<<<num_channels, kLayoutThreads, 0, stream>>>(is_token_in_rank, num_tokens, num_ranks,
-                                                                     num_channels, channel_count, send_position);
+                                                                     num_channels, channel_count, send_position,
+                                                                     topk_idx, num_topk, channel_topk_range);
   check_cuda(cudaGetLastError(), "channel_layout kernel launch");
 }
 

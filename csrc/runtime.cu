@@ -6,6 +6,8 @@
 // st.release.sys), then waits until its own barrier_signal[s] reaches `epoch` for every s
 // (ld.acquire.sys, bounded by the timeout). Epochs are host counters that advance identically on
 // every rank because every rank issues the same sequence of collective calls.
+#include <atomic>
+#include <chrono>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -50,6 +52,11 @@ Runtime::Runtime(int rank, int num_ranks, int64_t num_nvl_bytes, int device)
   std::memset(host_diagnostic_, 0, sizeof(Diagnostic));
   check_cuda(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_diagnostic_), host_diagnostic_, 0),
              "cudaHostGetDevicePointer of the diagnostic word");
+  check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&host_notify_), sizeof(NotifyResult), cudaHostAllocMapped),
+             "cudaHostAlloc of the notify result");
+  std::memset(host_notify_, 0, sizeof(NotifyResult));
+  check_cuda(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_notify_), host_notify_, 0),
+             "cudaHostGetDevicePointer of the notify result");
   check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize after allocating the NVLink buffer");
   peers_[rank_] = local_;
 }
@@ -63,6 +70,27 @@ Runtime::~Runtime() {
   }
   if (local_ != nullptr) cudaFree(local_);
   if (host_diagnostic_ != nullptr) cudaFreeHost(host_diagnostic_);
+  if (host_notify_ != nullptr) cudaFreeHost(host_notify_);
+}
+
+bool Runtime::wait_notify(uint32_t sequence, double host_timeout_s) const {
+  const volatile uint32_t* seen = &host_notify_->sequence;
+  const volatile int* flag = &host_diagnostic_->flag;
+  const auto start = std::chrono::steady_clock::now();
+  for (uint32_t iter = 0;; ++iter) {
+    if (*seen == sequence) {
+      std::atomic_thread_fence(std::memory_order_acquire);  // the result's fields after the sequence
+      return true;
+    }
+    if ((iter & 1023u) == 0u) {
+      if (*flag != 0) return false;
+      const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (elapsed > host_timeout_s) {
+        throw std::runtime_error("deepep_megatron._C: the notify kernel's result did not arrive within " +
+                                 std::to_string(host_timeout_s) + " s (the stream is blocked before it)");
+      }
+    }
+  }
 }
 
 std::string Runtime::ipc_handle() const {

@@ -15,6 +15,8 @@
 //   kOffTailShadow         u32 tail_shadow[kMaxChannels][kMaxRanks]      me -> me (last tail I wrote to d)
 //   kOffHeadShadow         u32 head_shadow[kMaxChannels][kMaxRanks]      me -> me (last head I wrote to s)
 //   kOffAbort              u32 abort word (first timeout of this rank)   me -> me
+//   kOffNotifyFlags        i32 notify_flags[kMaxRanks]: 1 when peer s's topk_idx had ids outside
+//                          [-1, num_experts) in the current notify    peer s (remote) -> me
 //   kControlBytes ..       rings: ring(c, s) = slots [num_slots] of slot_bytes each, for
 //                          c in [0, num_channels), s in [0, num_ranks); ring (c, s) of rank d
 //                          carries channel c of sender s to receiver d.
@@ -42,7 +44,8 @@ constexpr size_t kOffRingHead = kOffRingTail + sizeof(uint32_t) * kMaxChannels *
 constexpr size_t kOffTailShadow = kOffRingHead + sizeof(uint32_t) * kMaxChannels * kMaxRanks;
 constexpr size_t kOffHeadShadow = kOffTailShadow + sizeof(uint32_t) * kMaxChannels * kMaxRanks;
 constexpr size_t kOffAbort = kOffHeadShadow + sizeof(uint32_t) * kMaxChannels * kMaxRanks;
-static_assert(kOffAbort + 128 <= kControlBytes, "control region overflows kControlBytes");
+constexpr size_t kOffNotifyFlags = kOffAbort + 128;
+static_assert(kOffNotifyFlags + sizeof(int) * kMaxRanks <= kControlBytes, "control region overflows kControlBytes");
 
 // What waited on a peer and timed out (codes stored in Diagnostic::code).
 enum WaitCode : int {

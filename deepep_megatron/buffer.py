@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .backends import create_backend
-from .backends.base import DispatchLayout, LowLatencyLayout
+from .backends.base import DispatchLayout, LowLatencyLayout, topk_range_error
 from .config import (
     FP8_BLOCK,
     MAX_TOPK,
@@ -106,17 +106,19 @@ def _check_tensor(
     return value
 
 
-def _check_topk_idx(topk_idx: Any, num_experts: int, num_tokens: Optional[int], device: Optional[torch.device]) -> torch.Tensor:
+def _check_topk_idx(
+    topk_idx: Any, num_experts: int, num_tokens: Optional[int], device: Optional[torch.device], values: bool = True
+) -> torch.Tensor:
+    """Dtype/shape/top-k checks; with ``values`` also the value range (one host sync). A backend whose
+    dispatch checks the range on the device (``checks_topk_range_in_dispatch``) is called with
+    ``values=False`` and raises :func:`topk_range_error` itself."""
     _check_tensor(topk_idx, "topk_idx", (torch.int64,), (num_tokens, None), device)
     if not 1 <= topk_idx.size(1) <= MAX_TOPK:
         raise ValueError(f"topk_idx.size(1) (top-k) must be in 1..{MAX_TOPK}, got {topk_idx.size(1)}")
-    if topk_idx.numel() > 0:
+    if values and topk_idx.numel() > 0:
         low, high = torch.stack(torch.aminmax(topk_idx)).tolist()  # one host sync
         if low < -1 or high >= num_experts:
-            raise ValueError(
-                f"topk_idx values must be in [-1, num_experts={num_experts}) (-1 = no expert), "
-                f"got values in [{low}, {high}]"
-            )
+            raise topk_range_error(num_experts, low, high)
     return topk_idx
 
 
@@ -415,7 +417,10 @@ class Buffer:
         R = self.group_size
         _check_tensor(num_tokens_per_expert, "num_tokens_per_expert", (torch.int32,), (None,), device)
         num_experts = _check_num_experts(num_tokens_per_expert.numel(), R)
-        _check_topk_idx(topk_idx, num_experts, num_tokens, device)
+        # The cuda backend checks the range inside its layout/notify kernels and raises the same
+        # ValueError on every rank at its one host sync: no extra sync here.
+        _check_topk_idx(topk_idx, num_experts, num_tokens, device,
+                        values=not getattr(self.runtime, "checks_topk_range_in_dispatch", False))
         num_topk = topk_idx.size(1)
         if topk_weights is not None:
             _check_tensor(topk_weights, "topk_weights", (torch.float32,), (num_tokens, num_topk), device)

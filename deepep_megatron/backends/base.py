@@ -24,6 +24,13 @@ import torch.distributed as dist
 from ..config import Config
 
 
+def topk_range_error(num_experts: int, low: int, high: int) -> ValueError:
+    """The error for ``topk_idx`` values outside ``[-1, num_experts)`` (host and device checks alike)."""
+    return ValueError(
+        f"topk_idx values must be in [-1, num_experts={num_experts}) (-1 = no expert), got values in [{low}, {high}]"
+    )
+
+
 @dataclass
 class DispatchLayout:
     """What a backend needs to repeat (cached dispatch) or reverse (combine) one normal dispatch.
@@ -100,6 +107,10 @@ class Backend(ABC):
     name: str = "abstract"
     #: Whether dispatch/combine need the NVLink buffer (num_nvl_bytes > 0).
     needs_nvl_buffer: bool = False
+    #: Whether the backend's normal (non-cached) dispatch checks that every ``topk_idx`` value is in
+    #: ``[-1, num_experts)`` itself, on the device, and raises the same ValueError as the Buffer's
+    #: host check (which then skips its own host sync for that check).
+    checks_topk_range_in_dispatch: bool = False
 
     def __init__(
         self,

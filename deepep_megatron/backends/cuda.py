@@ -5,9 +5,12 @@ peer by CUDA IPC handles, exchanged once over the process group (NCCL: one rank 
 several ranks sharing one GPU under MPS). Kernels are launched on ``torch.cuda.current_stream()``,
 which is the Buffer's communication stream when called through ``deepep_megatron.Buffer``.
 
-A normal dispatch runs four kernels: ``channel_layout`` (per-channel counts and every token's
-position in each destination stream), ``notify`` (exchange counts, prefix matrices), one small
-host sync to learn the receive sizes, then ``dispatch``. A cached dispatch and a combine run a
+A normal dispatch runs three kernels: ``channel_layout`` (per-channel counts, every token's
+position in each destination stream, and the min/max of ``topk_idx`` for the range check),
+``notify`` (exchange counts and range-check verdicts, prefix matrices; it writes the receive sizes
+into host-mapped memory), one host wait (a spin on that memory, no stream sync or copy), then
+``dispatch``. The Buffer skips its own host-synced ``topk_idx`` range check for this backend: a bad
+id on any rank makes every rank raise the same ValueError at that wait, before any data moves. A cached dispatch and a combine run a
 cross-rank barrier then their kernel, with no host sync.
 
 Every spin-wait on a peer is bounded by ``timeout_s`` (env ``DEEPEP_MEGATRON_TIMEOUT_S``, default
@@ -36,7 +39,7 @@ from ..config import (
     align_up,
     token_slot_bytes,
 )
-from .base import Backend, DispatchLayout, DispatchOutput
+from .base import Backend, DispatchLayout, DispatchOutput, topk_range_error
 from .reference import ReferenceBackend
 
 try:  # the extension is optional: CPU-only installs never build it
@@ -100,6 +103,7 @@ class CudaBackend(Backend):
 
     name = "cuda"
     needs_nvl_buffer = True
+    checks_topk_range_in_dispatch = True
 
     def __init__(
         self,
@@ -272,19 +276,45 @@ class CudaBackend(Backend):
                 raise ValueError(f"the cuda backend supports at most {MAX_LOCAL_EXPERTS} experts per rank, got {num_local_experts}")
         ring = self._ring(config, num_channels, hidden * max(x.element_size(), 2))
 
+        off_scales = _align16(row_bytes)
+        off_topk_idx = off_scales + _align16(num_scales * 4)
+        off_topk_weights = off_topk_idx + _align16(MAX_TOPK * 4)
+        off_src_idx = off_topk_weights + _align16(MAX_TOPK * 4)
+        assert off_src_idx + 16 <= ring["slot_bytes"], "slot layout exceeds config.token_slot_bytes"
+        args = {
+            **ring,
+            "x": x.data_ptr(),
+            "x_scales": 0 if x_scales is None else x_scales.data_ptr(),
+            "topk_idx": 0,
+            "topk_weights": 0,
+            "num_tokens": num_tokens,
+            "x_row_bytes": row_bytes,
+            "num_scales": num_scales,
+            "num_topk": num_topk,
+            "num_local_experts": num_local_experts,
+            "off_scales": off_scales,
+            "off_topk_idx": off_topk_idx,
+            "off_topk_weights": off_topk_weights,
+            "off_src_idx": off_src_idx,
+        }
+
         if cached_layout is None:
             is_token_in_rank = is_token_in_rank.contiguous()
             topk_idx = topk_idx.contiguous()
             topk_weights = topk_weights.to(torch.float32).contiguous()
+            num_experts = num_tokens_per_expert.numel()
             channel_count = torch.empty(R, num_channels, dtype=torch.int32, device=self.device)
             send_position = torch.empty(num_tokens, R, dtype=torch.int32, device=self.device)
+            channel_topk_range = torch.empty(num_channels, 2, dtype=torch.int64, device=self.device)
+            # channel_layout also takes the min/max of topk_idx per channel; notify reduces it and tells
+            # every rank whose ids are out of range (this replaces the Buffer's host-synced check).
             _C.channel_layout(
-                is_token_in_rank.data_ptr(), num_tokens, R, num_channels, channel_count.data_ptr(), send_position.data_ptr(), stream
+                is_token_in_rank.data_ptr(), num_tokens, R, num_channels, channel_count.data_ptr(), send_position.data_ptr(),
+                topk_idx.data_ptr(), num_topk, channel_topk_range.data_ptr(), stream,
             )
             recv_channel_offset = torch.empty(R, num_channels + 1, dtype=torch.int32, device=self.device)
-            recv_counts = torch.empty(R + num_local_experts, dtype=torch.int32, device=self.device)
             send_counts = torch.empty(R, dtype=torch.int32, device=self.device)
-            self._runtime.notify(
+            sequence = self._runtime.notify(
                 self.timeout_s,
                 {
                     "channel_count": channel_count.data_ptr(),
@@ -292,23 +322,55 @@ class CudaBackend(Backend):
                     "num_channels": num_channels,
                     "num_local_experts": num_local_experts,
                     "expert_alignment": expert_alignment,
+                    "channel_topk_range": channel_topk_range.data_ptr(),
+                    "num_experts": num_experts,
                     "recv_channel_offset": recv_channel_offset.data_ptr(),
-                    "recv_counts": recv_counts.data_ptr(),
                     "send_counts": send_counts.data_ptr(),
                 },
                 stream,
             )
-            host_counts = recv_counts.cpu()  # the one small sync: receive sizes to the host
-            self.check_errors()
-            num_recv_tokens_per_rank = host_counts[:R].clone()
-            num_recv = int(num_recv_tokens_per_rank.sum())
+            args["topk_idx"] = topk_idx.data_ptr()
+            args["topk_weights"] = topk_weights.data_ptr()
+            args["is_token_in_rank"] = is_token_in_rank.data_ptr()
+            args["recv_channel_offset"] = recv_channel_offset.data_ptr()
+            # The one host wait: spin on the host-mapped result notify publishes (no stream sync, no copy).
+            try:
+                result = self._runtime.wait_notify(sequence, R + num_local_experts, max(60.0, 6 * self.timeout_s))
+            except RuntimeError as error:  # the stream never reached notify: its state is unknown from here on
+                self._broken = f"deepep_megatron cuda backend: {error}; this buffer is unusable now"
+                raise RuntimeError(self._broken) from error
+            if result is None:  # a kernel of this rank timed out: check_errors raises its diagnostic
+                self.check_errors()
+                raise RuntimeError("deepep_megatron cuda backend: notify did not finish (no diagnostic recorded)")
+            counts, bad_ranks, low, high = result
+            if bad_ranks:
+                if bad_ranks >> self.rank & 1:
+                    raise topk_range_error(num_experts, low, high)
+                bad = [r for r in range(R) if bad_ranks >> r & 1]
+                raise ValueError(
+                    f"topk_idx values must be in [-1, num_experts={num_experts}) (-1 = no expert) on every rank: rank(s) "
+                    f"{bad} passed values outside it, so every rank of the group refuses this dispatch"
+                )
+            num_recv = sum(counts[:R])
             recv_src_idx = torch.empty(num_recv, dtype=torch.int32, device=self.device)
+            recv_x = torch.empty(num_recv, hidden, dtype=x.dtype, device=self.device)
+            recv_x_scales = (
+                torch.empty(num_recv, num_scales, dtype=torch.float32, device=self.device) if x_scales is not None else None
+            )
+            recv_topk_idx = torch.empty(num_recv, num_topk, dtype=torch.int64, device=self.device)
+            recv_topk_weights = torch.empty(num_recv, num_topk, dtype=torch.float32, device=self.device)
+            args["recv_x"] = recv_x.data_ptr()
+            args["recv_x_scales"] = 0 if recv_x_scales is None else recv_x_scales.data_ptr()
+            args["recv_topk_idx"] = recv_topk_idx.data_ptr()
+            args["recv_topk_weights"] = recv_topk_weights.data_ptr()
+            args["recv_src_idx"] = recv_src_idx.data_ptr()
+            self._runtime.dispatch(self.timeout_s, args, stream)
             layout = DispatchLayout(
                 is_token_in_rank=is_token_in_rank,
                 num_tokens_per_rank=send_counts,
-                num_recv_tokens_per_rank=num_recv_tokens_per_rank,
+                num_recv_tokens_per_rank=torch.tensor(counts[:R], dtype=torch.int32),
                 recv_src_idx=recv_src_idx,
-                num_recv_tokens_per_expert_list=host_counts[R:].tolist(),
+                num_recv_tokens_per_expert_list=counts[R:],
                 private={
                     "backend": self.name,
                     "num_channels": num_channels,
@@ -317,56 +379,23 @@ class CudaBackend(Backend):
                     "recv_channel_offset": recv_channel_offset,
                 },
             )
-            private = layout.private
-        else:
-            self._runtime.barrier(self.timeout_s, stream)
-            recv_src_idx = None
-            num_recv = layout.num_recv_tokens
+            return DispatchOutput(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, layout)
 
+        self._runtime.barrier(self.timeout_s, stream)
+        num_recv = layout.num_recv_tokens
         recv_x = torch.empty(num_recv, hidden, dtype=x.dtype, device=self.device)
         recv_x_scales = (
             torch.empty(num_recv, num_scales, dtype=torch.float32, device=self.device) if x_scales is not None else None
         )
-        recv_topk_idx = torch.empty(num_recv, num_topk, dtype=torch.int64, device=self.device) if num_topk else None
-        recv_topk_weights = torch.empty(num_recv, num_topk, dtype=torch.float32, device=self.device) if num_topk else None
-
-        off_scales = _align16(row_bytes)
-        off_topk_idx = off_scales + _align16(num_scales * 4)
-        off_topk_weights = off_topk_idx + _align16(MAX_TOPK * 4)
-        off_src_idx = off_topk_weights + _align16(MAX_TOPK * 4)
-        assert off_src_idx + 16 <= ring["slot_bytes"], "slot layout exceeds config.token_slot_bytes"
-
-        def ptr(t: Optional[torch.Tensor]) -> int:
-            return 0 if t is None else t.data_ptr()
-
-        self._runtime.dispatch(
-            self.timeout_s,
-            {
-                **ring,
-                "x": ptr(x),
-                "x_scales": ptr(x_scales),
-                "topk_idx": ptr(topk_idx) if num_topk else 0,
-                "topk_weights": ptr(topk_weights) if num_topk else 0,
-                "is_token_in_rank": layout.is_token_in_rank.data_ptr(),
-                "num_tokens": num_tokens,
-                "x_row_bytes": row_bytes,
-                "num_scales": num_scales,
-                "num_topk": num_topk,
-                "recv_channel_offset": private["recv_channel_offset"].data_ptr(),
-                "recv_x": ptr(recv_x),
-                "recv_x_scales": ptr(recv_x_scales),
-                "recv_topk_idx": ptr(recv_topk_idx),
-                "recv_topk_weights": ptr(recv_topk_weights),
-                "recv_src_idx": ptr(recv_src_idx),
-                "num_local_experts": num_local_experts,
-                "off_scales": off_scales,
-                "off_topk_idx": off_topk_idx,
-                "off_topk_weights": off_topk_weights,
-                "off_src_idx": off_src_idx,
-            },
-            stream,
-        )
-        return DispatchOutput(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, layout)
+        args["is_token_in_rank"] = layout.is_token_in_rank.data_ptr()
+        args["recv_channel_offset"] = private["recv_channel_offset"].data_ptr()
+        args["recv_x"] = recv_x.data_ptr()
+        args["recv_x_scales"] = 0 if recv_x_scales is None else recv_x_scales.data_ptr()
+        args["recv_topk_idx"] = 0
+        args["recv_topk_weights"] = 0
+        args["recv_src_idx"] = 0
+        self._runtime.dispatch(self.timeout_s, args, stream)
+        return DispatchOutput(recv_x, recv_x_scales, None, None, layout)
 
     @staticmethod
     def _private(layout: DispatchLayout) -> dict:

@@ -232,3 +232,47 @@ def test_stall_raises_timeout() -> None:
     env = dict(GPU_ENV, DEEPEP_MEGATRON_TIMEOUT_S="2")
     results = run_ranks(_stall, 2, backend="gloo", timeout_s=120, env=env)
     assert 2.0 <= results[0] < 8.0, f"the timeout error came after {results[0]:.1f} s (limit 2 s)"
+
+
+def _bad_topk(rank: int, world_size: int, ranks_per_gpu: int) -> int:
+    """The cuda dispatch checks topk_idx's range in its kernels (no host sync of its own): a bad id on
+    one rank makes every rank raise ValueError, and the buffer keeps working afterwards."""
+    import torch.distributed as dist
+
+    from deepep_megatron import Buffer, Config
+
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    config = Config(4, 6, 256)
+    case = Case(world_size, tokens=(97,) * world_size, hidden=2048, num_topk=4, num_experts=8 * world_size, seed=21)
+    fast = Buffer(dist.group.WORLD, num_nvl_bytes=config.get_nvl_buffer_size_hint(2048 * 2, world_size), backend="cuda")
+    ref = Buffer(dist.group.WORLD, backend="reference")
+    x, topk_idx, topk_weights = make_inputs(case, rank, device=str(device))
+    per_rank, _, per_expert, in_rank, _ = ref.get_dispatch_layout(topk_idx, case.num_experts)
+    args = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                topk_weights=topk_weights, config=config)
+    for bad_value in (case.num_experts, -2):
+        bad = topk_idx.clone()
+        if rank == 0:
+            bad[50, 1] = bad_value
+        expected = (r"topk_idx values must be in \[-1, num_experts=%d\).*got values in" % case.num_experts if rank == 0
+                    else r"rank\(s\) \[0\] passed values outside it")
+        with pytest.raises(ValueError, match=expected):
+            fast.dispatch(x, topk_idx=bad, **args)
+    out_fast = fast.dispatch(x, topk_idx=topk_idx, **args)
+    out_ref = ref.dispatch(x, topk_idx=topk_idx, **args)
+    _same(out_fast[0], out_ref[0], "recv_x after refused dispatches")
+    _same(out_fast[1], out_ref[1], "recv_topk_idx after refused dispatches")
+    comb_fast = fast.combine(out_ref[0], out_fast[4], config=config)[0]
+    comb_ref = ref.combine(out_ref[0], out_ref[4])[0]
+    _same(comb_fast, comb_ref, "combine after refused dispatches")
+    torch.cuda.synchronize()
+    fast.runtime.synchronize()
+    fast.destroy()
+    return 1
+
+
+def test_bad_topk_refused_on_every_rank() -> None:
+    backend, ranks_per_gpu = _launch(2)
+    results = run_ranks(_bad_topk, 2, ranks_per_gpu, backend=backend, timeout_s=120, env=GPU_ENV)
+    assert results == [1, 1]

@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Where the host time of one Buffer.dispatch goes (cuda backend, EP2, DeepSeek-V3 shape).
+
+    python scripts/profile_dispatch_host.py [--sms 24] [--calls 100] [--fp8]
+
+Two ranks (one per GPU over NCCL, or two on one GPU over gloo under MPS). Per rank: GPU-paced time
+per call (events around back-to-back calls, as bench_intranode.py), the time the host spent
+spinning in wait_notify (≈ 0 means the host, not the GPU, paces the loop), then on rank 0 a
+cProfile of the same calls (top functions by own time). Full and cached dispatch, then combine.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import socket
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENV = {"NCCL_NVLS_ENABLE": "0", "NVSHMEM_DISABLE_NVLS": "1", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+
+
+class _Timed:
+    """Proxy of the backend's _C.Runtime that sums the host time of each method."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.spent: dict[str, float] = {}
+
+    def __getattr__(self, name):
+        fn = getattr(self._inner, name)
+        if not callable(fn):
+            return fn
+
+        def wrapped(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.spent[name] = self.spent.get(name, 0.0) + time.perf_counter() - t
+
+        return wrapped
+
+
+def _worker(rank: int, world: int, port: int, pg: str, sms: int, calls: int, fp8: bool) -> None:
+    os.environ.update(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    dist.init_process_group(pg, rank=rank, world_size=world)
+    from deepep_megatron import Buffer, Config, per_token_cast_to_fp8
+
+    H, T, K, E = 7168, 4096, 8, 256
+    config = Config(sms, 32, 256)
+    buffer = Buffer(dist.group.WORLD, num_nvl_bytes=config.get_nvl_buffer_size_hint(H * 2, world), backend="cuda")
+    g = torch.Generator().manual_seed(7 + rank)
+    x = torch.randn(T, H, generator=g).to(device, torch.bfloat16)
+    topk_idx = torch.rand(T, E, generator=g).topk(K, dim=1).indices.to(device)
+    weights = torch.rand(T, K, generator=g).to(device)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, E)
+    x_in = per_token_cast_to_fp8(x) if fp8 else x
+    args = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                topk_idx=topk_idx, topk_weights=weights, config=config)
+    recv = buffer.dispatch(x_in, **args)
+    handle = recv[4]
+    y = recv[0] if not fp8 else torch.randn(handle.num_recv_tokens, H, device=device).to(torch.bfloat16)
+    backend = buffer.runtime
+    timed = _Timed(backend._runtime)
+    backend._runtime = timed
+    lines = []
+    for name, fn in (("full", lambda: buffer.dispatch(x_in, **args)),
+                     ("cached", lambda: buffer.dispatch(x_in, handle=handle, config=config)),
+                     ("combine", lambda: buffer.combine(y, handle, config=config))):
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        dist.barrier()
+        timed.spent.clear()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        for _ in range(calls):
+            fn()
+        t_host = time.perf_counter() - t0
+        end.record()
+        torch.cuda.synchronize()
+        gpu_us = start.elapsed_time(end) * 1e3 / calls
+        parts = ", ".join(f"{k} {v * 1e6 / calls:.1f}" for k, v in sorted(timed.spent.items()))
+        lines.append(f"rank {rank} {name:7s}: {gpu_us:6.1f} us/call (events), host loop {t_host * 1e6 / calls:6.1f} us/call; "
+                     f"in _C per call (us): {parts}")
+        dist.barrier()
+        prof = cProfile.Profile() if rank == 0 else None
+        if prof:
+            prof.enable()
+        for _ in range(calls):
+            fn()
+        if prof:
+            prof.disable()
+            torch.cuda.synchronize()
+            s = io.StringIO()
+            pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
+            lines.append(f"--- cProfile rank 0, {name}, {calls} calls (inflated by the profiler)\n" +
+                         "\n".join(s.getvalue().splitlines()[4:]))
+        torch.cuda.synchronize()
+        dist.barrier()
+    backend._runtime = timed._inner
+    print("\n".join(lines), flush=True)
+    dist.barrier()
+    buffer.destroy()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--sms", type=int, default=24)
+    p.add_argument("--calls", type=int, default=100)
+    p.add_argument("--fp8", action="store_true")
+    a = p.parse_args()
+    os.environ.update(ENV)
+    pg = "nccl" if torch.cuda.device_count() >= 2 else "gloo"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(2, port, pg, a.sms, a.calls, a.fp8), nprocs=2)
+
+
+if __name__ == "__main__":
+    main()
