@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import math
 import os
 import sys
@@ -111,10 +112,13 @@ def build_transformer_config(args: argparse.Namespace) -> TransformerConfig:
         # CPU: megatron's fused kernels and GPU-side weight init need CUDA.
         use_cpu_initialization=on_cpu,
         gradient_accumulation_fusion=False,
-        bias_activation_fusion=not on_cpu,
+        # megatron fuses bias+activation with the router probs only for swiglu/quick_gelu, and
+        # our MLP is gelu: the fused path raises for MoE layers (seen with megatron-core 0.19).
+        bias_activation_fusion=False,
         masked_softmax_fusion=not on_cpu,
         bias_dropout_fusion=not on_cpu,
-        persist_layer_norm=not on_cpu,
+        # Apex's persistent LayerNorm only; megatron's torch LayerNorm fallback asserts it is off.
+        persist_layer_norm=not on_cpu and importlib.util.find_spec("apex") is not None,
     )
 
 
