@@ -6,6 +6,8 @@ Differences handled here:
 * MoE module spec: in 0.16 ``layer_spec.submodules.mlp`` is a ``ModuleSpec(module=MoELayer, ...)``;
   in 0.19 it may be a ``functools.partial(MoELayer, submodules=...)``. :func:`replace_moe_layer`
   swaps the MoE class in either form (and in a block spec's ``layer_specs``).
+* ``moe_utils.permute`` returns 3 values in 0.16 and 5 in 0.19 (pad offsets and padded counts
+  added): :func:`permute` returns the first three in both.
 * Default process groups of an MoE layer: ``moe_utils.get_default_pg_collection`` (0.16) or
   ``ProcessGroupCollection.use_mpu_process_groups`` (newer): :func:`default_moe_pg_collection`.
 """
@@ -17,6 +19,7 @@ from typing import Any
 
 import megatron.core
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -41,6 +44,12 @@ def default_moe_pg_collection() -> ProcessGroupCollection:
     except ImportError:  # newer releases dropped the MoE-specific helper
         return ProcessGroupCollection.use_mpu_process_groups()
     return get_default_pg_collection()
+
+
+def permute(*args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
+    """megatron's ``moe_utils.permute``: ``(permuted tokens, permuted probs, reverse mapping)``."""
+    result = moe_utils.permute(*args, **kwargs)
+    return result[0], result[1], result[2]
 
 
 def _is_plain_moe_layer(module: Any, replacement: type) -> bool:

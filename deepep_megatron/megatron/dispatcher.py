@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.moe.moe_utils import permute, unpermute
+from megatron.core.transformer.moe.moe_utils import unpermute
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -332,7 +332,7 @@ class DeepEPTokenDispatcher(MoETokenDispatcher):
                 self.recv_topk_idx, probs, self.num_local_experts
             )
             self.hidden_shape_before_permute = hidden_states.shape
-            permuted, permuted_probs, self.reversed_mapping = permute(
+            permuted, permuted_probs, self.reversed_mapping = compat.permute(
                 hidden_states,
                 self.local_routing_map,
                 probs=local_probs,

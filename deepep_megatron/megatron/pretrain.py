@@ -115,7 +115,8 @@ def build_transformer_config(args: argparse.Namespace) -> TransformerConfig:
         # megatron fuses bias+activation with the router probs only for swiglu/quick_gelu, and
         # our MLP is gelu: the fused path raises for MoE layers (seen with megatron-core 0.19).
         bias_activation_fusion=False,
-        masked_softmax_fusion=not on_cpu,
+        # megatron-core 0.19 calls its compiled softmax kernel unconditionally when fused; the wheel lacks it.
+        masked_softmax_fusion=not on_cpu and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,
         bias_dropout_fusion=not on_cpu,
         # Apex's persistent LayerNorm only; megatron's torch LayerNorm fallback asserts it is off.
         persist_layer_norm=not on_cpu and importlib.util.find_spec("apex") is not None,
