@@ -149,28 +149,24 @@ __global__ void notify_kernel(PeerContext ctx, uint32_t epoch, const int* __rest
 }
 
 // ------------------------------------------------------------------------------------- copies
-// Warp copies `bytes` (multiple of 16) from a read-only input to a ring slot (local or remote).
-template <int kUnroll>
-__device__ __forceinline__ void warp_copy_input_to_ring(uint8_t* dst, const uint8_t* src, int bytes, int lane) {
-  const int n = bytes / 16;
-  const int4* s = reinterpret_cast<const int4*>(src);
-  int4* d = reinterpret_cast<int4*>(dst);
-  for (int i = lane; i < n; i += 32 * kUnroll) {  // every step keeps kUnroll loads in flight, tail included
-    int4 v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (i + 32 * u < n) v[u] = ld_input_int4(s + i + 32 * u);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (i + 32 * u < n) st_ring_int4(d + i + 32 * u, v[u]);
-    }
-  }
-}
+// The loads and stores a warp copy is made of: read-only inputs go through the non-coherent
+// path, ring slots (written by peers) are read and written with the ring's ordering helpers.
+struct LoadInput {
+  __device__ __forceinline__ int4 operator()(const int4* p) const { return ld_input_int4(p); }
+};
+struct LoadRing {
+  __device__ __forceinline__ int4 operator()(const int4* p) const { return ld_ring_int4(p); }
+};
+struct StoreOutput {
+  __device__ __forceinline__ void operator()(int4* p, const int4& v) const { *p = v; }
+};
+struct StoreRing {
+  __device__ __forceinline__ void operator()(int4* p, const int4& v) const { st_ring_int4(p, v); }
+};
 
-// Warp copies `bytes` (multiple of 16) from a ring slot of this rank's buffer to an output row.
-template <int kUnroll>
-__device__ __forceinline__ void warp_copy_ring_to_output(uint8_t* dst, const uint8_t* src, int bytes, int lane) {
+// Warp copies `bytes` (multiple of 16) from src to dst with the given load and store.
+template <int kUnroll, typename Load, typename Store>
+__device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int bytes, int lane) {
   const int n = bytes / 16;
   const int4* s = reinterpret_cast<const int4*>(src);
   int4* d = reinterpret_cast<int4*>(dst);
@@ -178,30 +174,11 @@ __device__ __forceinline__ void warp_copy_ring_to_output(uint8_t* dst, const uin
     int4 v[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (i + 32 * u < n) v[u] = ld_ring_int4(s + i + 32 * u);
+      if (i + 32 * u < n) v[u] = Load()(s + i + 32 * u);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (i + 32 * u < n) d[i + 32 * u] = v[u];
-    }
-  }
-}
-
-// Warp copies `bytes` (multiple of 16) from a read-only input row to an output row (same GPU).
-template <int kUnroll>
-__device__ __forceinline__ void warp_copy_input_to_output(uint8_t* dst, const uint8_t* src, int bytes, int lane) {
-  const int n = bytes / 16;
-  const int4* s = reinterpret_cast<const int4*>(src);
-  int4* d = reinterpret_cast<int4*>(dst);
-  for (int i = lane; i < n; i += 32 * kUnroll) {  // every step keeps kUnroll loads in flight, tail included
-    int4 v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (i + 32 * u < n) v[u] = ld_input_int4(s + i + 32 * u);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (i + 32 * u < n) d[i + 32 * u] = v[u];
+      if (i + 32 * u < n) Store()(d + i + 32 * u, v[u]);
     }
   }
 }
@@ -321,7 +298,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
         for (int i = warp_in_group; i < n; i += group_warps) {
           const int token = chunk_tokens[peer][i];
           const int64_t row = out_begin + static_cast<int64_t>(sent) + i;
-          warp_copy_input_to_output<8>(a.recv_x + row * a.x_row_bytes, a.x + static_cast<int64_t>(token) * a.x_row_bytes,
+          warp_copy<8, LoadInput, StoreOutput>(a.recv_x + row * a.x_row_bytes, a.x + static_cast<int64_t>(token) * a.x_row_bytes,
                                        a.x_row_bytes, lane);
           for (int j = lane; j < a.num_scales; j += 32) {
             a.recv_x_scales[row * a.num_scales + j] = __ldg(a.x_scales + static_cast<int64_t>(token) * a.num_scales + j);
@@ -339,7 +316,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
       for (int i = warp_in_group; i < n; i += group_warps) {
         const int token = chunk_tokens[peer][i];
         uint8_t* slot = ring_slot(dest, ring, kNumRanks, channel, me, sent + i);
-        warp_copy_input_to_ring<8>(slot, a.x + static_cast<int64_t>(token) * a.x_row_bytes, a.x_row_bytes, lane);
+        warp_copy<8, LoadInput, StoreRing>(slot, a.x + static_cast<int64_t>(token) * a.x_row_bytes, a.x_row_bytes, lane);
         for (int j = lane; j < a.num_scales; j += 32) {
           reinterpret_cast<float*>(slot + a.off_scales)[j] = __ldg(a.x_scales + static_cast<int64_t>(token) * a.num_scales + j);
         }
@@ -384,7 +361,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
       for (int i = consumed + warp_in_group; i < available; i += group_warps) {
         const uint8_t* slot = ring_slot(own, ring, kNumRanks, channel, source, static_cast<uint32_t>(i));
         const int64_t row = out_begin + i;
-        warp_copy_ring_to_output<4>(a.recv_x + row * a.x_row_bytes, slot, a.x_row_bytes, lane);
+        warp_copy<4, LoadRing, StoreOutput>(a.recv_x + row * a.x_row_bytes, slot, a.x_row_bytes, lane);
         for (int j = lane; j < a.num_scales; j += 32) {
           a.recv_x_scales[row * a.num_scales + j] = __ldcg(reinterpret_cast<const float*>(slot + a.off_scales) + j);
         }
@@ -488,7 +465,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
       for (int i = warp_in_group; i < n; i += group_warps) {
         const int64_t row = row_begin + sent + i;
         uint8_t* slot = ring_slot(dest, ring, kNumRanks, channel, me, static_cast<uint32_t>(sent + i));
-        warp_copy_input_to_ring<8>(slot, a.x + row * a.row_bytes, a.row_bytes, lane);
+        warp_copy<8, LoadInput, StoreRing>(slot, a.x + row * a.row_bytes, a.row_bytes, lane);
         if (lane < a.num_topk) {
           reinterpret_cast<float*>(slot + a.off_weights)[lane] = __ldg(a.topk_weights + row * a.num_topk + lane);
         }
