@@ -66,7 +66,8 @@ struct DispatchArgs {
   const float* x_scales;          // [T, num_scales] or null
   const int64_t* topk_idx;        // [T, num_topk] or null (cached dispatch)
   const float* topk_weights;      // [T, num_topk] or null
-  const bool* is_token_in_rank;   // [T, R]
+  const int* send_tokens;         // [R, T] token at each position of each (channel, me -> r) stream (channel_layout)
+  const int* channel_count;       // [R, C] length of stream (channel c, me -> r)
   int num_tokens;
   int x_row_bytes;                // multiple of 16
   int num_scales;                 // 0 without FP8
@@ -104,8 +105,8 @@ void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num
                                 int* num_tokens_per_rank, int* num_tokens_per_expert, bool* is_token_in_rank,
                                 cudaStream_t stream);
 void launch_channel_layout(const bool* is_token_in_rank, int num_tokens, int num_ranks, int num_channels,
-                           int* channel_count, int* send_position, const int64_t* topk_idx, int num_topk,
-                           int64_t* channel_topk_range, cudaStream_t stream);
+                           int* channel_count, int* send_position, int* send_tokens, const int64_t* topk_idx,
+                           int num_topk, int64_t* channel_topk_range, cudaStream_t stream);
 void launch_barrier(const PeerContext& ctx, uint32_t epoch, cudaStream_t stream);
 void launch_notify(const PeerContext& ctx, uint32_t epoch, const int* channel_count, const int* num_tokens_per_expert,
                    int num_channels, int num_local_experts, int expert_alignment, const int64_t* channel_topk_range,

@@ -60,13 +60,16 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "channel_layout",
       [](uintptr_t in_rank, int num_tokens, int num_ranks, int num_channels, uintptr_t channel_count,
-         uintptr_t send_position, uintptr_t topk_idx, int num_topk, uintptr_t channel_topk_range, uintptr_t stream) {
+         uintptr_t send_position, uintptr_t send_tokens, uintptr_t topk_idx, int num_topk,
+         uintptr_t channel_topk_range, uintptr_t stream) {
         launch_channel_layout(reinterpret_cast<const bool*>(in_rank), num_tokens, num_ranks, num_channels,
                               reinterpret_cast<int*>(channel_count), reinterpret_cast<int*>(send_position),
+                              reinterpret_cast<int*>(send_tokens),
                               reinterpret_cast<const int64_t*>(topk_idx), num_topk,
                               reinterpret_cast<int64_t*>(channel_topk_range), as_stream(stream));
       },
-      "channel_count [R, C] int32 and send_position [T, R] int32 from is_token_in_rank [T, R] bool; with "
+      "channel_count [R, C] int32, send_position [T, R] int32 and its inverse send_tokens [R, T] int32 from "
+      "is_token_in_rank [T, R] bool; with "
       "topk_idx [T, K] int64 (else 0) also its min/max per channel into channel_topk_range [C, 2] int64.");
 
   py::class_<Runtime>(m, "Runtime")
@@ -126,7 +129,8 @@ PYBIND11_MODULE(_C, m) {
              a.x_scales = pointer<const float>(args, "x_scales");
              a.topk_idx = pointer<const int64_t>(args, "topk_idx");
              a.topk_weights = pointer<const float>(args, "topk_weights");
-             a.is_token_in_rank = pointer<const bool>(args, "is_token_in_rank");
+             a.send_tokens = pointer<const int>(args, "send_tokens");
+             a.channel_count = pointer<const int>(args, "channel_count");
              a.num_tokens = integer(args, "num_tokens");
              a.x_row_bytes = integer(args, "x_row_bytes");
              a.num_scales = integer(args, "num_scales");

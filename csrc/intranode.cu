@@ -21,25 +21,27 @@
 //     bad_ranks, low, high                   which ranks' topk_idx failed the range check; own min/max
 //
 // dispatch (2*C blocks of 24 warps; block 2c sends channel c, block 2c+1 receives channel c)
-//   sender block, warp group for destination d (24/R warps):
-//     scans its tokens [begin, end) of channel c in order, takes up to send_chunk of those with
-//     is_token_in_rank[t][d], waits until ring (c, me) of rank d has room (its own ring_head[c][d],
-//     written by d), writes each token's slot into d's buffer:
+//   sender block: the warps split evenly over the R-1 peers (for R=2 all 24 push to the one peer);
+//     the group for d walks the stream (c, me -> d) by position: token = send_tokens[d][begin_c + p]
+//     (channel_layout wrote it, so nothing is scanned here). In steps of send_chunk tokens it waits
+//     until ring (c, me) of rank d has room (its own ring_head[c][d], written by d), writes each
+//     token's slot into d's buffer:
 //        slot = [x row | fp32 scales | int32 global topk ids | fp32 topk weights | int32 source idx]
 //     then (after the group's named barrier) st.release.sys of ring_tail[c][me] in d's buffer; the
 //     release is cumulative over the group's slot writes ordered before it by the barrier.
-//     The group for d == me skips the ring: it writes its tokens straight into its own output rows
-//     recv_channel_offset[me][c] + position (so the receiver group for s == me has nothing to do).
-//   receiver block, warp group for source s (24/R warps; the own-rank group returns at once):
-//     waits on its own ring_tail[c][s] (ld.acquire.sys), copies every available slot i to output
-//     row recv_channel_offset[s][c] + i (topk ids made local, -1 / weight 0 where not local), then
-//     st.release.sys of ring_head[c][me] in s's buffer (frees the slots).
+//   receiver block, one warp group per source rank (24/R warps each):
+//     the group for s == me copies this rank's own tokens of channel c straight from x into output
+//     rows recv_channel_offset[me][c] + p (own tokens never enter a ring, nothing to wait for);
+//     the group for s != me waits on its own ring_tail[c][s] (ld.acquire.sys), copies every
+//     available slot p to output row recv_channel_offset[s][c] + p (topk ids made local, -1 /
+//     weight 0 where not local), then st.release.sys of ring_head[c][me] in s's buffer (frees the
+//     slots).
 //
 // combine (2*C blocks; the reverse direction)
 //   sender block on rank d, group for the tokens' home rank s (all 24 warps split over the R-1
 //     peers; own rows are not sent): rows
 //     [recv_channel_offset[s][c], recv_channel_offset[s][c+1]) of x (in order), slot = [row | fp32
-//     topk weights], into ring (c, d) of rank s; same head/tail protocol.
+//     topk weights], into ring (c, d) of rank s; same head/tail protocol (send_stream).
 //   receiver block on rank s, all 24 warps, one token per warp per round: token t of channel c is at
 //     position send_position[t][d] of the stream from d; lanes d < R wait for ring_tail[c][d], then
 //     the warp sums rows from d = 0..R-1 in fp32 starting at 0 (exactly the reference's order) and
@@ -225,160 +227,154 @@ struct WarpGroups {
   }
 };
 
+// The sending side of one ring (channel, me -> peer), shared by dispatch and combine. In steps of up
+// to send_chunk rows: the group leader waits until the peer has freed enough slots (its ring_head
+// in this rank's buffer), the group's warps write rows [sent, sent + n) with write_row(position,
+// slot) (one row per warp), and after the group barrier the leader publishes the new tail into the
+// peer's buffer with st.release.sys, cumulative over the group's writes the barrier ordered before it.
+// `step` is a shared word of this group. Returns false on a timeout (diagnostic recorded).
+template <int kNumRanks, typename WriteRow>
+__device__ __forceinline__ bool send_stream(const PeerContext& ctx, const RingGeometry& ring, int channel, int peer,
+                                            int total, int warp_in_group, int group_warps, int lane, int space_code,
+                                            int* step, const WriteRow& write_row) {
+  const int me = ctx.rank;
+  const int group_threads = group_warps * 32;
+  const int barrier_id = 1 + peer;
+  const bool leader = warp_in_group == 0 && lane == 0;
+  uint8_t* own = ctx.buffers[me];
+  uint8_t* dest = ctx.buffers[peer];
+  uint32_t* remote_tail = counter(dest, kOffRingTail, channel, me);
+  const uint32_t* local_head = counter(own, kOffRingHead, channel, peer);
+  uint32_t* tail_shadow = counter(own, kOffTailShadow, channel, peer);
+  const uint32_t base = ld_volatile(tail_shadow);
+  int sent = 0;
+  while (sent < total) {
+    const int n = min(ring.send_chunk, total - sent);
+    if (leader) {
+      uint32_t seen;
+      const uint32_t target = base + static_cast<uint32_t>(sent + n) - static_cast<uint32_t>(ring.num_slots);
+      *step = wait_counter(ctx, local_head, target, space_code, peer, channel, seen) ? n : -1;
+    }
+    group_barrier(barrier_id, group_threads);
+    if (*step < 0) return false;  // every warp read it before the leader can write it again
+    for (int i = warp_in_group; i < n; i += group_warps) {
+      write_row(sent + i, ring_slot(dest, ring, kNumRanks, channel, me, static_cast<uint32_t>(sent + i)));
+    }
+    group_barrier(barrier_id, group_threads);
+    if (leader) st_release_sys(remote_tail, base + static_cast<uint32_t>(sent + n));
+    sent += n;
+  }
+  if (leader) *tail_shadow = base + static_cast<uint32_t>(total);
+  return true;
+}
+
 // ------------------------------------------------------------------------------------- dispatch
 template <int kNumRanks>
 __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     dispatch_kernel(PeerContext ctx, RingGeometry ring, DispatchArgs a) {
-  __shared__ int chunk_tokens[kNumRanks][kMaxSendChunk];
-  __shared__ int chunk_size[kNumRanks];  // tokens in this step; 0 = done, -1 = timed out
+  __shared__ int step[kNumRanks];  // per warp group: rows in this step (sender) / rows available (receiver); -1 = timed out
 
   const int channel = blockIdx.x / 2;
   const bool is_sender = (blockIdx.x % 2) == 0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  // One even group of warps per rank, in senders and receivers (the receivers' own-rank group has
-  // nothing to do: own tokens skip the ring). Measured on H200 x2: giving the own-rank sender group
-  // fewer warps makes it the bottleneck, and 24 receiver warps per peer were no faster than 12.
-  int peer, warp_in_group, group_warps;
-  WarpGroups<kNumRanks, kWarpsPerBlock / kNumRanks>::assign(warp, ctx.rank, peer, warp_in_group, group_warps);
-  const int group_threads = group_warps * 32;
-  const int barrier_id = 1 + peer;
-  const bool leader = warp_in_group == 0 && lane == 0;
   const int me = ctx.rank;
-  uint8_t* own = ctx.buffers[me];
+  int begin, end;
+  channel_range(a.num_tokens, ring.num_channels, channel, begin, end);
+  // Position p of stream (channel, me -> r) holds token send_tokens[r][begin + p] (channel_layout).
+  auto stream_tokens = [&](int r) { return a.send_tokens + static_cast<int64_t>(r) * a.num_tokens + begin; };
 
   if (is_sender) {
-    int begin, end;
-    channel_range(a.num_tokens, ring.num_channels, channel, begin, end);
-    uint8_t* dest = ctx.buffers[peer];
-    uint32_t* remote_tail = counter(dest, kOffRingTail, channel, me);
-    const uint32_t* local_head = counter(own, kOffRingHead, channel, peer);
-    uint32_t* tail_shadow = counter(own, kOffTailShadow, channel, peer);
-    const uint32_t base = ld_volatile(tail_shadow);
-    int cursor = begin;  // meaningful in warp 0 of the group only
-    uint32_t sent = 0;
-    int n = 0;
-    while (true) {
-      if (warp_in_group == 0) {
-        // Collect the next (up to send_chunk) tokens that go to `peer`, in token order.
-        n = 0;
-        while (n < ring.send_chunk && cursor < end) {
-          const int token = cursor + lane;
-          const bool hit = token < end && a.is_token_in_rank[static_cast<int64_t>(token) * kNumRanks + peer];
-          const unsigned mask = __ballot_sync(0xffffffffu, hit);
-          const int count = __popc(mask);
-          const int take = min(count, ring.send_chunk - n);
-          const int rank_in_mask = __popc(mask & ((1u << lane) - 1u));
-          if (hit && rank_in_mask < take) chunk_tokens[peer][n + rank_in_mask] = token;
-          if (take < count) {  // stop right after the take-th hit of this window
-            unsigned rest = mask;
-            for (int j = 1; j < take; ++j) rest &= rest - 1u;
-            cursor += __ffs(static_cast<int>(rest));  // (bit index of the take-th hit) + 1
-          } else {
-            cursor = min(cursor + 32, end);
-          }
-          n += take;
-        }
-        if (lane == 0) {
-          int size = n;
-          if (n > 0 && peer != me) {  // own tokens bypass the ring: nothing to wait for
-            uint32_t seen;
-            const uint32_t target = base + sent + static_cast<uint32_t>(n) - static_cast<uint32_t>(ring.num_slots);
-            if (!wait_counter(ctx, local_head, target, kWaitDispatchSpace, peer, channel, seen)) size = -1;
-          }
-          chunk_size[peer] = size;
-        }
-        __syncwarp();
-      }
-      group_barrier(barrier_id, group_threads);
-      n = chunk_size[peer];
-      if (n <= 0) break;
-      if (peer == me) {
-        // Own tokens skip the ring: write them straight into this rank's output rows.
-        const int out_begin = a.recv_channel_offset[me * (ring.num_channels + 1) + channel];
-        for (int i = warp_in_group; i < n; i += group_warps) {
-          const int token = chunk_tokens[peer][i];
-          const int64_t row = out_begin + static_cast<int64_t>(sent) + i;
-          warp_copy<8, LoadInput, StoreOutput>(a.recv_x + row * a.x_row_bytes, a.x + static_cast<int64_t>(token) * a.x_row_bytes,
-                                       a.x_row_bytes, lane);
+    // Every warp pushes to a peer (for 2 ranks: all 24 to the one peer); own tokens never enter a
+    // ring, the receiver block copies them.
+    int peer, warp_in_group, group_warps;
+    if (!WarpGroups<kNumRanks, 0>::assign(warp, me, peer, warp_in_group, group_warps)) return;
+    const int* tokens = stream_tokens(peer);
+    send_stream<kNumRanks>(
+        ctx, ring, channel, peer, a.channel_count[peer * ring.num_channels + channel], warp_in_group, group_warps, lane,
+        kWaitDispatchSpace, &step[peer], [&](int position, uint8_t* slot) {
+          const int token = __ldg(tokens + position);
+          warp_copy<8, LoadInput, StoreRing>(slot, a.x + static_cast<int64_t>(token) * a.x_row_bytes, a.x_row_bytes,
+                                             lane);
           for (int j = lane; j < a.num_scales; j += 32) {
-            a.recv_x_scales[row * a.num_scales + j] = __ldg(a.x_scales + static_cast<int64_t>(token) * a.num_scales + j);
+            reinterpret_cast<float*>(slot + a.off_scales)[j] =
+                __ldg(a.x_scales + static_cast<int64_t>(token) * a.num_scales + j);
           }
           if (lane < a.num_topk) {
             const int64_t k = static_cast<int64_t>(token) * a.num_topk + lane;
-            write_local_topk(a, row, lane, static_cast<int>(__ldg(a.topk_idx + k)), __ldg(a.topk_weights + k), me);
+            reinterpret_cast<int*>(slot + a.off_topk_idx)[lane] = static_cast<int>(__ldg(a.topk_idx + k));
+            reinterpret_cast<float*>(slot + a.off_topk_weights)[lane] = __ldg(a.topk_weights + k);
           }
-          if (lane == 0 && a.recv_src_idx != nullptr) a.recv_src_idx[row] = token;
-        }
-        sent += static_cast<uint32_t>(n);
-        group_barrier(barrier_id, group_threads);  // chunk_tokens is rewritten next step
-        continue;
-      }
-      for (int i = warp_in_group; i < n; i += group_warps) {
-        const int token = chunk_tokens[peer][i];
-        uint8_t* slot = ring_slot(dest, ring, kNumRanks, channel, me, sent + i);
-        warp_copy<8, LoadInput, StoreRing>(slot, a.x + static_cast<int64_t>(token) * a.x_row_bytes, a.x_row_bytes, lane);
-        for (int j = lane; j < a.num_scales; j += 32) {
-          reinterpret_cast<float*>(slot + a.off_scales)[j] = __ldg(a.x_scales + static_cast<int64_t>(token) * a.num_scales + j);
-        }
-        if (lane < a.num_topk) {
-          const int64_t k = static_cast<int64_t>(token) * a.num_topk + lane;
-          reinterpret_cast<int*>(slot + a.off_topk_idx)[lane] = static_cast<int>(__ldg(a.topk_idx + k));
-          reinterpret_cast<float*>(slot + a.off_topk_weights)[lane] = __ldg(a.topk_weights + k);
-        }
-        if (lane == 0) *reinterpret_cast<int*>(slot + a.off_src_idx) = token;
-      }
-      group_barrier(barrier_id, group_threads);
-      if (leader) {
-        st_release_sys(remote_tail, base + sent + static_cast<uint32_t>(n));
-      }
-      sent += static_cast<uint32_t>(n);
-    }
-    if (leader && n == 0 && peer != me) *tail_shadow = base + sent;
-  } else {
-    if (peer == me) return;  // own tokens were written by the sender block
-    const int source = peer;
-    const int* offsets = a.recv_channel_offset + source * (ring.num_channels + 1);
-    const int out_begin = offsets[channel];
-    const int total = offsets[channel + 1] - out_begin;
-    const uint32_t* local_tail = counter(own, kOffRingTail, channel, source);
-    uint32_t* remote_head = counter(ctx.buffers[source], kOffRingHead, channel, me);
-    uint32_t* head_shadow = counter(own, kOffHeadShadow, channel, source);
-    const uint32_t base = ld_volatile(head_shadow);
-    int consumed = 0;
-    while (consumed < total) {
-      if (leader) {
-        uint32_t seen;
-        int available = -1;
-        if (wait_counter(ctx, local_tail, base + consumed + 1, kWaitDispatchData, source, channel, seen)) {
-          available = min(static_cast<int>(seen - base), total);
-        }
-        chunk_size[source] = available;
-      }
-      __syncwarp();
-      group_barrier(barrier_id, group_threads);
-      const int available = chunk_size[source];
-      if (available < 0) break;
-      for (int i = consumed + warp_in_group; i < available; i += group_warps) {
-        const uint8_t* slot = ring_slot(own, ring, kNumRanks, channel, source, static_cast<uint32_t>(i));
-        const int64_t row = out_begin + i;
-        warp_copy<4, LoadRing, StoreOutput>(a.recv_x + row * a.x_row_bytes, slot, a.x_row_bytes, lane);
-        for (int j = lane; j < a.num_scales; j += 32) {
-          a.recv_x_scales[row * a.num_scales + j] = __ldcg(reinterpret_cast<const float*>(slot + a.off_scales) + j);
-        }
-        if (lane < a.num_topk) {
-          write_local_topk(a, row, lane, __ldcg(reinterpret_cast<const int*>(slot + a.off_topk_idx) + lane),
-                           __ldcg(reinterpret_cast<const float*>(slot + a.off_topk_weights) + lane), me);
-        }
-        if (lane == 0 && a.recv_src_idx != nullptr) {
-          a.recv_src_idx[row] = __ldcg(reinterpret_cast<const int*>(slot + a.off_src_idx));
-        }
-      }
-      group_barrier(barrier_id, group_threads);
-      if (leader) st_release_sys(remote_head, base + static_cast<uint32_t>(available));
-      consumed = available;
-    }
-    if (leader && consumed == total) *head_shadow = base + static_cast<uint32_t>(total);
+          if (lane == 0) *reinterpret_cast<int*>(slot + a.off_src_idx) = token;
+        });
+    return;
   }
+
+  // Receiver block: one group per source rank. Measured on H200 x2 (2 ranks): 24 warps draining
+  // one peer's ring were no faster than 12, so the own-rank group gets an even share too.
+  int source, warp_in_group, group_warps;
+  if (!WarpGroups<kNumRanks, kWarpsPerBlock / kNumRanks>::assign(warp, me, source, warp_in_group, group_warps)) return;
+  const int out_begin = a.recv_channel_offset[source * (ring.num_channels + 1) + channel];
+  const int total = a.recv_channel_offset[source * (ring.num_channels + 1) + channel + 1] - out_begin;
+  if (source == me) {
+    // Own tokens: straight from x into this rank's output rows, no ring and no waiting.
+    const int* tokens = stream_tokens(me);
+    for (int i = warp_in_group; i < total; i += group_warps) {
+      const int token = __ldg(tokens + i);
+      const int64_t row = out_begin + i;
+      warp_copy<8, LoadInput, StoreOutput>(a.recv_x + row * a.x_row_bytes,
+                                           a.x + static_cast<int64_t>(token) * a.x_row_bytes, a.x_row_bytes, lane);
+      for (int j = lane; j < a.num_scales; j += 32) {
+        a.recv_x_scales[row * a.num_scales + j] = __ldg(a.x_scales + static_cast<int64_t>(token) * a.num_scales + j);
+      }
+      if (lane < a.num_topk) {
+        const int64_t k = static_cast<int64_t>(token) * a.num_topk + lane;
+        write_local_topk(a, row, lane, static_cast<int>(__ldg(a.topk_idx + k)), __ldg(a.topk_weights + k), me);
+      }
+      if (lane == 0 && a.recv_src_idx != nullptr) a.recv_src_idx[row] = token;
+    }
+    return;
+  }
+  const int group_threads = group_warps * 32;
+  const int barrier_id = 1 + source;
+  const bool leader = warp_in_group == 0 && lane == 0;
+  uint8_t* own = ctx.buffers[me];
+  const uint32_t* local_tail = counter(own, kOffRingTail, channel, source);
+  uint32_t* remote_head = counter(ctx.buffers[source], kOffRingHead, channel, me);
+  uint32_t* head_shadow = counter(own, kOffHeadShadow, channel, source);
+  const uint32_t base = ld_volatile(head_shadow);
+  int consumed = 0;
+  while (consumed < total) {
+    if (leader) {
+      uint32_t seen;
+      int available = -1;
+      if (wait_counter(ctx, local_tail, base + consumed + 1, kWaitDispatchData, source, channel, seen)) {
+        available = min(static_cast<int>(seen - base), total);
+      }
+      step[source] = available;
+    }
+    group_barrier(barrier_id, group_threads);
+    const int available = step[source];
+    if (available < 0) break;
+    for (int i = consumed + warp_in_group; i < available; i += group_warps) {
+      const uint8_t* slot = ring_slot(own, ring, kNumRanks, channel, source, static_cast<uint32_t>(i));
+      const int64_t row = out_begin + i;
+      warp_copy<4, LoadRing, StoreOutput>(a.recv_x + row * a.x_row_bytes, slot, a.x_row_bytes, lane);
+      for (int j = lane; j < a.num_scales; j += 32) {
+        a.recv_x_scales[row * a.num_scales + j] = __ldcg(reinterpret_cast<const float*>(slot + a.off_scales) + j);
+      }
+      if (lane < a.num_topk) {
+        write_local_topk(a, row, lane, __ldcg(reinterpret_cast<const int*>(slot + a.off_topk_idx) + lane),
+                         __ldcg(reinterpret_cast<const float*>(slot + a.off_topk_weights) + lane), me);
+      }
+      if (lane == 0 && a.recv_src_idx != nullptr) {
+        a.recv_src_idx[row] = __ldcg(reinterpret_cast<const int*>(slot + a.off_src_idx));
+      }
+    }
+    group_barrier(barrier_id, group_threads);
+    if (leader) st_release_sys(remote_head, base + static_cast<uint32_t>(available));
+    consumed = available;
+  }
+  if (leader && consumed == total) *head_shadow = base + static_cast<uint32_t>(total);
 }
 
 // ------------------------------------------------------------------------------------- combine
@@ -422,7 +418,7 @@ template <int kNumRanks, typename T>
 __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     combine_kernel(PeerContext ctx, RingGeometry ring, CombineArgs a) {
   constexpr int kUnroll = kNumRanks <= 2 ? 2 : 1;  // int4 per lane per step (registers: kNumRanks * kUnroll int4)
-  __shared__ int chunk_size[kNumRanks];
+  __shared__ int step[kNumRanks];  // per sender group: rows in this step, -1 = timed out
   __shared__ int progress[kWarpsPerBlock][kNumRanks];
   __shared__ int abort_flag;
 
@@ -436,47 +432,17 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     // Own rows are read by the receiver straight from x: all warps serve the peers.
     int home, warp_in_group, group_warps;
     if (!WarpGroups<kNumRanks, 0>::assign(warp, me, home, warp_in_group, group_warps)) return;
-    const int group_threads = group_warps * 32;
-    const int barrier_id = 1 + home;
-    const bool leader = warp_in_group == 0 && lane == 0;
     const int* offsets = a.recv_channel_offset + home * (ring.num_channels + 1);
     const int row_begin = offsets[channel];
-    const int total = offsets[channel + 1] - row_begin;
-    uint8_t* dest = ctx.buffers[home];
-    uint32_t* remote_tail = counter(dest, kOffRingTail, channel, me);
-    const uint32_t* local_head = counter(own, kOffRingHead, channel, home);
-    uint32_t* tail_shadow = counter(own, kOffTailShadow, channel, home);
-    const uint32_t base = ld_volatile(tail_shadow);
-    int sent = 0;
-    bool timed_out = false;
-    while (sent < total) {
-      const int n = min(ring.send_chunk, total - sent);
-      if (leader) {
-        uint32_t seen;
-        const uint32_t target = base + static_cast<uint32_t>(sent + n) - static_cast<uint32_t>(ring.num_slots);
-        chunk_size[home] = wait_counter(ctx, local_head, target, kWaitCombineSpace, home, channel, seen) ? n : -1;
-      }
-      __syncwarp();
-      group_barrier(barrier_id, group_threads);
-      if (chunk_size[home] < 0) {
-        timed_out = true;
-        break;
-      }
-      for (int i = warp_in_group; i < n; i += group_warps) {
-        const int64_t row = row_begin + sent + i;
-        uint8_t* slot = ring_slot(dest, ring, kNumRanks, channel, me, static_cast<uint32_t>(sent + i));
-        warp_copy<8, LoadInput, StoreRing>(slot, a.x + row * a.row_bytes, a.row_bytes, lane);
-        if (lane < a.num_topk) {
-          reinterpret_cast<float*>(slot + a.off_weights)[lane] = __ldg(a.topk_weights + row * a.num_topk + lane);
-        }
-      }
-      group_barrier(barrier_id, group_threads);
-      if (leader) {
-        st_release_sys(remote_tail, base + static_cast<uint32_t>(sent + n));
-      }
-      sent += n;
-    }
-    if (leader && !timed_out) *tail_shadow = base + static_cast<uint32_t>(total);
+    send_stream<kNumRanks>(ctx, ring, channel, home, offsets[channel + 1] - row_begin, warp_in_group, group_warps, lane,
+                           kWaitCombineSpace, &step[home], [&](int position, uint8_t* slot) {
+                             const int64_t row = row_begin + position;
+                             warp_copy<8, LoadInput, StoreRing>(slot, a.x + row * a.row_bytes, a.row_bytes, lane);
+                             if (lane < a.num_topk) {
+                               reinterpret_cast<float*>(slot + a.off_weights)[lane] =
+                                   __ldg(a.topk_weights + row * a.num_topk + lane);
+                             }
+                           });
     return;
   }
 

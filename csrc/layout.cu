@@ -13,6 +13,10 @@
 //   writes  channel_count [R, C] int32     tokens of channel c (a contiguous token slice) sent to r
 //           send_position [T, R] int32     index of token t in the stream (channel of t, me -> r),
 //                                          -1 when t does not go to r
+//           send_tokens [R, T] int32       the inverse: send_tokens[r][begin_c + p] = the token at
+//                                          position p of stream (c, me -> r) (entries past the
+//                                          stream's length are not written); the dispatch's
+//                                          senders read it instead of scanning is_token_in_rank
 //           channel_topk_range [C, 2] int64 min / max of topk_idx over channel c's tokens
 //                                          (INT64_MAX / INT64_MIN when empty); the notify kernel
 //                                          reduces it and reports bad ids to every rank, so the
@@ -65,6 +69,7 @@ __global__ void __launch_bounds__(kLayoutThreads) channel_layout_kernel(const bo
                                                                         int num_tokens, int num_ranks, int num_channels,
                                                                         int* __restrict__ channel_count,
                                                                         int* __restrict__ send_position,
+                                                                        int* __restrict__ send_tokens,
                                                                         const int64_t* __restrict__ topk_idx,
                                                                         int num_topk,
                                                                         int64_t* __restrict__ channel_topk_range) {
@@ -122,7 +127,9 @@ __global__ void __launch_bounds__(kLayoutThreads) channel_layout_kernel(const bo
         if (w < warp) before += warp_totals[r][w];
         tile_total += warp_totals[r][w];
       }
-      if (valid) send_position[static_cast<int64_t>(token) * num_ranks + r] = hit[r] ? before + prefix_in_warp[r] : -1;
+      const int position = before + prefix_in_warp[r];
+      if (valid) send_position[static_cast<int64_t>(token) * num_ranks + r] = hit[r] ? position : -1;
+      if (hit[r]) send_tokens[static_cast<int64_t>(r) * num_tokens + begin + position] = token;
       running[r] += tile_total;
     }
     __syncthreads();  // warp_totals is rewritten by the next tile
@@ -154,10 +161,11 @@ void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num
 }
 
 void launch_channel_layout(const bool* is_token_in_rank, int num_tokens, int num_ranks, int num_channels,
-                           int* channel_count, int* send_position, const int64_t* topk_idx, int num_topk,
-                           int64_t* channel_topk_range, cudaStream_t stream) {
+                           int* channel_count, int* send_position, int* send_tokens, const int64_t* topk_idx,
+                           int num_topk, int64_t* channel_topk_range, cudaStream_t stream) {
   channel_layout_kernel<<<num_channels, kLayoutThreads, 0, stream>>>(is_token_in_rank, num_tokens, num_ranks,
                                                                      num_channels, channel_count, send_position,
+                                                                     send_tokens,
                                                                      topk_idx, num_topk, channel_topk_range);
   check_cuda(cudaGetLastError(), "channel_layout kernel launch");
 }

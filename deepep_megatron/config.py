@@ -101,12 +101,14 @@ class Config:
         return align_up(slots * token_slot_bytes(hidden_bytes) + BUFFER_ALIGN * num_rdma_ranks, BUFFER_ALIGN)
 
 
-# Defaults per rank count: (send chunk, ring slots). For 2 ranks they are tuned on H200 x2 with
-# scripts/bench_intranode.py (docs/perf.md: dispatch chunk 32, combine chunk 24 were best or within
-# noise at 24 SMs); for 4 and 8 ranks they are DeepEP's published intranode defaults, not yet tuned
-# here. The SM count is what ``Buffer.set_num_sms`` last set (20 unless changed).
-_DISPATCH_CHUNKS = {2: (32, 256), 4: (6, 256), 8: (6, 256)}
-_COMBINE_CHUNKS = {2: (24, 256), 4: (9, 256), 8: (4, 256)}
+# Defaults per rank count: (send chunk, ring slots). A dispatch or combine sender block splits its 24
+# warps over the R-1 peers (24, 8, 3 warps per peer for R = 2, 4, 8) and moves a chunk one token per
+# warp, so chunks are multiples of those group sizes. For 2 ranks they were tuned on H200 x2 with
+# scripts/bench_intranode.py (docs/perf.md); for 4 and 8 ranks they are near DeepEP's published
+# intranode defaults, not yet tuned here. The SM count is what ``Buffer.set_num_sms`` last set (20
+# unless changed).
+_DISPATCH_CHUNKS = {2: (48, 256), 4: (8, 256), 8: (6, 256)}
+_COMBINE_CHUNKS = {2: (24, 256), 4: (8, 256), 8: (6, 256)}
 
 
 def _default_config(table: dict[int, tuple[int, int]], num_ranks: int, num_sms: int) -> Config:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import queue as queue_module
 import statistics
 import subprocess
 import sys
@@ -129,8 +130,11 @@ def _worker(rank: int, world: int, port: int, pg_backend: str, sms_list: list[in
             row_bytes = H + H // 128 * 4 if use_fp8 else H * 2
             configs = [(sms, default_dispatch_config(world, sms), default_combine_config(world, sms), str(sms))
                        for sms in sms_list]
+            # A sender block splits 24 warps over the R-1 peers and moves one token per warp, so
+            # the swept chunks are 1..4 rounds of one peer's warp group.
+            group_warps = 24 // (world - 1)
             for sms in tune_sms:
-                for chunk in (12, 24, 36, 48, 64):
+                for chunk in (group_warps * rounds for rounds in (1, 2, 3, 4)):
                     for slots in (256, 512):
                         configs.append((sms, Config(sms, chunk, slots), Config(sms, chunk, slots),
                                         f"{sms} (chunk {chunk}, {slots} slots)"))
@@ -263,7 +267,16 @@ def main() -> None:
              for r in range(args.ranks)]
     for p in procs:
         p.start()
-    rows = queue.get(timeout=1800)
+    rows = None
+    while rows is None:  # a rank that dies (its traceback is above) must not leave the others waiting
+        try:
+            rows = queue.get(timeout=5)
+        except queue_module.Empty:
+            failed = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if failed:
+                for p in procs:
+                    p.kill()
+                sys.exit(f"bench_intranode: rank(s) failed (rank, exit code): {failed}")
     for p in procs:
         p.join()
     try:

@@ -167,3 +167,20 @@ def _hook_once(rank: int, world_size: int) -> None:
     hook()
     with pytest.raises(RuntimeError, match="already called"):
         hook()
+
+
+def _auto_backend_for_unsupported_rank_count(rank: int, world_size: int) -> None:
+    import torch.distributed as dist
+
+    from deepep_megatron import backends
+
+    # Pretend the kernels are built: "auto" must still pick the reference backend for a rank count
+    # the intranode kernels do not support (EP1 of a one-GPU run, 3 ranks).
+    backends.cuda_backend_available = lambda: True
+    runtime = backends.create_backend("auto", dist.group.WORLD, 1 << 20, 0, False, 24)
+    assert runtime.name == "reference", runtime.name
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_auto_backend_falls_back_for_unsupported_rank_counts(world_size: int) -> None:
+    run_ranks(_auto_backend_for_unsupported_rank_count, world_size)

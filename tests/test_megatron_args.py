@@ -58,6 +58,11 @@ def test_parallel_sizes_checked_against_world_size():
     args = build_parser().parse_args(BASE + ["--micro-batch-size", "2", "--global-batch-size", "6"])
     with pytest.raises(ValueError, match=r"--global-batch-size \(6\) must be a multiple"):
         validate_args(args, world_size=2)
+    # EP1 with biases trips megatron-core's in-place expert bias add: refused up front, with the fix
+    args = build_parser().parse_args(BASE)
+    with pytest.raises(ValueError, match="pass --disable-bias-linear"):
+        validate_args(args, world_size=1)
+    validate_args(build_parser().parse_args(BASE + ["--disable-bias-linear"]), world_size=1)
 
 
 def test_fp8_recipe_mapping():

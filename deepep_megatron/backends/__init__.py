@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
+from ..config import SUPPORTED_NVL_RANK_COUNTS
 from .base import Backend, DispatchLayout, DispatchOutput, LowLatencyDispatchOutput, LowLatencyLayout
 from .reference import ReferenceBackend
 
@@ -26,12 +27,15 @@ def create_backend(
     low_latency_mode: bool,
     num_qps_per_rank: int,
 ) -> Backend:
-    """Build backend ``name``; ``"auto"`` is ``"cuda"`` when :func:`cuda_backend_available`, else
-    ``"reference"``. Collective: every rank of ``group`` must call it."""
+    """Build backend ``name``; ``"auto"`` is ``"cuda"`` when :func:`cuda_backend_available`, the buffer
+    has NVLink bytes and the group has a rank count the kernels support (2, 4, 8), else
+    ``"reference"`` (so an EP1 group, e.g. a one-GPU run of the Megatron dispatcher, still works).
+    Collective: every rank of ``group`` must call it."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
     if name == "auto":
-        name = "cuda" if cuda_backend_available() and num_nvl_bytes > 0 else "reference"
+        kernels_fit = num_nvl_bytes > 0 and dist.get_world_size(group) in SUPPORTED_NVL_RANK_COUNTS
+        name = "cuda" if kernels_fit and cuda_backend_available() else "reference"
     if name == "cuda":
         if not cuda_backend_available():
             raise RuntimeError(

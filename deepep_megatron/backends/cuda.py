@@ -6,7 +6,7 @@ several ranks sharing one GPU under MPS). Kernels are launched on ``torch.cuda.c
 which is the Buffer's communication stream when called through ``deepep_megatron.Buffer``.
 
 A normal dispatch runs three kernels: ``channel_layout`` (per-channel counts, every token's
-position in each destination stream, and the min/max of ``topk_idx`` for the range check),
+position in each destination stream and the inverse list the senders walk, and the min/max of ``topk_idx`` for the range check),
 ``notify`` (exchange counts and range-check verdicts, prefix matrices; it writes the receive sizes
 into host-mapped memory), one host wait (a spin on that memory, no stream sync or copy), then
 ``dispatch``. The Buffer skips its own host-synced ``topk_idx`` range check for this backend: a bad
@@ -305,12 +305,13 @@ class CudaBackend(Backend):
             num_experts = num_tokens_per_expert.numel()
             channel_count = torch.empty(R, num_channels, dtype=torch.int32, device=self.device)
             send_position = torch.empty(num_tokens, R, dtype=torch.int32, device=self.device)
+            send_tokens = torch.empty(R, num_tokens, dtype=torch.int32, device=self.device)
             channel_topk_range = torch.empty(num_channels, 2, dtype=torch.int64, device=self.device)
             # channel_layout also takes the min/max of topk_idx per channel; notify reduces it and tells
             # every rank whose ids are out of range (this replaces the Buffer's host-synced check).
             _C.channel_layout(
                 is_token_in_rank.data_ptr(), num_tokens, R, num_channels, channel_count.data_ptr(), send_position.data_ptr(),
-                topk_idx.data_ptr(), num_topk, channel_topk_range.data_ptr(), stream,
+                send_tokens.data_ptr(), topk_idx.data_ptr(), num_topk, channel_topk_range.data_ptr(), stream,
             )
             recv_channel_offset = torch.empty(R, num_channels + 1, dtype=torch.int32, device=self.device)
             send_counts = torch.empty(R, dtype=torch.int32, device=self.device)
@@ -331,7 +332,8 @@ class CudaBackend(Backend):
             )
             args["topk_idx"] = topk_idx.data_ptr()
             args["topk_weights"] = topk_weights.data_ptr()
-            args["is_token_in_rank"] = is_token_in_rank.data_ptr()
+            args["send_tokens"] = send_tokens.data_ptr()
+            args["channel_count"] = channel_count.data_ptr()
             args["recv_channel_offset"] = recv_channel_offset.data_ptr()
             # The one host wait: spin on the host-mapped result notify publishes (no stream sync, no copy).
             try:
@@ -376,6 +378,8 @@ class CudaBackend(Backend):
                     "num_channels": num_channels,
                     "num_local_experts": num_local_experts,
                     "send_position": send_position,
+                    "send_tokens": send_tokens,
+                    "channel_count": channel_count,
                     "recv_channel_offset": recv_channel_offset,
                 },
             )
@@ -387,7 +391,8 @@ class CudaBackend(Backend):
         recv_x_scales = (
             torch.empty(num_recv, num_scales, dtype=torch.float32, device=self.device) if x_scales is not None else None
         )
-        args["is_token_in_rank"] = layout.is_token_in_rank.data_ptr()
+        args["send_tokens"] = private["send_tokens"].data_ptr()
+        args["channel_count"] = private["channel_count"].data_ptr()
         args["recv_channel_offset"] = private["recv_channel_offset"].data_ptr()
         args["recv_x"] = recv_x.data_ptr()
         args["recv_x_scales"] = 0 if recv_x_scales is None else recv_x_scales.data_ptr()

@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--bf16", action="store_true", help="bf16 parameters and activations (fp32 main params)")
+    g.add_argument("--disable-bias-linear", action="store_true", help="no biases in the linear layers (attention, MLP, experts)")
     g.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local")
     g.add_argument("--fp8-format", choices=FP8_FORMATS, default=None, help="TE FP8 training (needs --transformer-impl transformer_engine)")
     g.add_argument("--fp8-recipe", choices=sorted(FP8_RECIPES), default="delayed")
@@ -189,4 +190,12 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             raise ValueError(
                 f"--global-batch-size ({args.global_batch_size}) must be a multiple of --micro-batch-size x "
                 f"data-parallel size = {args.micro_batch_size} x {data_parallel}"
+            )
+        if (args.expert_model_parallel_size == 1 and args.expert_tensor_parallel_size == 1 and args.tensor_model_parallel_size == 1
+                and args.transformer_impl == "local" and not args.disable_bias_linear):
+            # megatron-core's expert MLP adds its bias in place to the output of an identity
+            # all-reduce (a view) when no expert communication is explicit; autograd refuses that.
+            raise ValueError(
+                "with --expert-model-parallel-size 1 (and TP 1, --transformer-impl local) megatron-core's expert MLP "
+                "cannot add its linear bias (an in-place add on a view that autograd refuses); pass --disable-bias-linear"
             )

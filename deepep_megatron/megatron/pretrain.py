@@ -59,7 +59,15 @@ def initialize(args: argparse.Namespace) -> torch.device:
     if not dist.is_initialized():
         backend = args.distributed_backend or ("nccl" if use_cuda else "gloo")
         if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            # More local ranks than GPUs share them round-robin (under MPS, gloo; bench_moe_layer does
+            # that); NCCL refuses it.
+            ranks_here, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
+            if ranks_here > gpus and backend == "nccl":
+                raise ValueError(
+                    f"{ranks_here} local ranks on {gpus} GPU(s): NCCL needs one rank per GPU; pass "
+                    "--distributed-backend gloo (and start the CUDA MPS daemon) to share GPUs"
+                )
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % gpus)
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
     validate_args(args, dist.get_world_size())
     cpu_compat.apply()
@@ -85,6 +93,7 @@ def build_transformer_config(args: argparse.Namespace) -> TransformerConfig:
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
         init_method_std=args.init_method_std,
+        add_bias_linear=not args.disable_bias_linear,
         bf16=args.bf16,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -150,6 +159,13 @@ def padded_vocab_size(args: argparse.Namespace) -> int:
 
 def build_model(args: argparse.Namespace, config: TransformerConfig, device: torch.device) -> list[DistributedDataParallel]:
     """GPTModel wrapped in megatron's DDP; a one-chunk list, as get_forward_backward_func expects."""
+    if device.type == "cuda" and dist.get_backend() == "gloo":
+        # Seen on H100 with two ranks sharing the GPU under MPS: the first gradient reduction fails.
+        raise ValueError(
+            "training on GPU needs --distributed-backend nccl (one rank per GPU): megatron's DDP all-reduces CUDA "
+            "gradients with allreduce_coalesced, which gloo does not support for CUDA tensors. Ranks sharing a GPU "
+            "(gloo + MPS) work for the Buffer API and scripts/bench_moe_layer.py, not for pretraining."
+        )
     model = GPTModel(
         config=config,
         transformer_layer_spec=build_layer_spec(args),
