@@ -17,6 +17,7 @@ constexpr int kMaxRanks = 8;
 constexpr int kMaxChannels = 128;       // num_sms <= 256
 constexpr int kMaxLocalExperts = 1024;  // experts per rank
 constexpr int kMaxTopk = 16;
+constexpr int kMaxSendChunk = 128;     // tokens a ring sender publishes per step
 constexpr int kWarpsPerBlock = 24;      // 768 threads: one block per SM (persistent kernels)
 constexpr int kThreadsPerBlock = kWarpsPerBlock * 32;
 //: Bytes of the control region at the start of every NVLink buffer (config.NVL_CONTROL_BYTES).
@@ -139,10 +140,6 @@ class Runtime {
   // kernel of this rank reported a timeout (returns false), or `host_timeout_s` passes (throws).
   bool wait_notify(uint32_t sequence, double host_timeout_s) const;
   const NotifyResult& notify_result() const { return *host_notify_; }
-  uintptr_t buffer_ptr() const { return reinterpret_cast<uintptr_t>(local_); }
-  int64_t num_nvl_bytes() const { return num_nvl_bytes_; }
-  int rank() const { return rank_; }
-  int num_ranks() const { return num_ranks_; }
 
  private:
   int rank_;

@@ -46,6 +46,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("MAX_CHANNELS") = kMaxChannels;
   m.attr("MAX_LOCAL_EXPERTS") = kMaxLocalExperts;
   m.attr("MAX_RANKS") = kMaxRanks;
+  m.attr("MAX_SEND_CHUNK") = kMaxSendChunk;
   m.attr("WARPS_PER_BLOCK") = kWarpsPerBlock;
 
   m.def(
@@ -87,7 +88,6 @@ PYBIND11_MODULE(_C, m) {
       .def("is_open", &Runtime::is_open)
       .def("diagnostic", &Runtime::diagnostic,
            "[flag, code, rank, peer, channel, block, expected, seen] of the first timeout (flag 0: none)")
-      .def("buffer_ptr", &Runtime::buffer_ptr)
       .def("barrier",
            [](Runtime& rt, double timeout_s, uintptr_t stream) {
              launch_barrier(rt.context(timeout_s), rt.next_epoch(), as_stream(stream));

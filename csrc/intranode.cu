@@ -61,8 +61,6 @@ namespace deepep_megatron {
 
 namespace {
 
-constexpr int kMaxSendChunk = 128;
-
 // ------------------------------------------------------------------------------------- notify
 __global__ void notify_kernel(PeerContext ctx, uint32_t epoch, const int* __restrict__ channel_count,
                               const int* __restrict__ num_tokens_per_expert, int num_channels, int num_local_experts,

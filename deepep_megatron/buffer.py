@@ -420,7 +420,7 @@ class Buffer:
         # The cuda backend checks the range inside its layout/notify kernels and raises the same
         # ValueError on every rank at its one host sync: no extra sync here.
         _check_topk_idx(topk_idx, num_experts, num_tokens, device,
-                        values=not getattr(self.runtime, "checks_topk_range_in_dispatch", False))
+                        values=not self.runtime.checks_topk_range_in_dispatch)
         num_topk = topk_idx.size(1)
         if topk_weights is not None:
             _check_tensor(topk_weights, "topk_weights", (torch.float32,), (num_tokens, num_topk), device)

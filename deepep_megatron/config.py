@@ -103,9 +103,10 @@ class Config:
 
 # Defaults per rank count: (send chunk, ring slots). A dispatch or combine sender block splits its 24
 # warps over the R-1 peers (24, 8, 3 warps per peer for R = 2, 4, 8) and moves a chunk one token per
-# warp, so chunks are multiples of those group sizes. For 2 ranks they were tuned on H200 x2 with
-# scripts/bench_intranode.py (docs/perf.md); for 4 and 8 ranks they are near DeepEP's published
-# intranode defaults, not yet tuned here. The SM count is what ``Buffer.set_num_sms`` last set (20
+# warp, so chunks are multiples of those group sizes. For 2 ranks: combine 24 was tuned on H200 x2
+# with scripts/bench_intranode.py; dispatch 48 was picked on one H100 with 2 ranks under MPS (24 and
+# 48 within noise; docs/perf.md), not yet over NVLink. For 4 and 8 ranks they are near DeepEP's
+# published intranode defaults, not yet tuned here. The SM count is what ``Buffer.set_num_sms`` last set (20
 # unless changed).
 _DISPATCH_CHUNKS = {2: (48, 256), 4: (8, 256), 8: (6, 256)}
 _COMBINE_CHUNKS = {2: (24, 256), 4: (8, 256), 8: (6, 256)}

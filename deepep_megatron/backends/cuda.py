@@ -52,12 +52,13 @@ except ImportError as error:  # pragma: no cover - depends on the build
 
 TIMEOUT_ENV = "DEEPEP_MEGATRON_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 10.0
-#: Warps of one persistent block (csrc/api.h kWarpsPerBlock): a ring must hold a send chunk plus
-#: one combine round of this many tokens.
-WARPS_PER_BLOCK = 24
-MAX_SEND_CHUNK = 128
-MAX_CHANNELS = 128
-MAX_LOCAL_EXPERTS = 1024
+if _C is not None:
+    # The kernels' limits (csrc/api.h), read from the extension so the checks here are theirs.
+    #: Warps of one persistent block: a ring must hold a send chunk plus one combine round of this many tokens.
+    WARPS_PER_BLOCK: int = _C.WARPS_PER_BLOCK
+    MAX_SEND_CHUNK: int = _C.MAX_SEND_CHUNK
+    MAX_CHANNELS: int = _C.MAX_CHANNELS
+    MAX_LOCAL_EXPERTS: int = _C.MAX_LOCAL_EXPERTS
 
 _WAITS = {
     1: "the cross-rank barrier (waiting for the peer's barrier signal; the peer never reached this call)",
@@ -121,6 +122,12 @@ class CudaBackend(Backend):
             )
         if not torch.cuda.is_available():
             raise RuntimeError("the cuda backend needs a CUDA device; use backend='reference' on CPU")
+        if _C.CONTROL_BYTES != NVL_CONTROL_BYTES:  # the size hints (config.py) assume the kernels' layout
+            raise RuntimeError(
+                f"deepep_megatron._C was built from other sources (control region {_C.CONTROL_BYTES} bytes, this "
+                f"package expects {NVL_CONTROL_BYTES}); rebuild it with `DEEPEP_MEGATRON_BUILD_CUDA=1 python setup.py "
+                "build_ext --inplace`"
+            )
         if self.num_ranks not in SUPPORTED_NVL_RANK_COUNTS:
             raise ValueError(
                 f"the cuda backend supports groups of {SUPPORTED_NVL_RANK_COUNTS} ranks (one NVLink domain), got "
