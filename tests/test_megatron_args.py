@@ -36,6 +36,9 @@ BASE = ["--mock-data"]
         (["--moe-router-topk", "5"], "--moe-router-topk (5) cannot exceed --num-experts (4)"),
         (["--tensor-model-parallel-size", "2"], "needs --sequence-parallel"),
         (["--profile", "--profile-step-start", "5", "--profile-step-end", "5"], "--profile-step-start < --profile-step-end"),
+        (["--global-batch-size", "-2"], "--global-batch-size must be a positive integer, got -2"),
+        (["--save", "ckpt", "--save-interval", "-1"], "--save-interval must be a positive integer, got -1"),
+        (["--seq-length", "64", "--max-position-embeddings", "16"], "--max-position-embeddings (16) must be at least --seq-length (64)"),
     ],
 )
 def test_bad_flags_exit_with_message(flags, message, capsys):
@@ -158,3 +161,21 @@ def test_routing_conversion_round_trip():
     local_map, local_probs = topk_to_local_routing(torch.tensor([[0, -1], [1, -1]]), torch.tensor([[0.3, 0.0], [0.5, 0.0]]), 2)
     assert local_map.tolist() == [[True, False], [False, True]]
     assert torch.equal(local_probs, torch.tensor([[0.3, 0.0], [0.0, 0.5]]))
+
+
+def test_comm_clock_records_only_when_enabled():
+    import time
+
+    from deepep_megatron.megatron.dispatcher import CommClock
+
+    cpu = torch.device("cpu")
+    clock = CommClock()
+    with clock.measure("dispatch", cpu):  # off by default: nothing kept for a reader that never comes
+        time.sleep(0.002)
+    assert clock.pop_ms() == {"dispatch": 0.0, "combine": 0.0}
+    clock.enabled = True
+    with clock.measure("dispatch", cpu):
+        time.sleep(0.002)
+    times = clock.pop_ms()
+    assert times["dispatch"] >= 2.0 and times["combine"] == 0.0, times
+    assert clock.pop_ms()["dispatch"] == 0.0  # a read resets it

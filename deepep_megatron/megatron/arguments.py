@@ -133,6 +133,14 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
                  "--tensor-model-parallel-size", "--expert-model-parallel-size", "--expert-tensor-parallel-size",
                  "--log-interval"):
         positive(flag)
+    for flag in ("--global-batch-size", "--save-interval", "--ffn-hidden-size", "--moe-ffn-hidden-size",
+                 "--max-position-embeddings"):  # optional, but positive when given
+        if getattr(args, flag.lstrip("-").replace("-", "_")) is not None:
+            positive(flag)
+    if args.max_position_embeddings is not None and args.max_position_embeddings < args.seq_length:
+        raise ValueError(
+            f"--max-position-embeddings ({args.max_position_embeddings}) must be at least --seq-length ({args.seq_length})"
+        )
     if args.hidden_size % args.num_attention_heads:
         raise ValueError(f"--hidden-size ({args.hidden_size}) must be divisible by --num-attention-heads ({args.num_attention_heads})")
     if args.moe_router_topk > args.num_experts:

@@ -97,14 +97,20 @@ class CommClock:
     On CPU it reads ``time.perf_counter``; on CUDA it records events and resolves them in
     :meth:`pop_ms` (one synchronize per read, none on the hot path). Backward time is caught by
     identity autograd functions placed on both sides of the communication.
+
+    Off until ``enabled`` is set (the pretraining entry does, and reads it every step): a clock
+    nobody reads would keep every recorded event pair for the whole run.
     """
 
     def __init__(self) -> None:
+        self.enabled = False
         self._cpu_s: dict[str, float] = {"dispatch": 0.0, "combine": 0.0}
         self._cuda_events: dict[str, list[tuple[Any, Any]]] = {"dispatch": [], "combine": []}
         self._open: dict[str, Any] = {}
 
     def start(self, name: str, device: torch.device) -> None:
+        if not self.enabled:
+            return
         if device.type == "cuda":
             event = torch.cuda.Event(enable_timing=True)
             event.record()
@@ -134,11 +140,11 @@ class CommClock:
     def pop_ms(self) -> dict[str, float]:
         """Milliseconds per name since the last call; resets the clock."""
         result = {}
+        if any(self._cuda_events.values()):
+            torch.cuda.synchronize()
         for name in self._cpu_s:
             ms = self._cpu_s[name] * 1e3
-            if self._cuda_events[name]:
-                torch.cuda.synchronize()
-                ms += sum(b.elapsed_time(e) for b, e in self._cuda_events[name])
+            ms += sum(b.elapsed_time(e) for b, e in self._cuda_events[name])
             result[name] = ms
             self._cpu_s[name] = 0.0
             self._cuda_events[name] = []
@@ -278,16 +284,17 @@ class DeepEPTokenDispatcher(MoETokenDispatcher):
 
     # -- helpers ------------------------------------------------------------------------------
     def _get_buffer(self, x: torch.Tensor) -> Buffer:
-        hidden_bytes = x.size(1) * max(x.element_size(), 2)
-        if self._buffer is None or self._buffer.num_nvl_bytes < Buffer.get_nvl_size_hint(hidden_bytes, self.ep_size):
-            self._buffer = get_buffer(self.ep_group, hidden_bytes, self.options.backend)
+        # Asked every time: another layer may have replaced (and destroyed) the shared buffer.
+        # The combine of this dispatch uses the same one.
+        self._buffer = get_buffer(self.ep_group, x.size(1) * max(x.element_size(), 2), self.options.backend)
         return self._buffer
 
     def pop_expert_load(self) -> torch.Tensor:
-        """[E] int64: tokens this rank routed to each expert since the last call (dropped ones
-        excluded); resets the count. Sum it over the ranks that hold different tokens."""
+        """[E] int64 on the routing map's device (CPU zeros before any forward): tokens this rank
+        routed to each expert since the last call (dropped ones excluded); resets the count. Sum it
+        over the ranks that hold different tokens."""
         load, self._expert_load = self._expert_load, None
-        return load.cpu() if load is not None else torch.zeros(self.num_experts, dtype=torch.int64)
+        return load if load is not None else torch.zeros(self.num_experts, dtype=torch.int64)
 
     # -- MoETokenDispatcher interface ----------------------------------------------------------
     def dispatch_preprocess(self, tokens: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):

@@ -15,10 +15,6 @@ count follows whatever the entry builds; layers are alike, so L layers = L x tha
 experts / EP, tensor-parallel weights / TP, the rest whole. The memory line counts weights, fp32
 main grads and Adam state (sharded over DP with --use-distributed-optimizer); activations are
 not included.
-
-To wire it into the entry as ``--dry-run`` (the lead's call): in ``pretrain.main``, before
-``train(args)``: ``if args.dry_run: return dry_run.report(args, int(os.environ.get("WORLD_SIZE",
-1)))`` and in ``arguments.build_parser`` ``--dry-run`` (store_true).
 """
 from __future__ import annotations
 
@@ -29,7 +25,9 @@ import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from ..config import FP8_BLOCK
 from .arguments import build_parser, validate_args
+from .te_fp8 import fp8_dispatch
 
 GIB = 1024**3
 
@@ -74,9 +72,9 @@ def check_divisibility(args: argparse.Namespace) -> None:
     ]
     if args.sequence_parallel:
         checks.append((args.seq_length % tp == 0, f"--seq-length ({args.seq_length}) {by_tp} with --sequence-parallel"))
-    if args.moe_deepep_fp8_dispatch or (args.fp8_format and args.fp8_recipe == "blockwise"):
-        checks.append((args.hidden_size % 128 == 0,
-                       f"FP8 dispatch needs --hidden-size % 128 == 0, got {args.hidden_size}"))
+    if fp8_dispatch(args.moe_deepep_fp8_dispatch, args.fp8_format is not None, args.fp8_recipe):
+        checks.append((args.hidden_size % FP8_BLOCK == 0,
+                       f"FP8 dispatch needs --hidden-size % {FP8_BLOCK} == 0, got {args.hidden_size}"))
     for ok, message in checks:
         if not ok:
             raise ValueError(message)

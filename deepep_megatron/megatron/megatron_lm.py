@@ -21,7 +21,7 @@ import importlib
 
 from .arguments import add_deepep_arguments
 from .dispatcher import DeepEPOptions, deepep_moe_layer_class
-from .te_fp8 import FP8_RECIPES
+from .te_fp8 import fp8_dispatch
 
 #: The megatron-core module whose ``MoELayer`` global every MoE spec is built from.
 _SPEC_MODULE = "megatron.core.models.gpt.moe_module_specs"
@@ -38,10 +38,9 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def options_from_args(args: argparse.Namespace) -> DeepEPOptions:
-    """FP8 dispatch when asked for, or when the TE recipe scales activations per 1x128 block."""
-    recipe = FP8_RECIPES.get(getattr(args, "fp8_recipe", None) or "")
-    blockwise = bool(getattr(args, "fp8", None)) and recipe is not None and recipe.dispatch_in_fp8
-    return DeepEPOptions(use_fp8_dispatch=args.moe_deepep_fp8_dispatch or blockwise, backend=args.moe_deepep_backend)
+    """The dispatcher's options from Megatron-LM's flags (FP8 dispatch: :func:`te_fp8.fp8_dispatch`)."""
+    use_fp8 = fp8_dispatch(args.moe_deepep_fp8_dispatch, bool(getattr(args, "fp8", None)), getattr(args, "fp8_recipe", None))
+    return DeepEPOptions(use_fp8_dispatch=use_fp8, backend=args.moe_deepep_backend)
 
 
 def install(args: argparse.Namespace) -> bool:

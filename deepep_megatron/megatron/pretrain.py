@@ -27,7 +27,7 @@ import torch.distributed as dist
 from . import cpu_compat
 from .arguments import parse_args, validate_args
 from .dispatcher import DeepEPOptions, deepep_moe_layer_spec, destroy_buffers, iter_deepep_dispatchers
-from .te_fp8 import require_transformer_engine, resolve_fp8
+from .te_fp8 import fp8_dispatch, require_transformer_engine, resolve_fp8
 
 # megatron-core imports after our modules so that import errors name deepep_megatron first.
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402
@@ -133,9 +133,8 @@ def build_transformer_config(args: argparse.Namespace) -> TransformerConfig:
 
 
 def deepep_options(args: argparse.Namespace) -> DeepEPOptions:
-    """FP8 dispatch when asked for, or when the TE recipe scales activations per 1x128 block."""
-    _, recipe = resolve_fp8(args.transformer_impl, args.fp8_format, args.fp8_recipe)
-    use_fp8 = args.moe_deepep_fp8_dispatch or bool(recipe and recipe.dispatch_in_fp8)
+    """The dispatcher's options from the flags (FP8 dispatch: :func:`te_fp8.fp8_dispatch`)."""
+    use_fp8 = fp8_dispatch(args.moe_deepep_fp8_dispatch, args.fp8_format is not None, args.fp8_recipe)
     return DeepEPOptions(use_fp8_dispatch=use_fp8, backend=args.moe_deepep_backend)
 
 
@@ -307,6 +306,8 @@ class Trainer:
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = optimizer.scale_loss
         trainer = cls(args, config, model, optimizer, scheduler, device)
+        for dispatcher in iter_deepep_dispatchers(model):  # read every step by _add_dispatcher_stats
+            dispatcher.clock.enabled = True
         trainer.dataset = build_dataset(args)
         if args.load:
             trainer.load_checkpoint(args.load)
@@ -360,7 +361,7 @@ class Trainer:
             result.combine_ms += times["combine"]
         # Expert load: each rank of a pipeline stage routes different tokens (DP, CP, and TP
         # with sequence parallelism), so the stage total is the sum over that group.
-        load = torch.stack([d.pop_expert_load() for d in dispatchers]).to(self.device, torch.float64)
+        load = torch.stack([d.pop_expert_load().to(self.device, torch.float64) for d in dispatchers])
         dist.all_reduce(load, group=parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True))
         mean = load.mean(dim=1).clamp(min=1)
         result.load_imbalance = float((load.max(dim=1).values / mean).mean())

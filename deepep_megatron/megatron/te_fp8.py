@@ -42,6 +42,13 @@ FP8_RECIPES: dict[str, FP8Recipe] = {
 }
 
 
+def fp8_dispatch(explicit: bool, fp8_training: bool, recipe_name: Optional[str]) -> bool:
+    """Whether the deepep dispatcher sends activations as FP8: asked for (``--moe-deepep-fp8-dispatch``),
+    or FP8 training whose recipe scales activations per 1x128 block, the dispatch's own format."""
+    recipe = FP8_RECIPES.get(recipe_name or "")
+    return bool(explicit) or (fp8_training and recipe is not None and recipe.dispatch_in_fp8)
+
+
 def have_transformer_engine() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
