@@ -6,16 +6,18 @@
 #   scripts/bench_ab.sh BASE_REV [bench_intranode.py args...]
 #   ROUNDS=2 OUT=$OUT scripts/bench_ab.sh d0425ca --ranks 2 --sms 24,64 --shapes dsv3 --iters 20
 #
-# BASE_REV is unpacked with `git archive` into $AB_BASE_DIR (default .carry/ab_base) when the
-# checkout has git history; on a machine without it, unpack it there beforehand and carry the folder.
+# BASE_REV is unpacked with `git archive` into $AB_BASE_DIR (default .carry/ab_base-BASE_REV) when
+# the checkout has git history; on a machine without it, unpack it there beforehand and carry the
+# folder. The base runs its own copy of scripts/bench_intranode.py.
 # With fewer GPUs than ranks the runs go under MPS (started and stopped here). Tables: $OUT/ab.md.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
+source scripts/mps.sh
 BASE_REV=${1:?usage: scripts/bench_ab.sh BASE_REV [bench_intranode.py args...]}
 shift
 OUT=${OUT:-/tmp/bench_ab}
 ROUNDS=${ROUNDS:-2}
-BASE_DIR=${AB_BASE_DIR:-$PWD/.carry/ab_base}
+BASE_DIR=${AB_BASE_DIR:-$PWD/.carry/ab_base-$BASE_REV}  # one folder per revision: never a stale base
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 
@@ -31,13 +33,8 @@ build() {  # build TREE: the extension in place, log in $OUT
 build "$PWD" new
 build "$BASE_DIR" base
 
-RANKS=2
-for ((i = 1; i <= $#; i++)); do [[ ${!i} == --ranks ]] && { j=$((i + 1)); RANKS=${!j}; }; done
-MPS=0
-if (($(nvidia-smi -L | wc -l) < RANKS)); then
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mpslog
-  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d && sleep 1 && MPS=1
-fi
+trap mps_stop EXIT
+needs_mps "$(ranks_in "$@")" && mps_start
 : >"$OUT/ab.md"
 for ((round = 1; round <= ROUNDS; round++)); do
   for side in new base; do
@@ -48,5 +45,4 @@ for ((round = 1; round <= ROUNDS; round++)); do
       cat "$OUT/${side}_$round.md" 2>/dev/null || tail -n 20 "$OUT/${side}_$round.log"; echo; } >>"$OUT/ab.md"
   done
 done
-((MPS)) && { echo quit | nvidia-cuda-mps-control; sleep 1; }
 cat "$OUT/ab.md"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark of the cuda backend's intranode dispatch/combine, with its baselines in the same run.
 
-    python scripts/bench_intranode.py [--ranks 2] [--sms 8,16,24,32,48,64] [--iters 30] [--out FILE]
+    python scripts/bench_intranode.py [--ranks 2] [--sms 8,16,24,32,48,64] [--iters 20] [--out FILE]
 
 Ranks: one per GPU over NCCL when there are enough GPUs, otherwise several on one GPU over gloo
 (start MPS first). Shapes: DeepSeek-V3 (hidden 7168, 4096 tokens/rank, top-8 of 256 experts) and a
@@ -45,26 +45,13 @@ def copy_baselines() -> dict:
     """p2p copy GPU0 -> GPU1 (one way) when two GPUs exist, and the HBM copy of GPU0 (read + write)."""
     out = {}
     n = 1 << 30
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-
-    def timed(fn, reps=10):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        ev[0].record()
-        for _ in range(reps):
-            fn()
-        ev[1].record()
-        torch.cuda.synchronize()
-        return ev[0].elapsed_time(ev[1]) / 1e3 / reps
-
     with torch.cuda.device(0):
         a = torch.empty(n, dtype=torch.uint8, device="cuda:0").fill_(1)
         b = torch.empty_like(a)
-        out["hbm_copy_GBps"] = 2 * n / timed(lambda: b.copy_(a)) / 1e9  # bytes read + written
+        out["hbm_copy_GBps"] = 2 * n / _time(lambda: b.copy_(a), 10, repeats=1) / 1e9  # bytes read + written
         if torch.cuda.device_count() >= 2:
             c = torch.empty(n, dtype=torch.uint8, device="cuda:1")
-            out["p2p_copy_GBps"] = n / timed(lambda: c.copy_(a)) / 1e9
+            out["p2p_copy_GBps"] = n / _time(lambda: c.copy_(a), 10, repeats=1) / 1e9
             del c
         del a, b
     torch.cuda.empty_cache()

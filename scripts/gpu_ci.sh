@@ -6,9 +6,11 @@
 # Logs go to $OUT (or /tmp/gpu_ci); a short summary table is printed last.
 #
 # Order: build; the sanitizer and one-rank-per-GPU tests/benchmark without MPS; then MPS starts and
-# the tests that put several ranks on one GPU run under it; MPS is stopped at the end.
+# the tests (and a benchmark with more ranks than GPUs) that put several ranks on one GPU run under
+# it; MPS is stopped at the end. Exit status 1 when any step failed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
+source scripts/mps.sh
 OUT=${OUT:-/tmp/gpu_ci}
 mkdir -p "$OUT"
 STEPS=${STEPS:-build,sanitize,test,bench}
@@ -16,9 +18,12 @@ export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAS
 export MAX_JOBS=${MAX_JOBS:-16}
 NUM_GPUS=$(nvidia-smi -L | wc -l)
 BENCH_ARGS=${BENCH_ARGS:-"--ranks 2"}
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
+BENCH_UNDER_MPS=0 && needs_mps "$(ranks_in $BENCH_ARGS)" && BENCH_UNDER_MPS=1
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 
+FAILED=0
 step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, record status and seconds
   local name=$1
   shift
@@ -28,28 +33,18 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, record status and s
   local rc=$?
   tail -n 15 "$OUT/$name.log"
   printf '%-22s rc=%-3s %4ss\n' "$name" "$rc" "$((SECONDS - start))" >>"$SUMMARY"
+  ((rc)) && FAILED=1
   return $rc
 }
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
 
-mps_start() {
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mpslog
-  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-  nvidia-cuda-mps-control -d && sleep 1
-}
-mps_stop() {
-  if [[ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ]]; then
-    echo quit | nvidia-cuda-mps-control
-    sleep 1
-    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
-  fi
-}
 trap mps_stop EXIT
 
 if want build; then
   rm -rf build deepep_megatron/_C*.so
   step build env DEEPEP_MEGATRON_BUILD_CUDA=1 python3 setup.py build_ext --inplace || { cat "$SUMMARY"; exit 1; }
-  python3 -c 'import deepep_megatron._C as c; print("extension ok, control bytes", c.CONTROL_BYTES)'
+  step import python3 -c 'import deepep_megatron._C as c; print("extension ok, control bytes", c.CONTROL_BYTES)' ||
+    { cat "$SUMMARY"; exit 1; }
 fi
 
 if want sanitize; then
@@ -60,16 +55,16 @@ if want test; then
   step test_no_mps python3 -m pytest -q -m gpu tests/gpu -rs --timeout 320 -p no:cacheprovider
 fi
 
-if want bench && ((NUM_GPUS >= 2)); then
+if want bench && ((!BENCH_UNDER_MPS)); then
   step bench python3 scripts/bench_intranode.py $BENCH_ARGS --out "$OUT/bench_table.md"
 fi
 
-if want test || { want bench && ((NUM_GPUS < 2)); }; then
+if want test || { want bench && ((BENCH_UNDER_MPS)); }; then
   mps_start
   if want test; then
     step test_mps env DEEPEP_MEGATRON_GPU_TESTS_ONLY_MPS=1 python3 -m pytest -q -m gpu tests/gpu -rs --timeout 320 -p no:cacheprovider
   fi
-  if want bench && ((NUM_GPUS < 2)); then
+  if want bench && ((BENCH_UNDER_MPS)); then
     step bench python3 scripts/bench_intranode.py $BENCH_ARGS --out "$OUT/bench_table.md"
   fi
   mps_stop
@@ -81,3 +76,4 @@ cat "$SUMMARY"
 grep -hE "passed|failed|skipped|error" "$OUT"/test_*.log 2>/dev/null | tail -n 4
 grep -hE "^(memcheck|racecheck):" "$OUT/sanitize.log" 2>/dev/null
 if [[ -f "$OUT/bench_table.md" ]]; then cat "$OUT/bench_table.md"; fi
+exit "$FAILED"

@@ -84,7 +84,12 @@ def main() -> int:
             cmd = ["compute-sanitizer", "--tool", tool, "--error-exitcode", "99", *extra,
                    sys.executable, os.path.abspath(__file__), "--child-rank", str(rank)]
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        outputs = [p.communicate(timeout=900)[0] for p in procs]
+        try:
+            outputs = [p.communicate(timeout=900)[0] for p in procs]
+        except subprocess.TimeoutExpired:  # a hung rank must not outlive the script
+            for p in procs:
+                p.kill()
+            raise
         for rank, (p, text) in enumerate(zip(procs, outputs)):
             print(f"===== {tool} rank {rank} (exit {p.returncode}) =====\n{text}", flush=True)
         ok = all(p.returncode == 0 for p in procs) and all("ERROR SUMMARY: 0 errors" in t or "RACECHECK SUMMARY: 0 hazards" in t for t in outputs)

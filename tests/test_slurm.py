@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -27,16 +26,11 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "squeue", "scancel")
 FAKE_GPUS = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _node_line(gpus: int) -> str:
@@ -111,7 +105,7 @@ class LocalSlurm:
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
             "ReturnToService=2", "MpiDefault=none",
             # Free ports, so a SLURM already on this machine (or a parallel test) is not disturbed.
-            f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
             "SchedulerParameters=sched_interval=1", "MinJobAge=600",
             *(["GresTypes=gpu"] if self.fake_gpus else []),
             _node_line(self.fake_gpus),
@@ -252,7 +246,7 @@ def test_tiny_cpu_recipe_trains_and_resumes_after_requeue(local_slurm, tmp_path)
     """sbatch recipes/tiny_cpu.sbatch: 2 ranks through srun, COMPLETED, loss falling, a profile of
     steps 10-12 (PROFILE=torch) that trace_summary reads; then a requeue (same job id, same run
     dir) resumes from the latest checkpoint."""
-    env = {"DEEPEP_RUN_ROOT": str(tmp_path / "runs"), "MASTER_PORT": str(_free_port()), "PROFILE": "torch"}
+    env = {"DEEPEP_RUN_ROOT": str(tmp_path / "runs"), "MASTER_PORT": str(free_port()), "PROFILE": "torch"}
     jid = local_slurm.sbatch(["-o", str(tmp_path / "slurm-%j.out"), str(REPO / "recipes" / "tiny_cpu.sbatch")],
                              env=env, cwd=tmp_path)
     info = local_slurm.wait(jid, timeout=240)
@@ -300,11 +294,12 @@ dist.destroy_process_group()
 """
 
 
-def _launcher_env(tmp_path: Path) -> dict:
-    entry = tmp_path / "entry.py"
-    entry.write_text(_ENTRY)
+def _launcher_env(tmp_path: Path, source: str = _ENTRY, name: str = "entry.py") -> dict:
+    """Environment for recipes/launch.sh that runs the stand-in entry ``source`` instead of the trainer."""
+    entry = tmp_path / name
+    entry.write_text(source)
     return {"ENTRY": f"{sys.executable} {entry}", "DEEPEP_RUN_ROOT": str(tmp_path / "runs"),
-            "MASTER_PORT": str(_free_port())}
+            "MASTER_PORT": str(free_port())}
 
 
 def test_launcher_requeues_itself_on_usr1(local_slurm, tmp_path):
@@ -343,10 +338,7 @@ def test_gpu_recipe_path_with_stand_in_entry(local_slurm, tmp_path):
     settings; a stand-in entry reports what each rank got. A task/GPU mismatch is refused."""
     if not local_slurm.fake_gpus:
         pytest.skip("no stand-in GPUs here (mknod not allowed)")
-    entry = tmp_path / "env_entry.py"
-    entry.write_text(_ENV_ENTRY)
-    env = {"ENTRY": f"{sys.executable} {entry}", "DEEPEP_RUN_ROOT": str(tmp_path / "runs"),
-           "MASTER_PORT": str(_free_port())}
+    env = _launcher_env(tmp_path, _ENV_ENTRY, "env_entry.py")
     small = ["--nodes=1", "--ntasks-per-node=2", f"--gpus-per-node={FAKE_GPUS}", "--cpus-per-task=1", "--no-requeue"]
     jid = local_slurm.sbatch(["-o", str(tmp_path / "o-%j.txt"), *small, str(REPO / "recipes" / "qwen3_moe.sbatch"), "fp8"],
                              env=env, cwd=tmp_path)
