@@ -179,6 +179,18 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ValueError(
             f"--profile needs 0 <= --profile-step-start < --profile-step-end, got {args.profile_step_start} and {args.profile_step_end}"
         )
+    if args.profile and args.profile_step_end > args.train_iters:
+        raise ValueError(
+            f"--profile-step-end ({args.profile_step_end}) is past --train-iters ({args.train_iters}): the profiled "
+            "range would never close and no trace would be written"
+        )
+    # What megatron's OptimizerParamScheduler asserts, said with the flags' names.
+    if not 0 <= args.min_lr <= args.lr:
+        raise ValueError(f"need 0 <= --min-lr <= --lr, got --min-lr {args.min_lr} and --lr {args.lr}")
+    if not 0 <= args.lr_warmup_iters < args.train_iters:
+        raise ValueError(f"--lr-warmup-iters ({args.lr_warmup_iters}) must be in [0, --train-iters={args.train_iters})")
+    if args.weight_decay < 0:
+        raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.fp8_format is not None and args.transformer_impl != "transformer_engine":
         raise ValueError(f"--fp8-format {args.fp8_format} needs --transformer-impl transformer_engine")
     if world_size is not None:
