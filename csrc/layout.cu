@@ -46,7 +46,9 @@ __global__ void __launch_bounds__(kLayoutThreads) get_dispatch_layout_kernel(
     unsigned rank_mask = 0;
     for (int k = 0; k < num_topk; ++k) {
       const int64_t expert = topk_idx[static_cast<int64_t>(token) * num_topk + k];
-      if (expert < 0) continue;
+      // Ids outside [0, E) are skipped, never indexed: this kernel runs without a host-side range
+      // check, and the dispatch that follows reports bad ids (channel_topk_range) on every rank.
+      if (expert < 0 || expert >= num_experts) continue;
       atomicAdd(&expert_hist[expert], 1);
       rank_mask |= 1u << static_cast<int>(expert / experts_per_rank);
     }

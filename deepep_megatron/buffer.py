@@ -339,7 +339,9 @@ class Buffer:
         """Count where each token goes.
 
         Args:
-            topk_idx: [T, K] int64 expert ids, -1 = no expert.
+            topk_idx: [T, K] int64 expert ids, -1 = no expert. An id outside [-1, E) raises ValueError
+                here on the reference backend; the cuda backend skips it in the counts (no host sync)
+                and the dispatch that uses this layout raises the ValueError on every rank.
             num_experts: E, divisible by the number of ranks.
         Returns:
             ``num_tokens_per_rank`` [R] int32, ``num_tokens_per_rdma_rank`` (None: intranode),
@@ -347,7 +349,9 @@ class Buffer:
         """
         self._check_alive()
         _check_num_experts(num_experts, self.group_size)
-        _check_topk_idx(topk_idx, num_experts, None, None)
+        # A backend that range-checks in dispatch counts only valid ids here and leaves the error to
+        # the dispatch that uses this layout: no host sync per MoE layer.
+        _check_topk_idx(topk_idx, num_experts, None, None, values=not self.runtime.checks_topk_range_in_dispatch)
         with nvtx_range("deepep/layout"):
             (per_rank, per_expert, in_rank), event = self._run(
                 lambda: self.runtime.get_dispatch_layout(topk_idx, num_experts),

@@ -41,6 +41,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
     tree=$PWD
     [[ $side == base ]] && tree=$BASE_DIR
     timeout 600 python3 "$tree/scripts/bench_intranode.py" "$@" --out "$OUT/${side}_$round.md" >"$OUT/${side}_$round.log" 2>&1
+    # The base tree sits inside this checkout, so its script would label its table with our commit.
+    [[ $side == base ]] && sed -i "s/ · commit [^·]* · / · commit $BASE_REV (base) · /" "$OUT/${side}_$round.md" 2>/dev/null
     { echo "### $side ($([[ $side == base ]] && echo "$BASE_REV" || echo this tree)), round $round"; echo
       cat "$OUT/${side}_$round.md" 2>/dev/null || tail -n 20 "$OUT/${side}_$round.log"; echo; } >>"$OUT/ab.md"
   done

@@ -266,12 +266,17 @@ def main() -> None:
                 sys.exit(f"bench_intranode: rank(s) failed (rank, exit code): {failed}")
     for p in procs:
         p.join()
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
-        commit = (commit or "no commit") + (" + uncommitted" if dirty else "")
-    except OSError:
-        commit = "unknown"
+    # DEEPEP_BENCH_COMMIT names the tree where git cannot: a device copy's git history may be older
+    # than its files.
+    commit = os.environ.get("DEEPEP_BENCH_COMMIT", "")
+    if not commit:
+        try:
+            git = dict(capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **git).stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain"], **git).stdout.strip()
+            commit = (commit or "no commit") + (" + uncommitted" if dirty else "")
+        except OSError:
+            commit = "unknown"
     header = (f"{datetime.date.today()} · {torch.cuda.get_device_name(0)} x{num_gpus} · EP{args.ranks} over {pg_backend} · "
               f"commit {commit} · " + ", ".join(f"{k} {v:.0f}" for k, v in baselines.items()))
     table = _fmt_table(rows, baselines, args.ranks)

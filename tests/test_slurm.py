@@ -310,12 +310,20 @@ def test_launcher_requeues_itself_on_usr1(local_slurm, tmp_path):
                              env=env, cwd=tmp_path)
     run_dir = tmp_path / "runs" / f"deepep-tiny-cpu-{jid}"
     ckpt = run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
-    local_slurm._wait_for(ckpt.exists, 60, "the first run's checkpoint")
+    log0_path = run_dir / "logs" / "train.restart0.log"
+    rank_lines = ("0: rank 0/2 local 0 sum 3", "1: rank 1/2 local 1 sum 3")
+
+    def first_run_is_up() -> bool:
+        # Both ranks' lines, not only rank 0's checkpoint: srun forwards each rank's output on its own
+        # schedule, and a line still in flight when USR1 ends the step never reaches the log.
+        log = log0_path.read_text() if log0_path.exists() else ""
+        return ckpt.exists() and all(line in log for line in rank_lines)
+
+    local_slurm._wait_for(first_run_is_up, 60, "the first run's checkpoint and both ranks' lines")
     subprocess.run(["scancel", "--batch", "--signal=USR1", str(jid)], env=local_slurm.env, check=True, timeout=10)
     info = local_slurm.wait_restart(jid, restarts=1, timeout=120)
     assert info["JobState"] == "COMPLETED", (info, local_slurm.logs())
-    log0 = (run_dir / "logs" / "train.restart0.log").read_text()
-    assert "0: rank 0/2 local 0 sum 3" in log0 and "1: rank 1/2 local 1 sum 3" in log0, log0
+    log0 = log0_path.read_text()
     assert "time limit near: requeueing" in log0, log0
     assert "load=True" in (run_dir / "logs" / "train.restart1.log").read_text()
 

@@ -259,6 +259,18 @@ def _bad_topk(rank: int, world_size: int, ranks_per_gpu: int) -> int:
                     else r"rank\(s\) \[0\] passed values outside it")
         with pytest.raises(ValueError, match=expected):
             fast.dispatch(x, topk_idx=bad, **args)
+        # The cuda layout does no host range check: it counts only the valid ids (here: the reference
+        # layout without the bad entry), and the dispatch built on it raises the same error.
+        fast_layout = fast.get_dispatch_layout(bad, case.num_experts)
+        valid = bad.masked_fill((bad < 0) | (bad >= case.num_experts), -1)
+        want_layout = ref.get_dispatch_layout(valid, case.num_experts)
+        for got, want, name in zip(fast_layout[:4], want_layout[:4], ("per_rank", "per_rdma_rank", "per_expert", "in_rank")):
+            if want is not None:
+                _same(got, want, f"layout {name} with bad id {bad_value}")
+        bad_args = dict(args, num_tokens_per_rank=fast_layout[0], is_token_in_rank=fast_layout[3],
+                        num_tokens_per_expert=fast_layout[2])
+        with pytest.raises(ValueError, match=expected):
+            fast.dispatch(x, topk_idx=bad, **bad_args)
     out_fast = fast.dispatch(x, topk_idx=topk_idx, **args)
     out_ref = ref.dispatch(x, topk_idx=topk_idx, **args)
     _same(out_fast[0], out_ref[0], "recv_x after refused dispatches")
