@@ -9,8 +9,6 @@ The handle is also what the caller passes from ``dispatch`` to ``combine``.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .buffer import Buffer, DispatchHandle

@@ -1,4 +1,5 @@
-"""Named ranges around each communication and MoE stage, visible to Nsight Systems and torch.profiler.
+"""Named ranges around each communication and MoE stage, visible to Nsight Systems and torch.profiler,
+and :class:`StageClock`, the per-stage time that the pretraining log and the MoE-layer benchmark print.
 
 ``nvtx_range("deepep/dispatch")`` pushes an NVTX range when CUDA is available (what ``nsys`` shows)
 and, while a torch.profiler is running, a ``torch.profiler.record_function`` of the same name (what a
@@ -8,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator
+import time
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -37,3 +39,71 @@ def nvtx_range(name: str) -> Iterator[None]:
     finally:
         if use_nvtx:
             torch.cuda.nvtx.range_pop()
+
+
+class StageClock:
+    """Accumulated time per named stage: CUDA events on a CUDA device, the host clock on CPU.
+
+    ``start(name, device)`` / ``stop(name)`` bracket one interval (or :meth:`measure` /
+    :meth:`wrap`); intervals of one name add up until :meth:`pop_ms` reads and resets them. CUDA
+    intervals are resolved only there (one synchronize per read, none on the hot path). A ``stop``
+    without its ``start`` is ignored, so a backward mark whose forward partner did not run is harmless.
+
+    Off until ``enabled`` is set: a clock nobody reads would keep every recorded event pair.
+    """
+
+    def __init__(self, names: Iterable[str], enabled: bool = False) -> None:
+        self.enabled = enabled
+        self._cpu_s: dict[str, float] = {name: 0.0 for name in names}
+        self._cuda_events: dict[str, list[tuple[Any, Any]]] = {name: [] for name in self._cpu_s}
+        self._open: dict[str, Any] = {}
+
+    def start(self, name: str, device: torch.device) -> None:
+        if not self.enabled:
+            return
+        if device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._open[name] = event
+        else:
+            self._open[name] = time.perf_counter()
+
+    def stop(self, name: str) -> None:
+        begin = self._open.pop(name, None)
+        if begin is None:
+            return
+        if isinstance(begin, float):
+            self._cpu_s[name] += time.perf_counter() - begin
+        else:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._cuda_events[name].append((begin, end))
+
+    @contextlib.contextmanager
+    def measure(self, name: str, device: torch.device) -> Iterator[None]:
+        self.start(name, device)
+        try:
+            yield
+        finally:
+            self.stop(name)
+
+    def wrap(self, name: str, fn: Callable, device: torch.device) -> Callable:
+        """``fn`` with each call timed as stage ``name``."""
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            with self.measure(name, device):
+                return fn(*args, **kwargs)
+
+        return timed
+
+    def pop_ms(self) -> dict[str, float]:
+        """Milliseconds per name since the last call; resets the clock."""
+        if any(self._cuda_events.values()):
+            torch.cuda.synchronize()
+        result = {}
+        for name in self._cpu_s:
+            result[name] = self._cpu_s[name] * 1e3 + sum(b.elapsed_time(e) for b, e in self._cuda_events[name])
+            self._cpu_s[name] = 0.0
+            self._cuda_events[name] = []
+        return result

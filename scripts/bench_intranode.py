@@ -23,22 +23,20 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import queue as queue_module
 import statistics
 import subprocess
 import sys
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from deepep_megatron.launch import NO_MULTICAST_ENV, run_ranks  # noqa: E402 - after the path insert
 
 SHAPES = {
     "dsv3": dict(hidden=7168, tokens=4096, topk=8, experts=256),
     "mixtral": dict(hidden=4096, tokens=4096, topk=2, experts=8),
 }
-ENV = {"NCCL_NVLS_ENABLE": "0", "NVSHMEM_DISABLE_NVLS": "1", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 
 
 def copy_baselines() -> dict:
@@ -75,12 +73,10 @@ def _time(fn, iters: int, repeats: int = 5) -> float:
     return statistics.median(samples)
 
 
-def _worker(rank: int, world: int, port: int, pg_backend: str, sms_list: list[int], tune_sms: list[int],
-            shapes: list[str], iters: int, queue) -> None:
-    os.environ.update(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, world: int, sms_list: list[int], tune_sms: list[int], shapes: list[str], iters: int) -> list | None:
+    """One rank (run_ranks started its process group): the table rows on rank 0, None elsewhere."""
     device = torch.device("cuda", rank % torch.cuda.device_count())
     torch.cuda.set_device(device)
-    dist.init_process_group(pg_backend, rank=rank, world_size=world)
     from deepep_megatron import Buffer, Config, per_token_cast_to_fp8
     from deepep_megatron.config import default_combine_config, default_dispatch_config
 
@@ -142,7 +138,7 @@ def _worker(rank: int, world: int, port: int, pg_backend: str, sms_list: list[in
                                  comb_xing_bytes=crossing_rows * H * 2, comb_nvl_bytes=received_rows * H * 2))
                 del recv, handle
 
-        if pg_backend == "nccl":
+        if dist.get_backend() == "nccl":
             # Megatron-style all-to-all: permute rows into rank-major order, all_to_all_single, and the reverse.
             dest, tokens = in_rank.t().nonzero(as_tuple=True)
             out_rows = sum(recv_counts)
@@ -180,10 +176,7 @@ def _worker(rank: int, world: int, port: int, pg_backend: str, sms_list: list[in
                                  nvl_bytes=received_rows * payload.size(1) * payload.element_size(),
                                  comb_xing_bytes=crossing_rows * H * 2, comb_nvl_bytes=received_rows * H * 2))
     buffer.destroy()
-    if rank == 0:
-        queue.put(rows)
-    dist.barrier()
-    dist.destroy_process_group()
+    return rows if rank == 0 else None
 
 
 def _fmt_table(rows: list[dict], baselines: dict, world: int) -> str:
@@ -228,7 +221,6 @@ def main() -> None:
     parser.add_argument("--tune-sms", default="", help="SM counts at which to sweep chunk sizes and ring slots")
     parser.add_argument("--out", default=None, help="also write the table (markdown) here")
     args = parser.parse_args()
-    os.environ.update(ENV)
     sms_list = [int(s) for s in args.sms.split(",")]
     tune_sms = [int(s) for s in args.tune_sms.split(",") if s]
     shapes = args.shapes.split(",")
@@ -243,29 +235,11 @@ def main() -> None:
     baselines = copy_baselines()
     print(f"{torch.cuda.get_device_name(0)} x{num_gpus}, torch {torch.__version__}, {args.ranks} ranks over {pg_backend}", flush=True)
     print("baselines: " + ", ".join(f"{k} {v:.0f}" for k, v in baselines.items()), flush=True)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(r, args.ranks, port, pg_backend, sms_list, tune_sms, shapes, args.iters, queue))
-             for r in range(args.ranks)]
-    for p in procs:
-        p.start()
-    rows = None
-    while rows is None:  # a rank that dies (its traceback is above) must not leave the others waiting
-        try:
-            rows = queue.get(timeout=5)
-        except queue_module.Empty:
-            failed = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-            if failed:
-                for p in procs:
-                    p.kill()
-                sys.exit(f"bench_intranode: rank(s) failed (rank, exit code): {failed}")
-    for p in procs:
-        p.join()
+    try:
+        rows = run_ranks(_worker, args.ranks, sms_list, tune_sms, shapes, args.iters, backend=pg_backend,
+                         timeout_s=3600, env=NO_MULTICAST_ENV)[0]
+    except (AssertionError, RuntimeError, TimeoutError) as error:  # a rank failed: its traceback is in the message
+        sys.exit(f"bench_intranode: {error}")
     # DEEPEP_BENCH_COMMIT names the tree where git cannot: a device copy's git history may be older
     # than its files.
     commit = os.environ.get("DEEPEP_BENCH_COMMIT", "")

@@ -16,50 +16,16 @@ import copy
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from deepep_megatron.megatron import pretrain
-from deepep_megatron.megatron.arguments import build_parser
+from deepep_megatron.megatron.arguments import build_parser, expert_ffn_width
+from deepep_megatron.profiling import StageClock
 
 STAGES = ("router", "dispatch", "experts", "combine")
-
-
-class StageTimer:
-    """Per-stage forward time: CUDA events on GPU, host clock on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.pending: list[tuple[str, Any, Any]] = []
-        self.ms: dict[str, list[float]] = {s: [] for s in STAGES}
-
-    def wrap(self, stage: str, fn: Callable) -> Callable:
-        def timed(*args, **kwargs):
-            if self.device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = fn(*args, **kwargs)
-                end.record()
-            else:
-                start = time.perf_counter()
-                out = fn(*args, **kwargs)
-                end = time.perf_counter()
-            self.pending.append((stage, start, end))
-            return out
-
-        return timed
-
-    def collect(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        step = {s: 0.0 for s in STAGES}
-        for stage, start, end in self.pending:
-            step[stage] += start.elapsed_time(end) if self.device.type == "cuda" else (end - start) * 1e3
-        for s in STAGES:
-            self.ms[s].append(step[s])
-        self.pending.clear()
 
 
 def build_moe_layer(args: argparse.Namespace, config: Any, device: torch.device) -> torch.nn.Module:
@@ -72,19 +38,21 @@ def build_moe_layer(args: argparse.Namespace, config: Any, device: torch.device)
     return layer.to(device)
 
 
-def instrument(layer: torch.nn.Module, timer: StageTimer) -> None:
-    layer.router.forward = timer.wrap("router", layer.router.forward)
-    layer.experts.forward = timer.wrap("experts", layer.experts.forward)
+def instrument(layer: torch.nn.Module, clock: StageClock, device: torch.device) -> None:
+    """Time the layer's forward stages on ``clock`` (STAGES)."""
+    layer.router.forward = clock.wrap("router", layer.router.forward, device)
+    layer.experts.forward = clock.wrap("experts", layer.experts.forward, device)
     disp = layer.token_dispatcher
     for name, stage in (("dispatch_preprocess", "dispatch"), ("token_dispatch", "dispatch"),
                         ("dispatch_postprocess", "dispatch"), ("combine_preprocess", "combine"),
                         ("token_combine", "combine"), ("combine_postprocess", "combine")):
-        setattr(disp, name, timer.wrap(stage, getattr(disp, name)))
+        setattr(disp, name, clock.wrap(stage, getattr(disp, name), device))
 
 
-def run(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, timer: StageTimer, iters: int, warmup: int):
-    """Median fwd+bwd ms, last output, input grad and parameter grads."""
+def run(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, clock: StageClock, iters: int, warmup: int):
+    """Median fwd+bwd ms, median ms per stage, last output, input grad and parameter grads."""
     totals = []
+    stage_ms: dict[str, list[float]] = {s: [] for s in STAGES}
     for i in range(warmup + iters):
         layer.zero_grad(set_to_none=True)
         inp = x.detach().requires_grad_()
@@ -97,14 +65,14 @@ def run(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, timer: Stag
         if x.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = (time.perf_counter() - start) * 1e3
-        timer.collect()
+        step = clock.pop_ms()
         if i >= warmup:
             totals.append(elapsed)
-        else:
             for s in STAGES:
-                timer.ms[s].clear()
+                stage_ms[s].append(step[s])
     grads = {n: p.grad.detach().float().clone() for n, p in layer.named_parameters() if p.grad is not None}
-    return statistics.median(totals), out.detach().float(), inp.grad.detach().float(), grads
+    medians = {s: statistics.median(v) for s, v in stage_ms.items()}
+    return statistics.median(totals), medians, out.detach().float(), inp.grad.detach().float(), grads
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -144,10 +112,10 @@ def main() -> None:
             with torch.no_grad():
                 for n, p in layer.named_parameters():
                     p.copy_(reference_state[n])
-        timer = StageTimer(device)
-        instrument(layer, timer)
-        total, out, gx, grads = run(layer, x, grad, timer, mine.iters, mine.warmup)
-        results[dispatcher] = (total, {s: statistics.median(timer.ms[s]) for s in STAGES}, out, gx, grads)
+        clock = StageClock(STAGES, enabled=True)
+        instrument(layer, clock, device)
+        total, stage_ms, out, gx, grads = run(layer, x, grad, clock, mine.iters, mine.warmup)
+        results[dispatcher] = (total, stage_ms, out, gx, grads)
         del layer
 
     a, d = results["alltoall"], results["deepep"]
@@ -158,7 +126,7 @@ def main() -> None:
     if rank == 0:
         name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
         print(f"MoE layer fwd+bwd, {name}, EP{dist.get_world_size()}, hidden {args.hidden_size}, "
-              f"{args.num_experts} experts top-{args.moe_router_topk}, expert FFN {args.moe_ffn_hidden_size}, "
+              f"{args.num_experts} experts top-{args.moe_router_topk}, expert FFN {expert_ffn_width(args)}, "
               f"{mine.tokens} tokens/rank, {str(dtype).replace('torch.', '')}, median of {mine.iters}")
         print("| rank | dispatcher | fwd router ms | fwd dispatch ms | fwd experts ms | fwd combine ms | fwd+bwd ms |")
         print("|---|---|---|---|---|---|---|")

@@ -15,16 +15,14 @@ import cProfile
 import io
 import os
 import pstats
-import socket
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ENV = {"NCCL_NVLS_ENABLE": "0", "NVSHMEM_DISABLE_NVLS": "1", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+from deepep_megatron.launch import NO_MULTICAST_ENV, run_ranks  # noqa: E402 - after the path insert
 
 
 class _Timed:
@@ -49,11 +47,10 @@ class _Timed:
         return wrapped
 
 
-def _worker(rank: int, world: int, port: int, pg: str, sms: int, calls: int, fp8: bool) -> None:
-    os.environ.update(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, world: int, sms: int, calls: int, fp8: bool) -> None:
+    """One rank (run_ranks started its process group)."""
     device = torch.device("cuda", rank % torch.cuda.device_count())
     torch.cuda.set_device(device)
-    dist.init_process_group(pg, rank=rank, world_size=world)
     from deepep_megatron import Buffer, Config, per_token_cast_to_fp8
 
     H, T, K, E = 7168, 4096, 8, 256
@@ -113,7 +110,6 @@ def _worker(rank: int, world: int, port: int, pg: str, sms: int, calls: int, fp8
     print("\n".join(lines), flush=True)
     dist.barrier()
     buffer.destroy()
-    dist.destroy_process_group()
 
 
 def main() -> None:
@@ -122,12 +118,8 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=100)
     p.add_argument("--fp8", action="store_true")
     a = p.parse_args()
-    os.environ.update(ENV)
     pg = "nccl" if torch.cuda.device_count() >= 2 else "gloo"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, pg, a.sms, a.calls, a.fp8), nprocs=2)
+    run_ranks(_worker, 2, a.sms, a.calls, a.fp8, backend=pg, timeout_s=1800, env=NO_MULTICAST_ENV)
 
 
 if __name__ == "__main__":

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from deepep_megatron.launch import free_port  # noqa: E402 - after the path insert
 
 
 def child(rank: int, world: int) -> None:
-    sys.path.insert(0, ROOT)
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import torch
     import torch.distributed as dist
@@ -72,10 +72,7 @@ def main() -> int:
         return 0
     summary = []
     for tool in args.tools.split(","):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DEEPEP_MEGATRON_TIMEOUT_S="300",
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), DEEPEP_MEGATRON_TIMEOUT_S="300",
                    PYTHONUNBUFFERED="1")
         extra = ["--racecheck-report", "all"] if tool == "racecheck" else []
         procs = []

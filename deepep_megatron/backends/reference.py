@@ -21,7 +21,6 @@ from .base import (
     DispatchOutput,
     LowLatencyDispatchOutput,
     LowLatencyLayout,
-    RecvHook,
 )
 
 

@@ -109,6 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def dense_ffn_width(args: argparse.Namespace) -> int:
+    """The dense MLP width: --ffn-hidden-size, by default 4 x --hidden-size (Megatron-LM's default)."""
+    return args.ffn_hidden_size or 4 * args.hidden_size
+
+
+def expert_ffn_width(args: argparse.Namespace) -> int:
+    """Each expert's MLP width: --moe-ffn-hidden-size, by default the dense width (megatron-core's default)."""
+    return args.moe_ffn_hidden_size or dense_ffn_width(args)
+
+
+def num_micro_batches(args: argparse.Namespace, data_parallel_size: int) -> int:
+    """Micro batches per step on each data-parallel rank; --global-batch-size defaults to one micro
+    batch per rank (micro batch x DP)."""
+    per_step = args.micro_batch_size * data_parallel_size
+    return (args.global_batch_size or per_step) // per_step
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and validate; argparse exits with status 2 on a bad flag, as usual."""
     parser = build_parser()

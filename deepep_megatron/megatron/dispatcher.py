@@ -22,7 +22,6 @@ order, so both dispatchers compute the same losses and gradients.
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
@@ -36,7 +35,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from .. import autograd as deepep_autograd
 from ..buffer import Buffer
 from ..config import FP8_BLOCK
-from ..profiling import nvtx_range
+from ..profiling import StageClock, nvtx_range
 from . import compat
 
 BACKENDS = ("auto", "reference", "cuda")
@@ -91,66 +90,6 @@ def destroy_buffers() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-class CommClock:
-    """Accumulated time of dispatch and combine communication, forward and backward.
-
-    On CPU it reads ``time.perf_counter``; on CUDA it records events and resolves them in
-    :meth:`pop_ms` (one synchronize per read, none on the hot path). Backward time is caught by
-    identity autograd functions placed on both sides of the communication.
-
-    Off until ``enabled`` is set (the pretraining entry does, and reads it every step): a clock
-    nobody reads would keep every recorded event pair for the whole run.
-    """
-
-    def __init__(self) -> None:
-        self.enabled = False
-        self._cpu_s: dict[str, float] = {"dispatch": 0.0, "combine": 0.0}
-        self._cuda_events: dict[str, list[tuple[Any, Any]]] = {"dispatch": [], "combine": []}
-        self._open: dict[str, Any] = {}
-
-    def start(self, name: str, device: torch.device) -> None:
-        if not self.enabled:
-            return
-        if device.type == "cuda":
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self._open[name] = event
-        else:
-            self._open[name] = time.perf_counter()
-
-    def stop(self, name: str) -> None:
-        begin = self._open.pop(name, None)
-        if begin is None:  # a backward mark whose forward partner never ran (e.g. no grad needed)
-            return
-        if isinstance(begin, float):
-            self._cpu_s[name] += time.perf_counter() - begin
-        else:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self._cuda_events[name].append((begin, end))
-
-    @contextlib.contextmanager
-    def measure(self, name: str, device: torch.device):
-        self.start(name, device)
-        try:
-            yield
-        finally:
-            self.stop(name)
-
-    def pop_ms(self) -> dict[str, float]:
-        """Milliseconds per name since the last call; resets the clock."""
-        result = {}
-        if any(self._cuda_events.values()):
-            torch.cuda.synchronize()
-        for name in self._cpu_s:
-            ms = self._cpu_s[name] * 1e3
-            ms += sum(b.elapsed_time(e) for b, e in self._cuda_events[name])
-            result[name] = ms
-            self._cpu_s[name] = 0.0
-            self._cuda_events[name] = []
-        return result
-
-
 class _OnBackward(torch.autograd.Function):
     """Identity whose backward calls ``callback`` first: marks when a gradient passes this point."""
 
@@ -276,7 +215,9 @@ class DeepEPTokenDispatcher(MoETokenDispatcher):
         self.topk = config.moe_router_topk
         self.options = options
         Buffer.set_num_sms(config.moe_deepep_num_sms)
-        self.clock = CommClock()
+        # Forward and backward communication time; backward is caught by identity autograd
+        # functions on both sides of each communication (_mark_backward).
+        self.clock = StageClock(("dispatch", "combine"))
         # [E] tokens routed to each global expert from this rank's input since the last pop; kept
         # on the routing map's device so counting never synchronizes.
         self._expert_load: Optional[torch.Tensor] = None

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from ..config import FP8_BLOCK
-from .arguments import build_parser, validate_args
+from .arguments import build_parser, dense_ffn_width, num_micro_batches, validate_args
 from .te_fp8 import fp8_dispatch
 
 GIB = 1024**3
@@ -55,8 +55,7 @@ def _layout(args: argparse.Namespace, world_size: int) -> dict[str, int]:
     return {
         "world": world_size, "tp": tp, "ep": ep, "etp": etp, "dp": dp,
         "expert_dp": world_size // (ep * etp),
-        # --global-batch-size defaults to micro batch x DP (validate_args fills it in).
-        "micro_batches": (args.global_batch_size or args.micro_batch_size * dp) // (args.micro_batch_size * dp),
+        "micro_batches": num_micro_batches(args, dp),
         "experts_per_rank": args.num_experts // ep,
     }
 
@@ -64,7 +63,7 @@ def _layout(args: argparse.Namespace, world_size: int) -> dict[str, int]:
 def check_divisibility(args: argparse.Namespace) -> None:
     """What validate_args leaves to the model build on the GPUs, checked up front."""
     tp = args.tensor_model_parallel_size
-    ffn = args.ffn_hidden_size or 4 * args.hidden_size
+    ffn = dense_ffn_width(args)
     by_tp = f"must be divisible by --tensor-model-parallel-size ({tp})"
     checks = [
         (args.num_attention_heads % tp == 0, f"--num-attention-heads ({args.num_attention_heads}) {by_tp}"),

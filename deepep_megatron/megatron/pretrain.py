@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from . import cpu_compat
-from .arguments import parse_args, validate_args
+from .arguments import dense_ffn_width, expert_ffn_width, num_micro_batches, parse_args, validate_args
 from .dispatcher import DeepEPOptions, deepep_moe_layer_spec, destroy_buffers, iter_deepep_dispatchers
 from .te_fp8 import fp8_dispatch, require_transformer_engine, resolve_fp8
 
@@ -88,7 +88,7 @@ def build_transformer_config(args: argparse.Namespace) -> TransformerConfig:
     return TransformerConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size,
+        ffn_hidden_size=dense_ffn_width(args),
         num_attention_heads=args.num_attention_heads,
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
@@ -103,7 +103,7 @@ def build_transformer_config(args: argparse.Namespace) -> TransformerConfig:
         sequence_parallel=args.sequence_parallel,
         num_moe_experts=args.num_experts,
         moe_router_topk=args.moe_router_topk,
-        moe_ffn_hidden_size=args.moe_ffn_hidden_size or args.ffn_hidden_size or 4 * args.hidden_size,
+        moe_ffn_hidden_size=expert_ffn_width(args),
         moe_aux_loss_coeff=args.moe_aux_loss_coeff,
         moe_router_load_balancing_type=args.moe_router_load_balancing_type,
         moe_expert_capacity_factor=args.moe_expert_capacity_factor,
@@ -246,7 +246,7 @@ def batches(dataset: GPTDataset, args: argparse.Namespace, start_iteration: int,
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     micro = args.micro_batch_size
-    per_iteration = args.global_batch_size // (micro * dp_size)
+    per_iteration = num_micro_batches(args, dp_size)
     step = start_iteration * per_iteration
     while True:
         first = (step * dp_size + dp_rank) * micro
@@ -316,7 +316,7 @@ class Trainer:
 
     @property
     def num_microbatches(self) -> int:
-        return self.args.global_batch_size // (self.args.micro_batch_size * parallel_state.get_data_parallel_world_size())
+        return num_micro_batches(self.args, parallel_state.get_data_parallel_world_size())
 
     def step(self) -> StepResult:
         start = time.perf_counter()

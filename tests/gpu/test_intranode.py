@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from harness import run_ranks
+from harness import NO_MULTICAST_ENV, run_ranks
 from oracle import Case, expert_transform, make_inputs
 
 try:
@@ -33,7 +33,6 @@ pytestmark = [
 ]
 
 SMS_PER_GPU = 132
-GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "NVSHMEM_DISABLE_NVLS": "1", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 
 
 def _mps_running() -> bool:
@@ -66,18 +65,16 @@ def _cases(world_size: int) -> list[tuple[Case, bool]]:
     """(case, use FP8) pairs covering the shapes the issue lists."""
     big = 4096 if world_size <= 4 else 2048
     w = world_size
-    return [
-        (Case(w, tokens=(1,) * w, hidden=2048, num_topk=1, num_experts=max(8, w), seed=11), False),
-        (Case(w, tokens=tuple(100 + 37 * r for r in range(w)), hidden=7168, num_topk=8, num_experts=256, seed=12), False),
-        (Case(w, tokens=tuple(100 + 37 * r for r in range(w)), hidden=7168, num_topk=8, num_experts=256, seed=12), True),
-        (Case(w, tokens=(big,) * w, hidden=7168, num_topk=8, num_experts=256, seed=13), False),
-        (Case(w, tokens=(big,) * w, hidden=7168, num_topk=8, num_experts=256, seed=13), True),
+    cases = [(Case(w, tokens=(1,) * w, hidden=2048, num_topk=1, num_experts=max(8, w), seed=11), False)]
+    for tokens, seed in ((tuple(100 + 37 * r for r in range(w)), 12), ((big,) * w, 13)):  # DeepSeek-V3 widths
+        dsv3 = Case(w, tokens=tokens, hidden=7168, num_topk=8, num_experts=256, seed=seed)
+        cases += [(dsv3, False), (dsv3, True)]
+    return cases + [
         (Case(w, tokens=(0,) + tuple(300 + r for r in range(w - 1)), hidden=4096, num_topk=4, num_experts=8 * w,
               seed=14, starved_rank=w - 1, dtype=torch.float32), False),
         (Case(w, tokens=tuple(777 - 50 * r for r in range(w)), hidden=2560, num_topk=6, num_experts=16 * w, seed=15,
               drop=0.5, empty_tokens=0.3), False),
-        (Case(w, tokens=tuple(513 for _ in range(w)), hidden=2048, num_topk=2, num_experts=8, seed=16) if 8 % w == 0
-         else Case(w, tokens=(513,) * w, hidden=2048, num_topk=2, num_experts=w, seed=16), True),
+        (Case(w, tokens=(513,) * w, hidden=2048, num_topk=2, num_experts=8, seed=16), True),  # 8 experts: R=8 has 1 each
     ]
 
 
@@ -193,7 +190,7 @@ def _compare_cases(rank: int, world_size: int, ranks_per_gpu: int) -> int:
 @pytest.mark.parametrize("world_size", [2, 4, 8])
 def test_cuda_matches_reference(world_size: int) -> None:
     backend, ranks_per_gpu = _launch(world_size)
-    results = run_ranks(_compare_cases, world_size, ranks_per_gpu, backend=backend, timeout_s=300, env=GPU_ENV)
+    results = run_ranks(_compare_cases, world_size, ranks_per_gpu, backend=backend, timeout_s=300, env=NO_MULTICAST_ENV)
     assert all(r == len(_cases(world_size)) for r in results)
 
 
@@ -229,7 +226,7 @@ def test_stall_raises_timeout() -> None:
         pytest.skip("two ranks on one GPU need MPS")
     if torch.cuda.device_count() >= 2 and ONLY_MPS:
         pytest.skip("one rank per GPU: ran in the pass without MPS")
-    env = dict(GPU_ENV, DEEPEP_MEGATRON_TIMEOUT_S="2")
+    env = dict(NO_MULTICAST_ENV, DEEPEP_MEGATRON_TIMEOUT_S="2")
     results = run_ranks(_stall, 2, backend="gloo", timeout_s=120, env=env)
     assert 2.0 <= results[0] < 8.0, f"the timeout error came after {results[0]:.1f} s (limit 2 s)"
 
@@ -286,5 +283,5 @@ def _bad_topk(rank: int, world_size: int, ranks_per_gpu: int) -> int:
 
 def test_bad_topk_refused_on_every_rank() -> None:
     backend, ranks_per_gpu = _launch(2)
-    results = run_ranks(_bad_topk, 2, ranks_per_gpu, backend=backend, timeout_s=120, env=GPU_ENV)
+    results = run_ranks(_bad_topk, 2, ranks_per_gpu, backend=backend, timeout_s=120, env=NO_MULTICAST_ENV)
     assert results == [1, 1]

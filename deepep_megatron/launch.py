@@ -1,0 +1,109 @@
+"""Run a function on N local ranks, each a fresh process in one process group.
+
+``run_ranks(fn, world_size, *args)`` spawns ``world_size`` processes, initializes a process group in
+each (gloo by default; NCCL for one rank per GPU), calls ``fn(rank, world_size, *args)`` and returns
+the per-rank results. An exception or a timeout in any rank fails the caller with that rank's
+traceback, and every child is killed: a broken collective never hangs the caller. The tests
+(tests/harness.py), the benchmarks and the profiling scripts all launch their ranks with it.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import traceback
+from typing import Any, Callable, Optional
+
+import torch.multiprocessing as mp
+
+DEFAULT_TIMEOUT_S = 240.0
+#: NVLink multicast (NVLS) off in NCCL, NVSHMEM and torch symmetric memory: the GPU machines we run
+#: on must not use it. GPU ranks started by run_ranks get it through ``env``.
+NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "NVSHMEM_DISABLE_NVLS": "1", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(
+    rank: int,
+    world_size: int,
+    port: int,
+    backend: str,
+    env: dict[str, str],
+    fn: Callable[..., Any],
+    args: tuple,
+    results: "mp.Queue",
+) -> None:
+    os.environ.update(env)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # several ranks share two cores in CI
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120))
+        value = fn(rank, world_size, *args)
+        results.put((rank, "ok", value))
+    except BaseException:  # noqa: BLE001 - report anything to the parent
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    backend: str = "gloo",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    env: Optional[dict[str, str]] = None,
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` fresh processes; return results by rank.
+
+    ``fn`` must be a module-level function (it is pickled into spawned processes). ``env`` is set in
+    each child before the process group starts; LOCAL_RANK is the rank (one host).
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_child, args=(rank, world_size, port, backend, dict(env or {}), fn, args, results), daemon=True)
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    outcomes: dict[int, tuple[str, Any]] = {}
+    try:
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while len(outcomes) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(world_size)) - set(outcomes))
+                raise TimeoutError(f"ranks {missing} did not finish within {timeout_s:.0f} s; reports so far: {outcomes}")
+            try:
+                rank, status, value = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outcomes]
+                if dead:
+                    raise RuntimeError(f"ranks {dead} exited with codes {[procs[r].exitcode for r in dead]} without a report")
+                continue
+            outcomes[rank] = (status, value)
+            if status == "error":
+                raise AssertionError(f"rank {rank} failed:\n{value}")
+    finally:
+        for p in procs:
+            p.join(timeout=5 if len(outcomes) == world_size else 0.1)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [outcomes[r][1] for r in range(world_size)]
