@@ -45,7 +45,6 @@ PYBIND11_MODULE(_C, m) {
   m.attr("CONTROL_BYTES") = static_cast<int64_t>(kControlBytes);
   m.attr("MAX_CHANNELS") = kMaxChannels;
   m.attr("MAX_LOCAL_EXPERTS") = kMaxLocalExperts;
-  m.attr("MAX_RANKS") = kMaxRanks;
   m.attr("MAX_SEND_CHUNK") = kMaxSendChunk;
   m.attr("WARPS_PER_BLOCK") = kWarpsPerBlock;
 
@@ -70,8 +69,8 @@ PYBIND11_MODULE(_C, m) {
                               reinterpret_cast<int64_t*>(channel_topk_range), as_stream(stream));
       },
       "channel_count [R, C] int32, send_position [T, R] int32 and its inverse send_tokens [R, T] int32 from "
-      "is_token_in_rank [T, R] bool; with "
-      "topk_idx [T, K] int64 (else 0) also its min/max per channel into channel_topk_range [C, 2] int64.");
+      "is_token_in_rank [T, R] bool, and the min/max of topk_idx [T, K] int64 per channel into "
+      "channel_topk_range [C, 2] int64.");
 
   py::class_<Runtime>(m, "Runtime")
       .def(py::init<int, int, int64_t, int>(), py::arg("rank"), py::arg("num_ranks"), py::arg("num_nvl_bytes"),

@@ -91,11 +91,9 @@ __global__ void notify_kernel(PeerContext ctx, uint32_t epoch, const int* __rest
   }
   if (threadIdx.x == 0) {  // the topk_idx range check: this rank's verdict goes to every rank
     long long low = INT64_MAX, high = INT64_MIN;
-    if (channel_topk_range != nullptr) {
-      for (int c = 0; c < num_channels; ++c) {
-        low = min(low, static_cast<long long>(channel_topk_range[2 * c]));
-        high = max(high, static_cast<long long>(channel_topk_range[2 * c + 1]));
-      }
+    for (int c = 0; c < num_channels; ++c) {
+      low = min(low, static_cast<long long>(channel_topk_range[2 * c]));
+      high = max(high, static_cast<long long>(channel_topk_range[2 * c + 1]));
     }
     const int bad = (low <= high && (low < -1 || high >= num_experts)) ? 1 : 0;
     for (int d = 0; d < num_ranks; ++d) at<int>(ctx.buffers[d], kOffNotifyFlags)[me] = bad;

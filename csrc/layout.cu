@@ -9,7 +9,7 @@
 //
 // channel_layout
 //   reads   is_token_in_rank [T, R] bool
-//           topk_idx [T, K] int64 (optional) expert ids, only for their range check
+//           topk_idx [T, K] int64 expert ids, only for their range check
 //   writes  channel_count [R, C] int32     tokens of channel c (a contiguous token slice) sent to r
 //           send_position [T, R] int32     index of token t in the stream (channel of t, me -> r),
 //                                          -1 when t does not go to r
@@ -81,31 +81,30 @@ __global__ void __launch_bounds__(kLayoutThreads) channel_layout_kernel(const bo
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   int begin, end;
   channel_range(num_tokens, num_channels, channel, begin, end);
-  if (channel_topk_range != nullptr) {
-    long long low = INT64_MAX, high = INT64_MIN;
-    const int64_t first = static_cast<int64_t>(begin) * num_topk, last = static_cast<int64_t>(end) * num_topk;
-    for (int64_t i = first + threadIdx.x; i < last; i += kLayoutThreads) {
-      const long long v = __ldg(reinterpret_cast<const long long*>(topk_idx) + i);
-      low = min(low, v);
-      high = max(high, v);
+  // min / max of topk_idx over this channel's tokens, for the notify kernel's range check
+  long long low = INT64_MAX, high = INT64_MIN;
+  const int64_t first = static_cast<int64_t>(begin) * num_topk, last = static_cast<int64_t>(end) * num_topk;
+  for (int64_t i = first + threadIdx.x; i < last; i += kLayoutThreads) {
+    const long long v = __ldg(reinterpret_cast<const long long*>(topk_idx) + i);
+    low = min(low, v);
+    high = max(high, v);
+  }
+  for (int offset = 16; offset > 0; offset /= 2) {
+    low = min(low, __shfl_xor_sync(0xffffffffu, low, offset));
+    high = max(high, __shfl_xor_sync(0xffffffffu, high, offset));
+  }
+  if (lane == 0) {
+    warp_low[warp] = low;
+    warp_high[warp] = high;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kLayoutThreads / 32; ++w) {
+      low = min(low, warp_low[w]);
+      high = max(high, warp_high[w]);
     }
-    for (int offset = 16; offset > 0; offset /= 2) {
-      low = min(low, __shfl_xor_sync(0xffffffffu, low, offset));
-      high = max(high, __shfl_xor_sync(0xffffffffu, high, offset));
-    }
-    if (lane == 0) {
-      warp_low[warp] = low;
-      warp_high[warp] = high;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      for (int w = 1; w < kLayoutThreads / 32; ++w) {
-        low = min(low, warp_low[w]);
-        high = max(high, warp_high[w]);
-      }
-      channel_topk_range[2 * channel] = low;
-      channel_topk_range[2 * channel + 1] = high;
-    }
+    channel_topk_range[2 * channel] = low;
+    channel_topk_range[2 * channel + 1] = high;
   }
   int running[kMaxRanks];
   for (int r = 0; r < kMaxRanks; ++r) running[r] = 0;

@@ -41,6 +41,13 @@ def token_slot_bytes(hidden_bytes: int) -> int:
     return align_up(hidden_bytes, 16) + align_up(scales, 16) + align_up(MAX_TOPK * 8, 16) + 16
 
 
+def nvl_buffer_bytes(num_channels: int, num_ranks: int, num_slots: int, hidden_bytes: int) -> int:
+    """Bytes of one rank's NVLink buffer (csrc/runtime.cuh): the control region of
+    :data:`NVL_CONTROL_BYTES`, then ``num_channels x num_ranks`` rings of ``num_slots`` slots of
+    :func:`token_slot_bytes`."""
+    return NVL_CONTROL_BYTES + num_channels * num_ranks * num_slots * token_slot_bytes(hidden_bytes)
+
+
 @dataclass(frozen=True)
 class Config:
     """Kernel configuration for one dispatch or combine (DeepEP-compatible field names).
@@ -90,8 +97,8 @@ class Config:
             raise ValueError(f"hidden_bytes must be positive, got {hidden_bytes}")
         if num_ranks <= 0:
             raise ValueError(f"num_ranks must be positive, got {num_ranks}")
-        rings = self.num_channels * num_ranks * self.num_max_nvl_chunked_recv_tokens * token_slot_bytes(hidden_bytes)
-        return align_up(NVL_CONTROL_BYTES + rings, BUFFER_ALIGN)
+        needed = nvl_buffer_bytes(self.num_channels, num_ranks, self.num_max_nvl_chunked_recv_tokens, hidden_bytes)
+        return align_up(needed, BUFFER_ALIGN)
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_rdma_ranks: int) -> int:
         """Bytes of RDMA (NVSHMEM) buffer one rank needs for the internode normal kernels."""

@@ -37,6 +37,7 @@ from ..config import (
     SUPPORTED_NVL_RANK_COUNTS,
     Config,
     align_up,
+    nvl_buffer_bytes,
     token_slot_bytes,
 )
 from .base import Backend, DispatchLayout, DispatchOutput, topk_range_error
@@ -197,7 +198,7 @@ class CudaBackend(Backend):
                 f"{chunk} and {slots}"
             )
         slot_bytes = token_slot_bytes(hidden_bytes)
-        needed = NVL_CONTROL_BYTES + num_channels * self.num_ranks * slots * slot_bytes
+        needed = nvl_buffer_bytes(num_channels, self.num_ranks, slots, hidden_bytes)
         if needed > self.num_nvl_bytes:
             raise ValueError(
                 f"this call needs {needed} bytes of NVLink buffer ({num_channels} channels x {self.num_ranks} ranks x "
