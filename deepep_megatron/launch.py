@@ -8,9 +8,11 @@ traceback, and every child is killed: a broken collective never hangs the caller
 """
 from __future__ import annotations
 
+import datetime
 import os
 import queue
 import socket
+import time
 import traceback
 from typing import Any, Callable, Optional
 
@@ -18,8 +20,20 @@ import torch.multiprocessing as mp
 
 DEFAULT_TIMEOUT_S = 240.0
 #: NVLink multicast (NVLS) off in NCCL, NVSHMEM and torch symmetric memory: the GPU machines we run
-#: on must not use it. GPU ranks started by run_ranks get it through ``env``.
+#: on must not use it. Every rank started by run_ranks gets it.
 NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "NVSHMEM_DISABLE_NVLS": "1", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+
+
+def local_backend(world_size: int) -> tuple[str, int]:
+    """(process-group backend, ranks per GPU) for ``world_size`` ranks on this host's GPUs: NCCL with one
+    rank per GPU when there are enough GPUs, else gloo with several ranks sharing each GPU (which
+    the kernels only tolerate under CUDA MPS)."""
+    import torch
+
+    num_gpus = torch.cuda.device_count()
+    if num_gpus >= world_size:
+        return "nccl", 1
+    return "gloo", -(-world_size // num_gpus)
 
 
 def free_port() -> int:
@@ -39,14 +53,15 @@ def _child(
     args: tuple,
     results: "mp.Queue",
 ) -> None:
+    os.environ.update(NO_MULTICAST_ENV)
     os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    import datetime
-
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # several ranks share two cores in CI
+    if torch.cuda.is_available():  # before the process group: NCCL binds each rank to its device
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     try:
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120))
         value = fn(rank, world_size, *args)
@@ -68,8 +83,9 @@ def run_ranks(
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` fresh processes; return results by rank.
 
-    ``fn`` must be a module-level function (it is pickled into spawned processes). ``env`` is set in
-    each child before the process group starts; LOCAL_RANK is the rank (one host).
+    ``fn`` must be a module-level function (it is pickled into spawned processes). Each child gets
+    :data:`NO_MULTICAST_ENV`, then ``env``, before its process group starts; LOCAL_RANK is the rank
+    (one host), and where CUDA is available the current device is ``rank % device count``.
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -82,8 +98,6 @@ def run_ranks(
         p.start()
     outcomes: dict[int, tuple[str, Any]] = {}
     try:
-        import time
-
         deadline = time.monotonic() + timeout_s
         while len(outcomes) < world_size:
             remaining = deadline - time.monotonic()

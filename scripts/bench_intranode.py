@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from deepep_megatron.launch import NO_MULTICAST_ENV, run_ranks  # noqa: E402 - after the path insert
+from deepep_megatron.launch import local_backend, run_ranks  # noqa: E402 - after the path insert
 
 SHAPES = {
     "dsv3": dict(hidden=7168, tokens=4096, topk=8, experts=256),
@@ -75,8 +75,7 @@ def _time(fn, iters: int, repeats: int = 5) -> float:
 
 def _worker(rank: int, world: int, sms_list: list[int], tune_sms: list[int], shapes: list[str], iters: int) -> list | None:
     """One rank (run_ranks started its process group): the table rows on rank 0, None elsewhere."""
-    device = torch.device("cuda", rank % torch.cuda.device_count())
-    torch.cuda.set_device(device)
+    device = torch.device("cuda", torch.cuda.current_device())  # rank % GPUs, set by run_ranks
     from deepep_megatron import Buffer, Config, per_token_cast_to_fp8
     from deepep_megatron.config import default_combine_config, default_dispatch_config
 
@@ -225,10 +224,9 @@ def main() -> None:
     tune_sms = [int(s) for s in args.tune_sms.split(",") if s]
     shapes = args.shapes.split(",")
     num_gpus = torch.cuda.device_count()
-    pg_backend = "nccl" if num_gpus >= args.ranks else "gloo"
-    if pg_backend == "gloo":
-        per_gpu = -(-args.ranks // num_gpus)
-        limit = 132 // per_gpu
+    pg_backend, per_gpu = local_backend(args.ranks)
+    if per_gpu > 1:
+        limit = torch.cuda.get_device_properties(0).multi_processor_count // per_gpu
         if max(sms_list) > limit:
             print(f"note: {per_gpu} ranks per GPU: dropping SM counts above {limit}", flush=True)
             sms_list = [s for s in sms_list if s <= limit]
@@ -237,7 +235,7 @@ def main() -> None:
     print("baselines: " + ", ".join(f"{k} {v:.0f}" for k, v in baselines.items()), flush=True)
     try:
         rows = run_ranks(_worker, args.ranks, sms_list, tune_sms, shapes, args.iters, backend=pg_backend,
-                         timeout_s=3600, env=NO_MULTICAST_ENV)[0]
+                         timeout_s=3600)[0]
     except (AssertionError, RuntimeError, TimeoutError) as error:  # a rank failed: its traceback is in the message
         sys.exit(f"bench_intranode: {error}")
     # DEEPEP_BENCH_COMMIT names the tree where git cannot: a device copy's git history may be older

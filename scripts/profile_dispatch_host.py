@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from deepep_megatron.launch import NO_MULTICAST_ENV, run_ranks  # noqa: E402 - after the path insert
+from deepep_megatron.launch import local_backend, run_ranks  # noqa: E402 - after the path insert
 
 
 class _Timed:
@@ -49,8 +49,7 @@ class _Timed:
 
 def _worker(rank: int, world: int, sms: int, calls: int, fp8: bool) -> None:
     """One rank (run_ranks started its process group)."""
-    device = torch.device("cuda", rank % torch.cuda.device_count())
-    torch.cuda.set_device(device)
+    device = torch.device("cuda", torch.cuda.current_device())  # rank % GPUs, set by run_ranks
     from deepep_megatron import Buffer, Config, per_token_cast_to_fp8
 
     H, T, K, E = 7168, 4096, 8, 256
@@ -118,8 +117,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=100)
     p.add_argument("--fp8", action="store_true")
     a = p.parse_args()
-    pg = "nccl" if torch.cuda.device_count() >= 2 else "gloo"
-    run_ranks(_worker, 2, a.sms, a.calls, a.fp8, backend=pg, timeout_s=1800, env=NO_MULTICAST_ENV)
+    run_ranks(_worker, 2, a.sms, a.calls, a.fp8, backend=local_backend(2)[0], timeout_s=1800)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from deepep_megatron.launch import free_port  # noqa: E402 - after the path insert
+from deepep_megatron.launch import NO_MULTICAST_ENV, free_port  # noqa: E402 - after the path insert
 
 
 def child(rank: int, world: int) -> None:
@@ -72,7 +72,7 @@ def main() -> int:
         return 0
     summary = []
     for tool in args.tools.split(","):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), DEEPEP_MEGATRON_TIMEOUT_S="300",
+        env = dict(os.environ, **NO_MULTICAST_ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), DEEPEP_MEGATRON_TIMEOUT_S="300",
                    PYTHONUNBUFFERED="1")
         extra = ["--racecheck-report", "all"] if tool == "racecheck" else []
         procs = []

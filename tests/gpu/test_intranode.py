@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from harness import NO_MULTICAST_ENV, run_ranks
+from harness import local_backend, run_ranks
 from oracle import Case, expert_transform, make_inputs
 
 try:
@@ -32,9 +32,6 @@ pytestmark = [
     pytest.mark.skipif(not _AVAILABLE, reason="needs a CUDA GPU and the compiled extension deepep_megatron._C"),
 ]
 
-SMS_PER_GPU = 132
-
-
 def _mps_running() -> bool:
     pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY")
     return bool(pipe) and os.path.exists(os.path.join(pipe, "control"))
@@ -46,19 +43,20 @@ ONLY_MPS = os.environ.get("DEEPEP_MEGATRON_GPU_TESTS_ONLY_MPS") == "1"
 
 def _launch(world_size: int) -> tuple[str, int]:
     """(process-group backend, ranks per GPU) for ``world_size`` ranks, or skip."""
-    num_gpus = torch.cuda.device_count()
-    if num_gpus >= world_size:
+    backend, ranks_per_gpu = local_backend(world_size)
+    if ranks_per_gpu == 1:
         if ONLY_MPS:
             pytest.skip("one rank per GPU: ran in the pass without MPS")
-        return "nccl", 1
-    if not _mps_running():
-        pytest.skip(f"{world_size} ranks on {num_gpus} GPU(s) need MPS (CUDA_MPS_PIPE_DIRECTORY with a running daemon)")
-    return "gloo", -(-world_size // num_gpus)
+    elif not _mps_running():
+        pytest.skip(f"{world_size} ranks on {torch.cuda.device_count()} GPU(s) need MPS "
+                    "(CUDA_MPS_PIPE_DIRECTORY with a running daemon)")
+    return backend, ranks_per_gpu
 
 
 def _max_sms(ranks_per_gpu: int) -> int:
     """Largest even SM count per rank such that every rank's persistent blocks fit at once."""
-    return min(48, (SMS_PER_GPU // ranks_per_gpu) // 2 * 2)
+    sms_per_gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return min(48, (sms_per_gpu // ranks_per_gpu) // 2 * 2)
 
 
 def _cases(world_size: int) -> list[tuple[Case, bool]]:
@@ -108,8 +106,7 @@ def _compare_cases(rank: int, world_size: int, ranks_per_gpu: int) -> int:
 
     from deepep_megatron import Buffer, Config, per_token_cast_back, per_token_cast_to_fp8
 
-    device = torch.device("cuda", rank % torch.cuda.device_count())
-    torch.cuda.set_device(device)
+    device = torch.device("cuda", torch.cuda.current_device())  # rank % GPUs, set by run_ranks
     group = dist.group.WORLD
     max_sms = _max_sms(ranks_per_gpu)
     sms_choices = sorted({2, min(24, max_sms), max_sms})
@@ -190,7 +187,7 @@ def _compare_cases(rank: int, world_size: int, ranks_per_gpu: int) -> int:
 @pytest.mark.parametrize("world_size", [2, 4, 8])
 def test_cuda_matches_reference(world_size: int) -> None:
     backend, ranks_per_gpu = _launch(world_size)
-    results = run_ranks(_compare_cases, world_size, ranks_per_gpu, backend=backend, timeout_s=300, env=NO_MULTICAST_ENV)
+    results = run_ranks(_compare_cases, world_size, ranks_per_gpu, backend=backend, timeout_s=300)
     assert all(r == len(_cases(world_size)) for r in results)
 
 
@@ -199,8 +196,7 @@ def _stall(rank: int, world_size: int) -> float:
 
     from deepep_megatron import Buffer, Config
 
-    device = torch.device("cuda", rank % torch.cuda.device_count())
-    torch.cuda.set_device(device)
+    device = torch.device("cuda", torch.cuda.current_device())  # rank % GPUs, set by run_ranks
     config = Config(4, 6, 256)
     buffer = Buffer(dist.group.WORLD, num_nvl_bytes=config.get_nvl_buffer_size_hint(2048 * 2, world_size), backend="cuda")
     assert buffer.runtime.timeout_s == 2.0
@@ -222,24 +218,19 @@ def _stall(rank: int, world_size: int) -> float:
 
 
 def test_stall_raises_timeout() -> None:
-    if torch.cuda.device_count() < 2 and not _mps_running():
-        pytest.skip("two ranks on one GPU need MPS")
-    if torch.cuda.device_count() >= 2 and ONLY_MPS:
-        pytest.skip("one rank per GPU: ran in the pass without MPS")
-    env = dict(NO_MULTICAST_ENV, DEEPEP_MEGATRON_TIMEOUT_S="2")
-    results = run_ranks(_stall, 2, backend="gloo", timeout_s=120, env=env)
+    _launch(2)  # skips as the other tests do; the stall needs no NCCL, so gloo either way
+    results = run_ranks(_stall, 2, backend="gloo", timeout_s=120, env={"DEEPEP_MEGATRON_TIMEOUT_S": "2"})
     assert 2.0 <= results[0] < 8.0, f"the timeout error came after {results[0]:.1f} s (limit 2 s)"
 
 
-def _bad_topk(rank: int, world_size: int, ranks_per_gpu: int) -> int:
+def _bad_topk(rank: int, world_size: int) -> int:
     """The cuda dispatch checks topk_idx's range in its kernels (no host sync of its own): a bad id on
     one rank makes every rank raise ValueError, and the buffer keeps working afterwards."""
     import torch.distributed as dist
 
     from deepep_megatron import Buffer, Config
 
-    device = torch.device("cuda", rank % torch.cuda.device_count())
-    torch.cuda.set_device(device)
+    device = torch.device("cuda", torch.cuda.current_device())  # rank % GPUs, set by run_ranks
     config = Config(4, 6, 256)
     case = Case(world_size, tokens=(97,) * world_size, hidden=2048, num_topk=4, num_experts=8 * world_size, seed=21)
     fast = Buffer(dist.group.WORLD, num_nvl_bytes=config.get_nvl_buffer_size_hint(2048 * 2, world_size), backend="cuda")
@@ -282,6 +273,6 @@ def _bad_topk(rank: int, world_size: int, ranks_per_gpu: int) -> int:
 
 
 def test_bad_topk_refused_on_every_rank() -> None:
-    backend, ranks_per_gpu = _launch(2)
-    results = run_ranks(_bad_topk, 2, ranks_per_gpu, backend=backend, timeout_s=120, env=NO_MULTICAST_ENV)
+    backend, _ = _launch(2)
+    results = run_ranks(_bad_topk, 2, backend=backend, timeout_s=120)
     assert results == [1, 1]
