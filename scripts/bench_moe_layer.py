@@ -79,7 +79,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
-def main() -> None:
+def main() -> int:
+    """Exit status: 1 on rank 0 when deepep and alltoall disagree."""
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
     own.add_argument("--iters", type=int, default=10)
@@ -138,11 +139,12 @@ def main() -> None:
         print("deepep vs alltoall, relative error (worst rank): " + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
         # bf16 rounding differs only by summation order; fp32 agrees to ~1e-6.
         limit = 2e-2 if dtype == torch.bfloat16 else 1e-5
-        print("AGREE" if all(v < limit for v in worst.values()) else f"DISAGREE (limit {limit})")
+        agree = all(v < limit for v in worst.values())
+        print("AGREE" if agree else f"DISAGREE (limit {limit})")
     pretrain.shutdown()
     dist.destroy_process_group()
+    return 0 if rank != 0 or agree else 1
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    sys.exit(main())

@@ -37,6 +37,7 @@ from ..buffer import Buffer
 from ..config import FP8_BLOCK
 from ..profiling import StageClock, nvtx_range
 from . import compat
+from .te_fp8 import fp8_dispatch
 
 BACKENDS = ("auto", "reference", "cuda")
 
@@ -56,6 +57,13 @@ class DeepEPOptions:
 
     use_fp8_dispatch: bool = False
     backend: str = "auto"
+
+    @classmethod
+    def from_flags(cls, args: Any, fp8_training: bool, fp8_recipe: Optional[str]) -> "DeepEPOptions":
+        """From ``--moe-deepep-fp8-dispatch`` and ``--moe-deepep-backend``; whether FP8 dispatch is on
+        also depends on the model's FP8 training and recipe (:func:`te_fp8.fp8_dispatch`)."""
+        use_fp8 = fp8_dispatch(args.moe_deepep_fp8_dispatch, fp8_training, fp8_recipe)
+        return cls(use_fp8_dispatch=use_fp8, backend=args.moe_deepep_backend)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -104,8 +112,9 @@ class _OnBackward(torch.autograd.Function):
         return None, grad
 
 
-def _mark_backward(x: torch.Tensor, callback: Callable[[], None]) -> torch.Tensor:
-    return _OnBackward.apply(callback, x) if x.requires_grad else x
+def _mark_backward(x: torch.Tensor, clock: StageClock, callback: Callable[[], None]) -> torch.Tensor:
+    """``x``, with ``callback`` run when its gradient passes, if ``clock`` records (no autograd node otherwise)."""
+    return _OnBackward.apply(callback, x) if clock.enabled and x.requires_grad else x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +266,7 @@ class DeepEPTokenDispatcher(MoETokenDispatcher):
         """[T, H] tokens and [T, K] weights -> [N, H] received rows and [N, K] fp32 weights."""
         buffer = self._get_buffer(hidden_states)
         device = hidden_states.device
-        hidden_states = _mark_backward(hidden_states, lambda: self.clock.stop("dispatch"))
+        hidden_states = _mark_backward(hidden_states, self.clock, lambda: self.clock.stop("dispatch"))
         with self.clock.measure("dispatch", device):
             recv_x, recv_topk_idx, recv_weights, tokens_per_expert, self.handle = deepep_autograd.dispatch(
                 buffer,
@@ -267,7 +276,7 @@ class DeepEPTokenDispatcher(MoETokenDispatcher):
                 self.num_experts,
                 use_fp8=self.options.use_fp8_dispatch,
             )
-        recv_x = _mark_backward(recv_x, lambda: self.clock.start("dispatch", device))
+        recv_x = _mark_backward(recv_x, self.clock, lambda: self.clock.start("dispatch", device))
         self.recv_topk_idx = recv_topk_idx
         self.tokens_per_expert = torch.tensor(tokens_per_expert, dtype=torch.int64)
         return recv_x, recv_weights
@@ -303,11 +312,11 @@ class DeepEPTokenDispatcher(MoETokenDispatcher):
     def token_combine(self, hidden_states: torch.Tensor):
         """[N, H] -> [T, H], summed over EP ranks in fp32."""
         device = hidden_states.device
-        hidden_states = _mark_backward(hidden_states, lambda: self.clock.stop("combine"))
+        hidden_states = _mark_backward(hidden_states, self.clock, lambda: self.clock.stop("combine"))
         with self.clock.measure("combine", device):
             combined = deepep_autograd.combine(self._buffer, hidden_states, self.handle)
         self.handle = None  # the autograd graph keeps its own reference for the backward
-        return _mark_backward(combined, lambda: self.clock.start("combine", device))
+        return _mark_backward(combined, self.clock, lambda: self.clock.start("combine", device))
 
     def combine_postprocess(self, hidden_states: torch.Tensor):
         """[T, H] -> the input's [S, B, H]."""

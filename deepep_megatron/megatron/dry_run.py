@@ -39,7 +39,6 @@ class ParamCount:
     active: int  # what one token passes through: dense + top-k experts per layer
     per_gpu: int
     per_gpu_experts: int
-    per_gpu_tp_split: int  # of per_gpu: weights split by TP (for the optimizer's DP sharding)
 
 
 def _fmt(n: float) -> str:
@@ -167,9 +166,8 @@ def count_parameters(args: argparse.Namespace, world_size: int) -> ParamCount:
     tp_split = tp_split_rest + L * tp_split_layer
     dense = rest + L * layer
     per_gpu_experts = L * experts // (lay["ep"] * lay["etp"])
-    per_gpu_tp = tp_split // lay["tp"]
-    per_gpu = (dense - tp_split) + per_gpu_tp + per_gpu_experts
-    return ParamCount(total, L * experts, active, per_gpu, per_gpu_experts, per_gpu_tp)
+    per_gpu = (dense - tp_split) + tp_split // lay["tp"] + per_gpu_experts
+    return ParamCount(total, L * experts, active, per_gpu, per_gpu_experts)
 
 
 def static_memory_bytes(args: argparse.Namespace, world_size: int, params: ParamCount) -> float:

@@ -21,7 +21,6 @@ import importlib
 
 from .arguments import add_deepep_arguments
 from .dispatcher import DeepEPOptions, deepep_moe_layer_class
-from .te_fp8 import fp8_dispatch
 
 #: The megatron-core module whose ``MoELayer`` global every MoE spec is built from.
 _SPEC_MODULE = "megatron.core.models.gpt.moe_module_specs"
@@ -39,8 +38,7 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def options_from_args(args: argparse.Namespace) -> DeepEPOptions:
     """The dispatcher's options from Megatron-LM's flags (FP8 dispatch: :func:`te_fp8.fp8_dispatch`)."""
-    use_fp8 = fp8_dispatch(args.moe_deepep_fp8_dispatch, bool(getattr(args, "fp8", None)), getattr(args, "fp8_recipe", None))
-    return DeepEPOptions(use_fp8_dispatch=use_fp8, backend=args.moe_deepep_backend)
+    return DeepEPOptions.from_flags(args, bool(getattr(args, "fp8", None)), getattr(args, "fp8_recipe", None))
 
 
 def install(args: argparse.Namespace) -> bool:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from . import cpu_compat
 from .arguments import dense_ffn_width, expert_ffn_width, num_micro_batches, parse_args, validate_args
 from .dispatcher import DeepEPOptions, deepep_moe_layer_spec, destroy_buffers, iter_deepep_dispatchers
-from .te_fp8 import fp8_dispatch, require_transformer_engine, resolve_fp8
+from .te_fp8 import require_transformer_engine, resolve_fp8
 
 # megatron-core imports after our modules so that import errors name deepep_megatron first.
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402
@@ -132,12 +132,6 @@ def build_transformer_config(args: argparse.Namespace) -> TransformerConfig:
     )
 
 
-def deepep_options(args: argparse.Namespace) -> DeepEPOptions:
-    """The dispatcher's options from the flags (FP8 dispatch: :func:`te_fp8.fp8_dispatch`)."""
-    use_fp8 = fp8_dispatch(args.moe_deepep_fp8_dispatch, args.fp8_format is not None, args.fp8_recipe)
-    return DeepEPOptions(use_fp8_dispatch=use_fp8, backend=args.moe_deepep_backend)
-
-
 def build_layer_spec(args: argparse.Namespace) -> Any:
     if args.transformer_impl == "transformer_engine":
         require_transformer_engine("--transformer-impl transformer_engine")
@@ -145,7 +139,7 @@ def build_layer_spec(args: argparse.Namespace) -> Any:
     else:
         spec = get_gpt_layer_local_spec(num_experts=args.num_experts, moe_grouped_gemm=args.moe_grouped_gemm)
     if args.moe_token_dispatcher == "deepep":
-        spec = deepep_moe_layer_spec(spec, deepep_options(args))
+        spec = deepep_moe_layer_spec(spec, DeepEPOptions.from_flags(args, args.fp8_format is not None, args.fp8_recipe))
     return spec
 
 
@@ -295,6 +289,8 @@ class Trainer:
     iteration: int = 0
     data: Optional[Iterator[dict]] = None
     dataset: Any = field(default=None, repr=False)
+    #: The model's deepep dispatchers, found once; :meth:`step` reads their clocks and expert load.
+    dispatchers: list = field(default_factory=list, repr=False)
 
     @classmethod
     def create(cls, args: argparse.Namespace) -> "Trainer":
@@ -306,7 +302,8 @@ class Trainer:
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = optimizer.scale_loss
         trainer = cls(args, config, model, optimizer, scheduler, device)
-        for dispatcher in iter_deepep_dispatchers(model):  # read every step by _add_dispatcher_stats
+        trainer.dispatchers = list(iter_deepep_dispatchers(model))
+        for dispatcher in trainer.dispatchers:  # read every step by _add_dispatcher_stats
             dispatcher.clock.enabled = True
         trainer.dataset = build_dataset(args)
         if args.load:
@@ -352,7 +349,7 @@ class Trainer:
         return result
 
     def _add_dispatcher_stats(self, result: StepResult) -> None:
-        dispatchers = list(iter_deepep_dispatchers(self.model))
+        dispatchers = self.dispatchers
         if not dispatchers:
             return
         for dispatcher in dispatchers:
