@@ -70,4 +70,5 @@ def test_fp8_dispatch_trains_close_to_bf16_dispatch():
                    "--train-iters", "2", "--moe-token-dispatcher", "deepep"]
     plain = run_ranks(train_and_collect, 2, argv)
     fp8 = run_ranks(train_and_collect, 2, argv + ["--moe-deepep-fp8-dispatch"])
+    assert fp8[0]["losses"] != plain[0]["losses"], "--moe-deepep-fp8-dispatch changed nothing: was FP8 sent?"
     torch.testing.assert_close(fp8[0]["losses"], plain[0]["losses"], rtol=2e-2, atol=0)

@@ -125,3 +125,28 @@ def test_pretrain_profile_trace_has_dispatch_and_combine(tmp_path):
     assert int(rows["deepep/dispatch"][1]) >= 8 and int(rows["deepep/combine"][1]) >= 8, out.stdout
     assert {"moe/experts", "moe/permute"} <= set(rows), out.stdout
     print(out.stdout)
+
+
+def test_stage_clock_records_only_when_enabled():
+    import time
+
+    import torch
+
+    from deepep_megatron.profiling import StageClock
+
+    cpu = torch.device("cpu")
+    clock = StageClock(("dispatch", "combine"))
+    with clock.measure("dispatch", cpu):  # off by default: nothing kept for a reader that never comes
+        time.sleep(0.002)
+    assert clock.pop_ms() == {"dispatch": 0.0, "combine": 0.0}
+    clock.enabled = True
+    with clock.measure("dispatch", cpu):
+        time.sleep(0.002)
+    times = clock.pop_ms()
+    assert times["dispatch"] >= 2.0 and times["combine"] == 0.0, times
+    assert clock.pop_ms()["dispatch"] == 0.0  # a read resets it
+    timed_sleep = clock.wrap("combine", time.sleep, cpu)
+    timed_sleep(0.002)
+    timed_sleep(0.002)
+    times = clock.pop_ms()
+    assert times["combine"] >= 4.0 and times["dispatch"] == 0.0, times

@@ -128,13 +128,15 @@ class LocalSlurm:
         return out.strip().startswith("idle")
 
     @staticmethod
-    def _wait_for(cond, timeout: float, what: str) -> None:
+    def _wait_for(cond, timeout: float, what) -> None:
+        """Poll ``cond`` until true; on timeout raise with ``what`` (a string, or a callable giving
+        one, evaluated then: e.g. the job's state at that moment)."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if cond():
                 return
             time.sleep(0.2)
-        raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what() if callable(what) else what}")
 
     # -- use ------------------------------------------------------------------------------------
     def sbatch(self, argv: list[str], env: dict | None = None, cwd: Path | None = None) -> int:
@@ -154,23 +156,19 @@ class LocalSlurm:
 
     def wait(self, job_id: int, timeout: float) -> dict[str, str]:
         done = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            info = self.job(job_id)
-            if info.get("JobState") in done:
-                return info
-            time.sleep(0.5)
-        raise TimeoutError(f"job {job_id} not done after {timeout:.0f} s: {self.job(job_id)}")
+        self._wait_for(lambda: self.job(job_id).get("JobState") in done, timeout,
+                       lambda: f"job {job_id} to be done: {self.job(job_id)}")
+        return self.job(job_id)
 
     def wait_restart(self, job_id: int, restarts: int, timeout: float) -> dict[str, str]:
         """Wait until the job has been restarted `restarts` times and is done again."""
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
+        def restarted_and_done() -> bool:
             info = self.job(job_id)
-            if int(info.get("Restarts", 0)) >= restarts and info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"):
-                return info
-            time.sleep(0.5)
-        raise TimeoutError(f"job {job_id} not restarted {restarts}x and done after {timeout:.0f} s: {self.job(job_id)}")
+            return int(info.get("Restarts", 0)) >= restarts and info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED")
+
+        self._wait_for(restarted_and_done, timeout,
+                       lambda: f"job {job_id} to be restarted {restarts}x and done: {self.job(job_id)}")
+        return self.job(job_id)
 
     def logs(self) -> str:
         parts = []
