@@ -17,6 +17,8 @@ MAX_TOPK = 16
 FP8_BLOCK = 128
 #: Rank counts the intranode kernels accept (ranks of one NVLink domain).
 SUPPORTED_NVL_RANK_COUNTS = (2, 4, 8)
+#: GPUs of one node that DeepEP's size hints assume (its NUM_MAX_NVL_PEERS).
+RANKS_PER_NODE = 8
 #: Alignment (bytes) of every region in the communication buffers.
 BUFFER_ALIGN = 128
 #: Bytes of the control region at the start of every NVLink buffer (csrc/api.h kControlBytes).
@@ -100,10 +102,17 @@ class Config:
         needed = nvl_buffer_bytes(self.num_channels, num_ranks, self.num_max_nvl_chunked_recv_tokens, hidden_bytes)
         return align_up(needed, BUFFER_ALIGN)
 
-    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_rdma_ranks: int) -> int:
-        """Bytes of RDMA (NVSHMEM) buffer one rank needs for the internode normal kernels."""
-        if num_rdma_ranks <= 1:
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int, ranks_per_node: int = RANKS_PER_NODE) -> int:
+        """Bytes of RDMA (NVSHMEM) buffer one rank needs for the internode normal kernels of a group of
+        ``num_ranks`` ranks in all (DeepEP's argument), ``ranks_per_node`` to a node: 0 when the group
+        fits in one node (the intranode kernels use no RDMA buffer)."""
+        if num_ranks <= 0 or ranks_per_node <= 0:
+            raise ValueError(f"num_ranks and ranks_per_node must be positive, got {num_ranks} and {ranks_per_node}")
+        if num_ranks <= ranks_per_node:
             return 0
+        if num_ranks % ranks_per_node != 0:
+            raise ValueError(f"num_ranks={num_ranks} must be a multiple of ranks_per_node={ranks_per_node} (whole nodes)")
+        num_rdma_ranks = num_ranks // ranks_per_node
         slots = self.num_channels * num_rdma_ranks * self.num_max_rdma_chunked_recv_tokens * 2  # send + recv
         return align_up(slots * token_slot_bytes(hidden_bytes) + BUFFER_ALIGN * num_rdma_ranks, BUFFER_ALIGN)
 

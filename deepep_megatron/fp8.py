@@ -4,6 +4,8 @@ A row of ``hidden`` values is cut into blocks of 128 channels; each block gets o
 its largest magnitude maps to the e4m3 maximum (448). ``x ~= x_fp8.float() * scale`` per block.
 With ``use_ue8m0`` the scales are rounded up to powers of two (UE8M0, as Blackwell MXFP8 and
 DeepSeek's recipe use): the quantized values then carry the full mantissa and rescaling is exact.
+:func:`pack_ue8m0` / :func:`unpack_ue8m0` convert such scales to and from DeepEP's packed form (the
+8-bit exponent of four consecutive scales in one int32).
 """
 from __future__ import annotations
 
@@ -60,3 +62,35 @@ def per_token_cast_back(
         )
     blocks = x_fp8.float().view(*x_fp8.shape[:-1], hidden // FP8_BLOCK, FP8_BLOCK)
     return (blocks * scales.unsqueeze(-1)).view(x_fp8.shape).to(dtype)
+
+
+#: UE8M0 scales one packed int32 holds (one exponent byte each).
+UE8M0_PER_INT32 = 4
+
+
+def pack_ue8m0(scales: torch.Tensor) -> torch.Tensor:
+    """Pack power-of-two fp32 ``scales`` [..., G] into int32 [..., ceil(G / 4)]: byte ``i`` (little
+    end first) of word ``j`` is the biased 8-bit exponent of scale ``4j + i`` (0 past ``G``)."""
+    if scales.dtype != torch.float32:
+        raise TypeError(f"scales must be float32, got {scales.dtype}")
+    exponents = (scales.contiguous().view(torch.int32) >> 23) & 0xFF
+    if not torch.equal(exponents << 23, scales.view(torch.int32)):
+        raise ValueError("pack_ue8m0 needs positive power-of-two scales (cast with round_scale=True or use_ue8m0=True)")
+    groups = scales.size(-1)
+    padded = torch.zeros(*scales.shape[:-1], -(-groups // UE8M0_PER_INT32) * UE8M0_PER_INT32, dtype=torch.int32, device=scales.device)
+    padded[..., :groups] = exponents
+    words = padded.view(*scales.shape[:-1], -1, UE8M0_PER_INT32)
+    packed = torch.zeros(words.shape[:-1], dtype=torch.int32, device=scales.device)
+    for byte in range(UE8M0_PER_INT32):  # the bytes never overlap: OR them in place
+        packed |= words[..., byte] << (8 * byte)
+    return packed
+
+
+def unpack_ue8m0(packed: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Inverse of :func:`pack_ue8m0`: int32 [..., W] -> fp32 scales [..., num_groups]."""
+    if packed.dtype != torch.int32:
+        raise TypeError(f"packed must be int32, got {packed.dtype}")
+    shifts = torch.arange(UE8M0_PER_INT32, dtype=torch.int32, device=packed.device) * 8
+    exponents = (packed.unsqueeze(-1) >> shifts) & 0xFF
+    exponents = exponents.reshape(*packed.shape[:-1], -1)[..., :num_groups].contiguous()
+    return (exponents << 23).view(torch.float32)

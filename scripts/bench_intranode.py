@@ -83,7 +83,7 @@ def _worker(rank: int, world: int, sms_list: list[int], tune_sms: list[int], sha
     max_hidden = max(SHAPES[s]["hidden"] for s in shapes)
     nvl = max(Config(s, 6, 512 if s in tune_sms else 256).get_nvl_buffer_size_hint(max_hidden * 2, world)
               for s in sms_list + tune_sms)
-    buffer = Buffer(group, num_nvl_bytes=nvl, backend="cuda")
+    buffer = Buffer(group, num_nvl_bytes=nvl, explicitly_destroy=True, backend="cuda")
     rows = []
 
     def slowest(seconds: float) -> float:

@@ -54,7 +54,7 @@ def _worker(rank: int, world: int, sms: int, calls: int, fp8: bool) -> None:
 
     H, T, K, E = 7168, 4096, 8, 256
     config = Config(sms, 32, 256)
-    buffer = Buffer(dist.group.WORLD, num_nvl_bytes=config.get_nvl_buffer_size_hint(H * 2, world), backend="cuda")
+    buffer = Buffer(dist.group.WORLD, num_nvl_bytes=config.get_nvl_buffer_size_hint(H * 2, world), explicitly_destroy=True, backend="cuda")
     g = torch.Generator().manual_seed(7 + rank)
     x = torch.randn(T, H, generator=g).to(device, torch.bfloat16)
     topk_idx = torch.rand(T, E, generator=g).topk(K, dim=1).indices.to(device)

@@ -34,7 +34,7 @@ def child(rank: int, world: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     config = Config(4, 6, 64)
     case = Case(world, tokens=(37, 52), hidden=256, num_topk=3, num_experts=8, seed=3)
-    fast = Buffer(dist.group.WORLD, num_nvl_bytes=config.get_nvl_buffer_size_hint(256 * 4, world), backend="cuda")
+    fast = Buffer(dist.group.WORLD, num_nvl_bytes=config.get_nvl_buffer_size_hint(256 * 4, world), explicitly_destroy=True, backend="cuda")
     ref = Buffer(dist.group.WORLD, backend="reference")
     x, topk_idx, topk_weights = make_inputs(case, rank, device="cuda")
     per_rank, _, per_expert, in_rank, _ = fast.get_dispatch_layout(topk_idx, case.num_experts)

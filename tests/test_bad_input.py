@@ -39,7 +39,7 @@ def _bad_calls(buffer, other, ll_buffer):
         ("weights shape", lambda: buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights[:, :1], **layout), ValueError, "topk_weights must have shape"),
         ("is_token_in_rank shape", lambda: buffer.dispatch(x, topk_idx=topk_idx, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank[:3], num_tokens_per_expert=per_expert), ValueError, "is_token_in_rank must have shape"),
         ("topk_idx rows", lambda: buffer.dispatch(x, topk_idx=topk_idx[:3], **layout), ValueError, r"topk_idx must have shape \[6, \*\]"),
-        ("no layout", lambda: buffer.dispatch(x, topk_idx=topk_idx), ValueError, "needs topk_idx, num_tokens_per_rank"),
+        ("no layout", lambda: buffer.dispatch(x, topk_idx=topk_idx), ValueError, "missing num_tokens_per_rank, is_token_in_rank"),
         ("device mismatch", lambda: buffer.dispatch(x, topk_idx=topk_idx.to("meta"), **layout), ValueError, "topk_idx is on meta but x is on cpu"),
         ("alignment 0", lambda: buffer.dispatch(x, topk_idx=topk_idx, expert_alignment=0, **layout), ValueError, "expert_alignment"),
         ("config type", lambda: buffer.dispatch(x, topk_idx=topk_idx, config={"num_sms": 20}, **layout), TypeError, "config must be"),
@@ -69,7 +69,7 @@ def _check_all(rank: int, world_size: int) -> int:
     from deepep_megatron import Buffer
 
     group = dist.group.WORLD
-    buffer, other = Buffer(group), Buffer(group)
+    buffer, other = Buffer(group, explicitly_destroy=True), Buffer(group)
     ll_buffer = Buffer(group, num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(8, 256, world_size, 8), low_latency_mode=True)
     calls = _bad_calls(buffer, other, ll_buffer)
     for description, call, error, pattern in calls:

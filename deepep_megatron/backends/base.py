@@ -31,6 +31,43 @@ def topk_range_error(num_experts: int, low: int, high: int) -> ValueError:
     )
 
 
+def channel_token_range(num_tokens: int, num_channels: int, channel: int) -> tuple[int, int]:
+    """Tokens ``[start, end)`` that channel ``channel`` of ``num_channels`` moves: DeepEP's split into
+    contiguous slices of ``ceil(num_tokens / num_channels)`` tokens (the last ones may be short or empty)."""
+    per_channel = (num_tokens + num_channels - 1) // num_channels
+    start = min(per_channel * channel, num_tokens)
+    return start, min(start + per_channel, num_tokens)
+
+
+def _running_counts(is_token_in_rank: torch.Tensor) -> torch.Tensor:
+    """[T + 1, R] int32: row ``t`` counts the tokens before token ``t`` that go to each rank."""
+    num_tokens, num_ranks = is_token_in_rank.shape
+    running = torch.zeros(num_tokens + 1, num_ranks, dtype=torch.int32, device=is_token_in_rank.device)
+    running[1:] = is_token_in_rank.to(torch.int32).cumsum(0)
+    return running
+
+
+def channel_prefix_matrix(is_token_in_rank: torch.Tensor, num_channels: int) -> torch.Tensor:
+    """[R, C] int32: entry ``[r, c]`` counts the tokens of channels ``0..c`` that go to rank ``r``
+    (DeepEP's ``channel_prefix_matrix``, the sender's view), for ``is_token_in_rank`` [T, R] bool."""
+    num_tokens = is_token_in_rank.size(0)
+    ends = [channel_token_range(num_tokens, num_channels, c)[1] for c in range(num_channels)]
+    return _running_counts(is_token_in_rank)[ends].t().contiguous()
+
+
+def channel_send_head(is_token_in_rank: torch.Tensor, num_channels: int) -> torch.Tensor:
+    """[T, R] int32: the position of token ``t`` among the tokens its channel sends to rank ``r``,
+    or -1 where it is not sent there (DeepEP's ``send_head``)."""
+    num_tokens = is_token_in_rank.size(0)
+    running = _running_counts(is_token_in_rank)
+    channel_start = torch.empty(num_tokens, dtype=torch.long, device=is_token_in_rank.device)
+    for c in range(num_channels):
+        start, end = channel_token_range(num_tokens, num_channels, c)
+        channel_start[start:end] = start
+    position = running[1:] - running[channel_start] - 1
+    return torch.where(is_token_in_rank, position, torch.full_like(position, -1))
+
+
 @dataclass
 class DispatchLayout:
     """What a backend needs to repeat (cached dispatch) or reverse (combine) one normal dispatch.
@@ -41,6 +78,13 @@ class DispatchLayout:
         num_recv_tokens_per_rank: [R] int32 (on the host), rows received from each rank.
         recv_src_idx: [N_recv] int32, source token index of each received row.
         num_recv_tokens_per_expert_list: per local expert, received count (aligned).
+        num_channels: channels (``config.num_sms // 2``) of the dispatch that made this layout;
+            each moves one contiguous slice of the tokens (DeepEP's split, see ``channel_token_range``).
+        rank_prefix_matrix: [R, R] int32 or None, DeepEP's ``handle[0]``: entry ``[i, j]`` counts the
+            tokens that ranks ``0..i`` send to rank ``j`` (the same on every rank). None where the
+            backend does not gather the whole matrix.
+        recv_channel_prefix_matrix: [R, C] int32 or None, DeepEP's ``handle[2]``: row of
+            ``recv_x`` where the tokens from source rank ``s``, channel ``c`` start.
         private: backend-specific state (prefix matrices per channel, send heads, ...).
     """
 
@@ -50,6 +94,9 @@ class DispatchLayout:
     recv_src_idx: torch.Tensor
     num_recv_tokens_per_expert_list: list[int]
     private: dict[str, Any] = field(default_factory=dict)
+    num_channels: int = 0
+    rank_prefix_matrix: Optional[torch.Tensor] = None
+    recv_channel_prefix_matrix: Optional[torch.Tensor] = None
 
     @property
     def num_recv_tokens(self) -> int:

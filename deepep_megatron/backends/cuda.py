@@ -265,6 +265,12 @@ class CudaBackend(Backend):
             x_scales = x_scales.contiguous()
         R = self.num_ranks
         stream = self._stream()
+        layout_only = cached_layout is None and topk_idx is None
+        if layout_only:
+            # A layout-only dispatch (no expert ids: tokens go where is_token_in_rank says). The
+            # kernels always carry a top-k row, so send one "no expert" slot and drop it on arrival.
+            topk_idx = torch.full((num_tokens, 1), -1, dtype=torch.int64, device=self.device)
+            topk_weights = torch.zeros(num_tokens, 1, dtype=torch.float32, device=self.device)
 
         if cached_layout is not None:
             layout = cached_layout
@@ -381,6 +387,7 @@ class CudaBackend(Backend):
                 num_recv_tokens_per_rank=torch.tensor(counts[:R], dtype=torch.int32),
                 recv_src_idx=recv_src_idx,
                 num_recv_tokens_per_expert_list=counts[R:],
+                num_channels=num_channels,
                 private={
                     "backend": self.name,
                     "num_channels": num_channels,
@@ -391,6 +398,8 @@ class CudaBackend(Backend):
                     "recv_channel_offset": recv_channel_offset,
                 },
             )
+            if layout_only:
+                recv_topk_idx = recv_topk_weights = None
             return DispatchOutput(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, layout)
 
         self._runtime.barrier(self.timeout_s, stream)

@@ -14,13 +14,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..config import Config
-from ..fp8 import per_token_cast_to_fp8
+from ..fp8 import pack_ue8m0, per_token_cast_to_fp8
 from .base import (
     Backend,
     DispatchLayout,
     DispatchOutput,
     LowLatencyDispatchOutput,
     LowLatencyLayout,
+    channel_prefix_matrix,
 )
 
 
@@ -83,6 +84,13 @@ class ReferenceBackend(Backend):
         dist.all_to_all_single(recv, send, group=self.group)
         return recv.tolist()
 
+    def _gather_rows(self, row: torch.Tensor) -> torch.Tensor:
+        """All-gather one int64 row [B] of every rank -> [R, B] on the host (row r is rank r's)."""
+        comm_device = torch.device("cuda", torch.cuda.current_device()) if self._uses_nccl else torch.device("cpu")
+        gathered = [torch.empty(row.numel(), dtype=torch.int64, device=comm_device) for _ in range(self.num_ranks)]
+        dist.all_gather(gathered, row.to(comm_device, torch.int64), group=self.group)
+        return torch.stack(gathered).cpu()
+
     def _exchange_rows(self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
         """Send ``rows`` [N, B] uint8, ``send_counts[r]`` of them to rank r, in order."""
         row_bytes = rows.size(1)
@@ -137,23 +145,53 @@ class ReferenceBackend(Backend):
         # (rank, token) pairs sorted by rank then token: the deterministic send order.
         dest_ranks, send_tokens = is_token_in_rank.t().nonzero(as_tuple=True)
         send_counts_t = torch.bincount(dest_ranks, minlength=self.num_ranks)
-        send_counts = send_counts_t.tolist()
-        recv_counts = self._exchange_counts(send_counts_t)
+        R, num_channels = self.num_ranks, config.num_channels
+        num_experts = num_tokens_per_expert.numel()
+        num_local_experts = num_experts // R
+        # One all-gather of every rank's counts (what DeepEP's notify exchanges): per destination
+        # rank, per expert, and per (destination rank, channel). Row s is rank s's.
+        mine = torch.cat([
+            num_tokens_per_rank.to(torch.int64).cpu(),
+            num_tokens_per_expert.to(torch.int64).cpu(),
+            channel_prefix_matrix(is_token_in_rank, num_channels).to(torch.int64).cpu().reshape(-1),
+        ])
+        if not torch.equal(mine[:R], send_counts_t.cpu()):
+            raise ValueError(
+                f"num_tokens_per_rank {mine[:R].tolist()} disagrees with is_token_in_rank, which sends "
+                f"{send_counts_t.tolist()} tokens to each rank; pass both from the same get_dispatch_layout"
+            )
+        if topk_idx is not None:
+            routed = topk_idx[topk_idx >= 0]
+            if not torch.equal(mine[R : R + num_experts], torch.bincount(routed.cpu(), minlength=num_experts)):
+                raise ValueError(
+                    "num_tokens_per_expert disagrees with topk_idx (tokens routed to each expert); "
+                    "pass both from the same get_dispatch_layout"
+                )
+        everyone = self._gather_rows(mine)
+        counts = everyone[:, :R]  # [source, destination]
+        recv_counts = counts[:, self.rank].tolist()
+        per_expert = everyone[:, R + self.rank * num_local_experts : R + (self.rank + 1) * num_local_experts].sum(0)
+        per_expert = [(c + expert_alignment - 1) // expert_alignment * expert_alignment for c in per_expert.tolist()]
+        source_channels = everyone[:, R + num_experts :].view(R, R, num_channels)[:, self.rank]  # [source, channel]
+        source_start = torch.cumsum(counts[:, self.rank], 0) - counts[:, self.rank]
+        channel_start = torch.cat([torch.zeros(R, 1, dtype=torch.int64), source_channels[:, :-1]], dim=1)
 
-        columns = payload + [topk_idx.to(torch.int64), topk_weights.to(torch.float32), torch.arange(x.size(0), device=x.device)]
-        recv = self._exchange_rows(pack_rows([t[send_tokens] for t in columns]), send_counts, recv_counts)
+        columns = list(payload)
+        if topk_idx is not None:
+            columns += [topk_idx.to(torch.int64), topk_weights.to(torch.float32)]
+        columns.append(torch.arange(x.size(0), device=x.device))
+        recv = self._exchange_rows(pack_rows([t[send_tokens] for t in columns]), send_counts_t.tolist(), recv_counts)
         recv_columns = unpack_rows(recv, [_spec(t) for t in columns])
         recv_x = recv_columns[0]
         recv_x_scales = recv_columns[1] if x_scales is not None else None
-        recv_global_idx, recv_topk_weights, recv_src_idx = recv_columns[-3:]
-
-        num_local_experts = num_tokens_per_expert.numel() // self.num_ranks
-        local = recv_global_idx - self.rank * num_local_experts
-        is_local = (recv_global_idx >= 0) & (local >= 0) & (local < num_local_experts)
-        recv_topk_idx = torch.where(is_local, local, torch.full_like(local, -1))
-        recv_topk_weights = torch.where(is_local, recv_topk_weights, torch.zeros_like(recv_topk_weights))
-        per_expert = torch.bincount(recv_topk_idx[is_local], minlength=num_local_experts).tolist()
-        per_expert = [(c + expert_alignment - 1) // expert_alignment * expert_alignment for c in per_expert]
+        recv_src_idx = recv_columns[-1]
+        recv_topk_idx = recv_topk_weights = None
+        if topk_idx is not None:
+            recv_global_idx, recv_topk_weights = recv_columns[-3:-1]
+            local = recv_global_idx - self.rank * num_local_experts
+            is_local = (recv_global_idx >= 0) & (local >= 0) & (local < num_local_experts)
+            recv_topk_idx = torch.where(is_local, local, torch.full_like(local, -1))
+            recv_topk_weights = torch.where(is_local, recv_topk_weights, torch.zeros_like(recv_topk_weights))
 
         layout = DispatchLayout(
             is_token_in_rank=is_token_in_rank,
@@ -162,6 +200,9 @@ class ReferenceBackend(Backend):
             recv_src_idx=recv_src_idx.to(torch.int32),
             num_recv_tokens_per_expert_list=per_expert,
             private={"send_tokens": send_tokens},
+            num_channels=num_channels,
+            rank_prefix_matrix=torch.cumsum(counts, 0).to(torch.int32).to(x.device),
+            recv_channel_prefix_matrix=(source_start.unsqueeze(1) + channel_start).to(torch.int32).to(x.device),
         )
         return DispatchOutput(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, layout)
 
@@ -205,9 +246,13 @@ class ReferenceBackend(Backend):
 
         if use_fp8:
             x_fp8, x_scales = per_token_cast_to_fp8(x, use_ue8m0=use_ue8m0, round_scale=round_scale)
+            if use_ue8m0:  # DeepEP's packed exponents, [E_local, slots, H/512] int32, column-major (slots fastest)
+                x_scales = pack_ue8m0(x_scales)
             payload = [x_fp8, x_scales]
             recv_x = torch.empty(num_local_experts, slots, hidden, dtype=x_fp8.dtype, device=x.device)
-            recv_x_scales = torch.empty(num_local_experts, slots, x_scales.size(1), dtype=torch.float32, device=x.device)
+            recv_x_scales = torch.empty(
+                num_local_experts, x_scales.size(1), slots, dtype=x_scales.dtype, device=x.device
+            ).transpose(1, 2)
         else:
             payload = [x]
             recv_x = torch.empty(num_local_experts, slots, hidden, dtype=x.dtype, device=x.device)

@@ -114,7 +114,7 @@ def _compare_cases(rank: int, world_size: int, ranks_per_gpu: int) -> int:
     cases = _cases(world_size)
     hidden_bytes = max(c.hidden * max(c.dtype.itemsize, 2) for c, _ in cases)
     num_nvl_bytes = max(Config(s, 6, 256).get_nvl_buffer_size_hint(hidden_bytes, world_size) for s in sms_choices)
-    fast = Buffer(group, num_nvl_bytes=num_nvl_bytes, backend="cuda")
+    fast = Buffer(group, num_nvl_bytes=num_nvl_bytes, explicitly_destroy=True, backend="cuda")
     ref = Buffer(group, backend="reference")
     assert fast.backend_name == "cuda"
     checked = 0
@@ -233,7 +233,7 @@ def _bad_topk(rank: int, world_size: int) -> int:
     device = torch.device("cuda", torch.cuda.current_device())  # rank % GPUs, set by run_ranks
     config = Config(4, 6, 256)
     case = Case(world_size, tokens=(97,) * world_size, hidden=2048, num_topk=4, num_experts=8 * world_size, seed=21)
-    fast = Buffer(dist.group.WORLD, num_nvl_bytes=config.get_nvl_buffer_size_hint(2048 * 2, world_size), backend="cuda")
+    fast = Buffer(dist.group.WORLD, num_nvl_bytes=config.get_nvl_buffer_size_hint(2048 * 2, world_size), explicitly_destroy=True, backend="cuda")
     ref = Buffer(dist.group.WORLD, backend="reference")
     x, topk_idx, topk_weights = make_inputs(case, rank, device=str(device))
     per_rank, _, per_expert, in_rank, _ = ref.get_dispatch_layout(topk_idx, case.num_experts)
