@@ -36,7 +36,7 @@ from .config import (
     get_low_latency_rdma_size_hint,
 )
 from .events import EventHandle, EventOverlap, cuda_event_of, cuda_in_use
-from .fp8 import FP8_DTYPE
+from .fp8 import FP8_DTYPE, UE8M0_PER_INT32
 from .profiling import nvtx_range
 
 TensorOrFP8 = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
@@ -208,7 +208,9 @@ def _check_num_experts(num_experts: Any, num_ranks: int) -> int:
 
 
 def _split_x(x: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Validate ``x`` (tensor or FP8 pair) and return ``(data, scales or None)``."""
+    """Validate ``x`` (tensor or FP8 pair) and return ``(data, scales or None)``. The scales of an FP8
+    pair are fp32 [T, H/128], or UE8M0 exponents packed four to an int32 [T, ceil(H/512)]
+    (``fp8.pack_ue8m0``), in any memory layout (DeepEP's tests pass them column-major)."""
     if isinstance(x, (tuple, list)):
         if len(x) != 2:
             raise ValueError(f"an FP8 x must be a pair (x_e4m3 [T, H], scales [T, H/128]), got {len(x)} items")
@@ -216,7 +218,15 @@ def _split_x(x: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         _check_tensor(data, "x[0]", (FP8_DTYPE,), (None, None))
         if data.size(1) % FP8_BLOCK != 0:
             raise ValueError(f"x[0].size(1) (hidden={data.size(1)}) must be divisible by {FP8_BLOCK} for FP8")
-        _check_tensor(scales, "x[1] (FP8 scales)", (torch.float32,), (data.size(0), data.size(1) // FP8_BLOCK), data.device)
+        groups = data.size(1) // FP8_BLOCK
+        _check_tensor(scales, "x[1] (FP8 scales)", (torch.float32, torch.int32), (data.size(0), None), data.device)
+        want = groups if scales.dtype == torch.float32 else -(-groups // UE8M0_PER_INT32)
+        if scales.size(1) != want:
+            raise ValueError(
+                f"x[1] (FP8 scales, {str(scales.dtype).replace('torch.', '')}) must have shape [{data.size(0)}, {want}] "
+                f"for hidden={data.size(1)} (fp32: one scale per {FP8_BLOCK} channels; int32: {UE8M0_PER_INT32} packed "
+                f"UE8M0 scales each), got {list(scales.shape)}"
+            )
         return data.contiguous(), scales.contiguous()
     _check_tensor(x, "x", _HIGH_PRECISION_DTYPES, (None, None))
     return x.contiguous(), None
@@ -267,6 +277,7 @@ class Buffer:
         comm: an ``mpi4py.MPI.Comm`` to use when ``group`` is None: its ranks must be the ranks of an
             initialized ``torch.distributed`` world (the backends communicate through torch.distributed),
             in the same order.
+        enable_shrink: newer DeepEP's fault-tolerant rank masking (vLLM passes it); only False.
         backend: ``"reference"`` (torch.distributed collectives), ``"cuda"`` (compiled kernels) or
             ``"auto"`` (cuda when the extension is built, a GPU is visible and num_nvl_bytes > 0).
     """
@@ -286,9 +297,15 @@ class Buffer:
         explicitly_destroy: bool = False,
         comm: Optional[Any] = None,
         *,
+        enable_shrink: bool = False,
         backend: str = "auto",
     ) -> None:
         self._destroyed = True  # until the backend exists (so __del__ of a half-built Buffer is quiet)
+        if enable_shrink:
+            raise ValueError(
+                "enable_shrink=True (DeepEP's post-1.2.1 rank-masking for fault tolerance) is not supported; pass "
+                "enable_shrink=False"
+            )
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized: call torch.distributed.init_process_group first")
         group = _group_of(group, comm)

@@ -112,6 +112,7 @@ def _normal_modes(rank: int, world_size: int) -> int:
     import torch.distributed as dist
 
     from deepep_megatron import Buffer, per_token_cast_to_fp8
+    from deepep_megatron.fp8 import pack_ue8m0
 
     case = Case(world_size, tokens=(29, 41), hidden=256, num_topk=4, num_experts=8, seed=9)
     buffer = Buffer(dist.group.WORLD, backend="reference")
@@ -127,6 +128,15 @@ def _normal_modes(rank: int, world_size: int) -> int:
         got = recv_x[0] if isinstance(recv_x, tuple) else recv_x
         ref = per_token_cast_to_fp8(want.recv_x)[0] if isinstance(recv_x, tuple) else want.recv_x
         assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
+    # FP8 with UE8M0 scales packed four to an int32, passed column-major as DeepEP's tests do
+    x_q, x_s = per_token_cast_to_fp8(x, use_ue8m0=True)
+    packed = pack_ue8m0(x_s)
+    (recv_q, recv_s), *_ = buffer.dispatch((x_q, packed.t().contiguous().t()), topk_idx=topk_idx, **layout)
+    want_q, want_s = per_token_cast_to_fp8(want.recv_x, use_ue8m0=True)
+    assert recv_s.dtype == torch.int32 and torch.equal(recv_s, pack_ue8m0(want_s))
+    assert torch.equal(recv_q.view(torch.uint8), want_q.view(torch.uint8))
+    with pytest.raises(ValueError, match=r"must have shape \[\d+, 1\] for hidden=256"):
+        buffer.dispatch((x_q, torch.cat([packed, packed], dim=1)), topk_idx=topk_idx, **layout)
     with pytest.raises(ValueError, match="topk_weights was given without topk_idx"):
         buffer.dispatch(x, topk_weights=topk_weights, **layout)
 
@@ -248,6 +258,15 @@ def _lifetime(rank: int, world_size: int) -> None:
         del buffer
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+    # the keyword sets vLLM's high-throughput and low-latency DeepEP managers pass
+    Buffer(group=group, num_nvl_bytes=1 << 20, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=1,
+           explicitly_destroy=True).destroy()
+    Buffer(group=group, num_nvl_bytes=1 << 20, num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(8, 256, world_size, 4),
+           low_latency_mode=True, num_qps_per_rank=2, allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False,
+           explicitly_destroy=True, enable_shrink=False).destroy()
+    with pytest.raises(ValueError, match="enable_shrink=True .* is not supported"):
+        Buffer(group, enable_shrink=True)
 
     via_comm = Buffer(None, comm=_StubComm(rank, world_size))
     assert via_comm.group is dist.group.WORLD and via_comm.rank == rank

@@ -257,6 +257,11 @@ class CudaBackend(Backend):
         for tensor, name in ((x, "x"), (x_scales, "x_scales"), (topk_idx, "topk_idx"), (topk_weights, "topk_weights"),
                              (is_token_in_rank, "is_token_in_rank"), (num_tokens_per_expert, "num_tokens_per_expert")):
             self._check_device(tensor, name)
+        if x_scales is not None and x_scales.dtype != torch.float32:
+            raise ValueError(
+                f"the cuda kernels carry fp32 FP8 scales [T, H/128], got {x_scales.dtype} (packed UE8M0); unpack them "
+                "with deepep_megatron.fp8.unpack_ue8m0 or use backend='reference'"
+            )
         x = x.contiguous()
         num_tokens, hidden = x.shape
         row_bytes = self._row_bytes(x)
