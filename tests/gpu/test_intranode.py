@@ -6,8 +6,9 @@ which needs MPS (start it first: scripts/gpu_ci.sh does). Skipped without a GPU,
 
 Checks: dispatch is bit-identical to the reference (rows, FP8 scales, top-k ids/weights, counts,
 source indices), combine too (the kernels sum in the same fp32 order), on random data with outputs
-poisoned first, for bf16/fp32/FP8, cached dispatch, async_finish + previous_event, several SM counts,
-ranks that receive nothing and ranks with no tokens. A stall test checks the timeout error.
+poisoned first, for bf16/fp32/FP8, cached dispatch, async_finish + previous_event, layout-only
+dispatch, num_worst_tokens, combine with bias, several SM counts, ranks that receive nothing and
+ranks with no tokens. A stall test checks the timeout error.
 """
 from __future__ import annotations
 
@@ -177,6 +178,25 @@ def _compare_cases(rank: int, world_size: int, ranks_per_gpu: int) -> int:
         comb_async[2].current_stream_wait()
         _same(comb_async[0], comb_ref[0], f"{tag}: combined_x (async, no weights)")
         assert comb_async[1] is None
+
+        # DeepEP's other modes: layout-only dispatch, num_worst_tokens, combine with bias (fp32 sum
+        # moved in column slices where the NVLink buffer is sized for narrower rows).
+        layout_only = {k: v for k, v in args.items() if k not in ("topk_idx", "topk_weights")}
+        _poison(device)
+        lo_fast, lo_ref = fast.dispatch(x_in, **layout_only), ref.dispatch(x_in, **layout_only)
+        _same(lo_fast[0][0] if use_fp8 else lo_fast[0], lo_ref[0][0] if use_fp8 else lo_ref[0], f"{tag}: layout-only recv_x")
+        assert lo_fast[1] is None and lo_fast[2] is None and lo_fast[3] == lo_ref[3], f"{tag}: layout-only extras"
+        worst = sum(case.tokens)
+        _poison(device)
+        w_fast, w_ref = fast.dispatch(x_in, num_worst_tokens=worst, **args), ref.dispatch(x_in, num_worst_tokens=worst, **args)
+        _same(w_fast[0][0] if use_fp8 else w_fast[0], w_ref[0][0] if use_fp8 else w_ref[0], f"{tag}: worst-case recv_x")
+        _same(w_fast[1], w_ref[1], f"{tag}: worst-case recv_topk_idx")
+        _same(w_fast[2], w_ref[2], f"{tag}: worst-case recv_topk_weights")
+        assert w_fast[3] == w_ref[3] == []
+        g = torch.Generator(device=device).manual_seed(1000 + index * 8 + rank)
+        bias = (torch.randn(x.shape, generator=g, device=device).to(y.dtype), torch.randn(x.shape, generator=g, device=device).to(y.dtype))
+        _poison(device)
+        _same(fast.combine(y, handle_fast, bias=bias)[0], ref.combine(y, handle_ref, bias=bias)[0], f"{tag}: combined_x with bias")
         checked += 1
     torch.cuda.synchronize()
     fast.runtime.synchronize()
