@@ -16,7 +16,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig  # no
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules  # noqa: E402
 
 from deepep_megatron.megatron import DeepEPMoELayer, DeepEPOptions, deepep_moe_layer_class, deepep_moe_layer_spec  # noqa: E402
-from deepep_megatron.megatron import megatron_lm  # noqa: E402
+from deepep_megatron.megatron import compat, megatron_lm  # noqa: E402
 from deepep_megatron.megatron.arguments import build_parser, parse_args, validate_args  # noqa: E402
 from deepep_megatron.megatron.dispatcher import check_supported, routing_map_to_topk, topk_to_local_routing  # noqa: E402
 from deepep_megatron.megatron.te_fp8 import FP8_RECIPES, have_transformer_engine, resolve_fp8  # noqa: E402
@@ -30,7 +30,7 @@ BASE = ["--mock-data"]
         (["--num-experts", "6", "--expert-model-parallel-size", "4"], "--expert-model-parallel-size (4) must divide --num-experts (6)"),
         (["--moe-expert-capacity-factor", "1", "--moe-pad-expert-input-to-capacity"], "deepep does not support --moe-pad-expert-input-to-capacity"),
         (["--moe-token-dispatcher", "alltoall", "--moe-deepep-fp8-dispatch"], "--moe-deepep-fp8-dispatch needs --moe-token-dispatcher deepep"),
-        (["--moe-deepep-num-sms", "21"], "--moe-deepep-num-sms must be a positive even number"),
+        (["--moe-deepep-num-sms", "21"], "--moe-deepep-num-sms/--moe-flex-dispatcher-num-sms must be a positive even number"),
         (["--expert-tensor-parallel-size", "2"], "deepep needs --expert-tensor-parallel-size 1"),
         (["--fp8-format", "hybrid"], "--fp8-format hybrid needs --transformer-impl transformer_engine"),
         (["--moe-router-topk", "5"], "--moe-router-topk (5) cannot exceed --num-experts (4)"),
@@ -166,3 +166,26 @@ def test_routing_conversion_round_trip():
     assert local_map.tolist() == [[True, False], [False, True]]
     assert torch.equal(local_probs, torch.tensor([[0.3, 0.0], [0.0, 0.5]]))
 
+
+
+def test_sm_count_from_either_megatron_core_field():
+    """0.16 has moe_deepep_num_sms (default 20); 0.19 adds moe_flex_dispatcher_num_sms and defaults
+    both to None: the new one wins, the old one counts, neither means DeepEP's 20."""
+    assert compat.dispatcher_num_sms(types.SimpleNamespace(moe_deepep_num_sms=None)) == 20
+    assert compat.dispatcher_num_sms(types.SimpleNamespace(moe_flex_dispatcher_num_sms=None, moe_deepep_num_sms=None)) == 20
+    assert compat.dispatcher_num_sms(types.SimpleNamespace(moe_flex_dispatcher_num_sms=None, moe_deepep_num_sms=12)) == 12
+    assert compat.dispatcher_num_sms(types.SimpleNamespace(moe_flex_dispatcher_num_sms=24, moe_deepep_num_sms=12)) == 24
+    with pytest.raises(ValueError, match="--moe-flex-dispatcher-num-sms must be a positive even number"):
+        compat.dispatcher_num_sms(types.SimpleNamespace(moe_flex_dispatcher_num_sms=5, moe_deepep_num_sms=None))
+    # The entry sets the field this megatron-core reads, and the dispatcher reads it back.
+    config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, num_moe_experts=4, moe_router_topk=2,
+                               **compat.num_sms_config_field(32))
+    assert compat.dispatcher_num_sms(config) == 32
+
+
+def test_tp_divisibility_is_checked_with_the_layout():
+    args = build_parser().parse_args(BASE + ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                             "--transformer-impl", "transformer_engine",
+                                             "--num-attention-heads", "3", "--hidden-size", "96"])
+    with pytest.raises(ValueError, match=r"--num-attention-heads \(3\) must be divisible by --tensor-model-parallel-size \(2\)"):
+        validate_args(args, world_size=2)

@@ -1,15 +1,77 @@
 """Command-line flags of ``python -m deepep_megatron.pretrain`` (Megatron-LM names and meanings)
-and their validation. Every check names the flag and says how to fix it."""
+and their validation: the one place that checks them, before megatron-core is imported or anything
+is built. Every check names the flag and says how to fix it.
+
+Light on purpose (argparse, and torch only through ``deepep_megatron``'s own package): a typo costs
+no megatron-core import, and ``--help`` works without megatron-core installed.
+
+Errors go through :func:`exit_with_error`: one line ``PROG: error: ...`` on stderr, printed by one
+rank only (the launcher's rank 0; every rank exits with the same status), no usage block.
+"""
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib.util
-from typing import Optional, Sequence
+import os
+import sys
+from typing import NoReturn, Optional, Sequence
 
-from .dispatcher import BACKENDS
-from .te_fp8 import FP8_FORMATS, FP8_RECIPES
+from ..backends import BACKEND_NAMES, cuda_backend_available
+from ..config import FP8_BLOCK, SUPPORTED_NVL_RANK_COUNTS
+from .te_fp8 import FP8_FORMATS, FP8_RECIPES, fp8_dispatch
 
 DISPATCHERS = ("alltoall", "allgather", "deepep")
+#: SMs of the dispatch/combine kernels when no flag sets them (DeepEP's default, ``Buffer.num_sms``).
+DEFAULT_NUM_SMS = 20
+#: What the launcher sets; the entry needs all of them unless a process group already exists.
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+PROG = "python -m deepep_megatron.pretrain"
+
+
+def launch_rank() -> int:
+    """This process's global rank as the launcher set it (torchrun: ``RANK``, srun: ``SLURM_PROCID``);
+    0 when started by hand."""
+    for name in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def exit_with_error(prog: str, message: str, status: int = 2) -> NoReturn:
+    """Print ``prog: error: message`` once per job (rank 0 only) and exit with ``status`` on every rank."""
+    if launch_rank() == 0:
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+class FlagParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one short line from one rank (no usage block),
+    and whose unknown flags come with the closest known flag."""
+
+    def error(self, message: str) -> NoReturn:
+        exit_with_error(self.prog, f"{message} (--help lists every flag)")
+
+    def parse_args(self, args: Optional[Sequence[str]] = None, namespace: Optional[argparse.Namespace] = None):  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(self._unrecognized(extras))
+        return parsed
+
+    def _unrecognized(self, extras: list[str]) -> str:
+        """Name each unknown flag with its closest known flag (``--moe-router-topkk`` -> ``--moe-router-topk``)."""
+        known = list(self._option_string_actions)
+        parts = []
+        for position, extra in enumerate(extras):
+            if not extra.startswith("-"):
+                if position == 0 or not extras[position - 1].startswith("-"):  # else: the unknown flag's value
+                    parts.append(f"unexpected value {extra!r} (a value follows its flag)")
+                continue
+            flag = extra.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+            parts.append(f"unrecognized flag {flag}" + (f" (did you mean {close[0]}?)" if close else ""))
+        return "; ".join(parts)
 
 
 def add_deepep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -17,16 +79,18 @@ def add_deepep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     entry and by :func:`deepep_megatron.megatron.megatron_lm.extra_args_provider`)."""
     group = parser.add_argument_group("deepep_megatron")
     group.add_argument("--moe-deepep-fp8-dispatch", action="store_true",
-                       help="deepep dispatcher: send activations as FP8 e4m3 with per-128-channel scales "
-                            "(needs hidden size % 128 == 0); implied by --fp8-recipe blockwise")
-    group.add_argument("--moe-deepep-backend", choices=BACKENDS, default="auto",
-                       help="deepep dispatcher: Buffer backend (auto = CUDA kernels when built and on GPU)")
+                       help=f"deepep dispatcher: send activations as FP8 e4m3 with one scale per {FP8_BLOCK} "
+                            f"channels (needs --hidden-size divisible by {FP8_BLOCK}); implied by --fp8-recipe blockwise")
+    group.add_argument("--moe-deepep-backend", choices=BACKEND_NAMES, default="auto",
+                       help="deepep dispatcher: Buffer backend (auto = CUDA kernels when built, on GPU, for 2, 4 or "
+                            "8 EP ranks; else reference)")
     return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m deepep_megatron.pretrain",
+def build_parser(prog: str = PROG) -> FlagParser:
+    """Every flag of the pretraining entry, with its default (``--help`` lists them)."""
+    p = FlagParser(
+        prog=prog,
         description="Pretrain a GPT MoE model with megatron-core; launch with torchrun.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -61,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-router-dtype", choices=("fp32", "fp64"), default=None)
     g.add_argument("--moe-grouped-gemm", action="store_true", help="grouped GEMM experts (TE / GPU)")
     g.add_argument("--moe-permute-fusion", action="store_true", help="TE fused permutation (GPU)")
-    g.add_argument("--moe-deepep-num-sms", type=int, default=20, help="deepep dispatcher: SMs for dispatch/combine kernels (even)")
+    g.add_argument("--moe-deepep-num-sms", "--moe-flex-dispatcher-num-sms", dest="moe_deepep_num_sms", type=int,
+                   default=DEFAULT_NUM_SMS,
+                   help="deepep dispatcher: SMs for the dispatch/combine kernels (even; megatron-core 0.19 calls it "
+                        "--moe-flex-dispatcher-num-sms)")
     add_deepep_arguments(p)
 
     g = p.add_argument_group("parallelism")
@@ -97,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=None, help="also save every N iterations")
     g.add_argument("--load", default=None, help="resume from the latest checkpoint in this directory")
     g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--show-warnings", action="store_true",
+                   help="keep the known harmless warnings of megatron-core and torch (Apex/TE fallbacks, "
+                        "deprecations) that are silenced by default")
     g.add_argument("--dry-run", action="store_true",
                    help="print the resolved arguments, layout and parameter count for WORLD_SIZE ranks and exit "
                         "(no GPU, no process group)")
@@ -126,24 +196,82 @@ def num_micro_batches(args: argparse.Namespace, data_parallel_size: int) -> int:
     return (args.global_batch_size or per_step) // per_step
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse and validate; argparse exits with status 2 on a bad flag, as usual."""
-    parser = build_parser()
+def parse_args(argv: Optional[Sequence[str]] = None, *, launch: bool = False,
+               parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
+    """Parse and validate the flags; a bad one exits with status 2 and one line naming it (one rank).
+
+    ``launch``: this process is a rank of a job about to start (the entry): the world size comes
+    from the process group or the launcher's environment and the parallel layout is checked
+    against it, and, unless ``--dry-run``, so is this machine (:func:`check_environment`).
+    """
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     try:
-        validate_args(args)
+        validate_args(args)  # the flags alone first: a typo is reported before a missing launcher
+        if launch:
+            validate_args(args, launch_world_size(args))
+            if not args.dry_run:
+                check_environment(args)
     except ValueError as error:
-        parser.error(str(error))
+        exit_with_error(parser.prog, str(error))
     return args
 
 
-def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> None:
-    """Checks that need no process group (``world_size`` given: also the parallel sizes)."""
+def launch_world_size(args: argparse.Namespace) -> int:
+    """The job's world size: the existing process group's, else the launcher's ``WORLD_SIZE``.
 
-    def positive(name: str) -> None:
-        value = getattr(args, name.lstrip("-").replace("-", "_"))
+    Raises ``ValueError`` saying how to launch when the launcher's variables are missing.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    if args.dry_run:
+        if "WORLD_SIZE" not in os.environ:
+            raise ValueError(
+                "--dry-run checks the flags for a world size and WORLD_SIZE is not set: run "
+                "`WORLD_SIZE=N python -m deepep_megatron.pretrain --dry-run ...` or "
+                "`python -m deepep_megatron.megatron.dry_run --world-size N ...`"
+            )
+    else:
+        missing = [name for name in LAUNCH_ENV if name not in os.environ]
+        if missing:
+            raise ValueError(
+                f"{', '.join(missing)} not set: this is a distributed job, start it with torchrun, e.g. "
+                "`torchrun --standalone --nproc-per-node 2 -m deepep_megatron.pretrain ...` "
+                "(one process: --nproc-per-node 1), or with srun through recipes/launch.sh"
+            )
+    world = os.environ["WORLD_SIZE"]
+    if not world.isdigit() or int(world) <= 0:
+        raise ValueError(f"WORLD_SIZE must be a positive integer, got {world!r}")
+    return int(world)
+
+
+def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> None:
+    """Every check of the flags that needs neither a process group nor a GPU (``world_size`` given:
+    also the parallel layout). Fills the derived values: ``--global-batch-size`` (with
+    ``world_size``) and ``--moe-deepep-fp8-dispatch`` (on when an FP8 recipe implies it).
+
+    Raises ``ValueError`` naming the flag and the fix.
+    """
+    _check_sizes(args)
+    _check_moe(args)
+    _check_training(args)
+    if world_size is not None:
+        _check_layout(args, world_size)
+
+
+def _flag_value(args: argparse.Namespace, flag: str):
+    return getattr(args, flag.lstrip("-").replace("-", "_"))
+
+
+def _check_sizes(args: argparse.Namespace) -> None:
+    """Positive sizes and the attention heads' split of the hidden size."""
+
+    def positive(flag: str) -> None:
+        value = _flag_value(args, flag)
         if value is None or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value}")
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
 
     for flag in ("--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length", "--vocab-size",
                  "--make-vocab-size-divisible-by", "--num-experts", "--moe-router-topk", "--micro-batch-size", "--train-iters",
@@ -152,7 +280,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         positive(flag)
     for flag in ("--global-batch-size", "--save-interval", "--ffn-hidden-size", "--moe-ffn-hidden-size",
                  "--max-position-embeddings"):  # optional, but positive when given
-        if getattr(args, flag.lstrip("-").replace("-", "_")) is not None:
+        if _flag_value(args, flag) is not None:
             positive(flag)
     if args.max_position_embeddings is not None and args.max_position_embeddings < args.seq_length:
         raise ValueError(
@@ -160,6 +288,10 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         )
     if args.hidden_size % args.num_attention_heads:
         raise ValueError(f"--hidden-size ({args.hidden_size}) must be divisible by --num-attention-heads ({args.num_attention_heads})")
+
+
+def _check_moe(args: argparse.Namespace) -> None:
+    """Router, experts, the dispatcher's own flags and FP8."""
     if args.moe_router_topk > args.num_experts:
         raise ValueError(f"--moe-router-topk ({args.moe_router_topk}) cannot exceed --num-experts ({args.num_experts})")
     if args.num_experts % args.expert_model_parallel_size:
@@ -167,22 +299,42 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             f"--expert-model-parallel-size ({args.expert_model_parallel_size}) must divide --num-experts "
             f"({args.num_experts}): each EP rank holds num_experts / EP experts"
         )
-    if args.mock_data == (args.data_path is not None):
-        raise ValueError("give exactly one of --mock-data or --data-path")
     if args.moe_pad_expert_input_to_capacity and args.moe_expert_capacity_factor is None:
         raise ValueError("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
-    if args.moe_token_dispatcher == "deepep":
-        if args.moe_pad_expert_input_to_capacity:
-            raise ValueError(
-                "--moe-token-dispatcher deepep does not support --moe-pad-expert-input-to-capacity; "
-                "drop it (capacity dropping without padding works) or use --moe-token-dispatcher alltoall"
-            )
-        if args.expert_tensor_parallel_size != 1:
-            raise ValueError("--moe-token-dispatcher deepep needs --expert-tensor-parallel-size 1")
-        if args.moe_deepep_num_sms <= 0 or args.moe_deepep_num_sms % 2:
-            raise ValueError(f"--moe-deepep-num-sms must be a positive even number, got {args.moe_deepep_num_sms}")
-    elif args.moe_deepep_fp8_dispatch:
-        raise ValueError("--moe-deepep-fp8-dispatch needs --moe-token-dispatcher deepep")
+    if args.fp8_format is not None and args.transformer_impl != "transformer_engine":
+        raise ValueError(f"--fp8-format {args.fp8_format} needs --transformer-impl transformer_engine")
+    if args.moe_token_dispatcher != "deepep":
+        if args.moe_deepep_fp8_dispatch:
+            raise ValueError("--moe-deepep-fp8-dispatch needs --moe-token-dispatcher deepep")
+        return
+    if args.moe_pad_expert_input_to_capacity:
+        raise ValueError(
+            "--moe-token-dispatcher deepep does not support --moe-pad-expert-input-to-capacity; "
+            "drop it (capacity dropping without padding works) or use --moe-token-dispatcher alltoall"
+        )
+    if args.expert_tensor_parallel_size != 1:
+        raise ValueError("--moe-token-dispatcher deepep needs --expert-tensor-parallel-size 1")
+    check_num_sms(args.moe_deepep_num_sms, "--moe-deepep-num-sms/--moe-flex-dispatcher-num-sms")
+    # The resolved value, so that everything downstream (and the dry run's printout) sees it.
+    args.moe_deepep_fp8_dispatch = fp8_dispatch(args.moe_deepep_fp8_dispatch, args.fp8_format is not None, args.fp8_recipe)
+    if args.moe_deepep_fp8_dispatch and args.hidden_size % FP8_BLOCK:
+        raise ValueError(
+            f"FP8 dispatch (--moe-deepep-fp8-dispatch, implied by --fp8-recipe blockwise) needs --hidden-size "
+            f"divisible by {FP8_BLOCK} (one scale per {FP8_BLOCK} channels), got {args.hidden_size}"
+        )
+
+
+def check_num_sms(num_sms: object, flag: str) -> int:
+    """The dispatch/combine SM count: a positive even int (two SMs per channel), else ``ValueError`` naming ``flag``."""
+    if not isinstance(num_sms, int) or isinstance(num_sms, bool) or num_sms <= 0 or num_sms % 2:
+        raise ValueError(f"{flag} must be a positive even number (two SMs per channel), got {num_sms!r}")
+    return num_sms
+
+
+def _check_training(args: argparse.Namespace) -> None:
+    """Data, parallel options, checkpointing, profiling and the optimizer schedule."""
+    if args.mock_data == (args.data_path is not None):
+        raise ValueError("give exactly one of --mock-data or --data-path")
     if args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
         raise ValueError("MoE training with --tensor-model-parallel-size > 1 needs --sequence-parallel (megatron-core requires it)")
     if args.sequence_parallel and args.transformer_impl == "local" and importlib.util.find_spec("apex") is None:
@@ -208,31 +360,74 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ValueError(f"--lr-warmup-iters ({args.lr_warmup_iters}) must be in [0, --train-iters={args.train_iters})")
     if args.weight_decay < 0:
         raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
-    if args.fp8_format is not None and args.transformer_impl != "transformer_engine":
-        raise ValueError(f"--fp8-format {args.fp8_format} needs --transformer-impl transformer_engine")
-    if world_size is not None:
-        model_parallel = args.tensor_model_parallel_size
-        if world_size % model_parallel:
-            raise ValueError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {model_parallel}")
-        data_parallel = world_size // model_parallel
-        expert_parallel = args.expert_model_parallel_size * args.expert_tensor_parallel_size
-        if world_size % expert_parallel:
+
+
+def _check_layout(args: argparse.Namespace, world_size: int) -> None:
+    """The parallel sizes against the world size and what TP splits; fills --global-batch-size's default."""
+    model_parallel = args.tensor_model_parallel_size
+    if world_size % model_parallel:
+        raise ValueError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {model_parallel}")
+    by_tp = f"must be divisible by --tensor-model-parallel-size ({model_parallel})"
+    if args.num_attention_heads % model_parallel:
+        raise ValueError(f"--num-attention-heads ({args.num_attention_heads}) {by_tp}")
+    if dense_ffn_width(args) % model_parallel:
+        raise ValueError(f"the dense FFN width (--ffn-hidden-size, default 4 x --hidden-size: {dense_ffn_width(args)}) {by_tp}")
+    if args.sequence_parallel and args.seq_length % model_parallel:
+        raise ValueError(f"--seq-length ({args.seq_length}) {by_tp} with --sequence-parallel")
+    data_parallel = world_size // model_parallel
+    expert_parallel = args.expert_model_parallel_size * args.expert_tensor_parallel_size
+    if world_size % expert_parallel:
+        raise ValueError(
+            f"world size {world_size} is not divisible by --expert-model-parallel-size x "
+            f"--expert-tensor-parallel-size = {expert_parallel}: launch a multiple of {expert_parallel} ranks "
+            "or lower --expert-model-parallel-size"
+        )
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * data_parallel
+    if args.global_batch_size % (args.micro_batch_size * data_parallel):
+        raise ValueError(
+            f"--global-batch-size ({args.global_batch_size}) must be a multiple of --micro-batch-size x "
+            f"data-parallel size = {args.micro_batch_size} x {data_parallel}"
+        )
+    if (args.expert_model_parallel_size == 1 and args.expert_tensor_parallel_size == 1 and args.tensor_model_parallel_size == 1
+            and args.transformer_impl == "local" and not args.disable_bias_linear):
+        # megatron-core's expert MLP adds its bias in place to the output of an identity
+        # all-reduce (a view) when no expert communication is explicit; autograd refuses that.
+        raise ValueError(
+            "with --expert-model-parallel-size 1 (and TP 1, --transformer-impl local) megatron-core's expert MLP "
+            "cannot add its linear bias (an in-place add on a view that autograd refuses); pass --disable-bias-linear"
+        )
+
+
+def check_environment(args: argparse.Namespace) -> None:
+    """What this machine must offer for a real run (not for a dry run): the deepep backend asked
+    for, and NCCL's one rank per GPU. Raises ``ValueError`` naming the flag and the fix."""
+    import torch
+
+    if args.moe_token_dispatcher == "deepep" and args.moe_deepep_backend == "cuda":
+        if not cuda_backend_available():
             raise ValueError(
-                f"world size {world_size} is not divisible by --expert-model-parallel-size x "
-                f"--expert-tensor-parallel-size = {expert_parallel}"
+                "--moe-deepep-backend cuda needs a CUDA GPU and the compiled extension (build it with "
+                "`DEEPEP_MEGATRON_BUILD_CUDA=1 pip install -e .`); use --moe-deepep-backend auto or reference"
             )
-        if args.global_batch_size is None:
-            args.global_batch_size = args.micro_batch_size * data_parallel
-        if args.global_batch_size % (args.micro_batch_size * data_parallel):
+        if args.expert_model_parallel_size not in SUPPORTED_NVL_RANK_COUNTS:
             raise ValueError(
-                f"--global-batch-size ({args.global_batch_size}) must be a multiple of --micro-batch-size x "
-                f"data-parallel size = {args.micro_batch_size} x {data_parallel}"
+                f"--moe-deepep-backend cuda runs EP groups of {SUPPORTED_NVL_RANK_COUNTS} ranks, got "
+                f"--expert-model-parallel-size {args.expert_model_parallel_size}; use --moe-deepep-backend auto"
             )
-        if (args.expert_model_parallel_size == 1 and args.expert_tensor_parallel_size == 1 and args.tensor_model_parallel_size == 1
-                and args.transformer_impl == "local" and not args.disable_bias_linear):
-            # megatron-core's expert MLP adds its bias in place to the output of an identity
-            # all-reduce (a view) when no expert communication is explicit; autograd refuses that.
-            raise ValueError(
-                "with --expert-model-parallel-size 1 (and TP 1, --transformer-impl local) megatron-core's expert MLP "
-                "cannot add its linear bias (an in-place add on a view that autograd refuses); pass --disable-bias-linear"
-            )
+    if not torch.cuda.is_available():
+        return
+    backend = args.distributed_backend or "nccl"
+    if backend == "gloo":
+        # Seen on H100 with two ranks sharing the GPU under MPS: the first gradient reduction fails.
+        raise ValueError(
+            "training on GPU needs --distributed-backend nccl (one rank per GPU): megatron's DDP all-reduces CUDA "
+            "gradients with allreduce_coalesced, which gloo does not support for CUDA tensors. Ranks sharing a GPU "
+            "(gloo + MPS) work for the Buffer API and scripts/bench_moe_layer.py, not for pretraining."
+        )
+    ranks_here, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
+    if ranks_here > gpus:
+        raise ValueError(
+            f"{ranks_here} local ranks on {gpus} GPU(s): --distributed-backend nccl needs one rank per GPU; "
+            f"start at most {gpus} ranks per node (torchrun --nproc-per-node {gpus})"
+        )

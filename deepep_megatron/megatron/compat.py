@@ -10,6 +10,9 @@ Differences handled here:
   added): :func:`permute` returns the first three in both.
 * Default process groups of an MoE layer: ``moe_utils.get_default_pg_collection`` (0.16) or
   ``ProcessGroupCollection.use_mpu_process_groups`` (newer): :func:`default_moe_pg_collection`.
+* The dispatcher's SM count: ``moe_deepep_num_sms`` (0.16, default 20) became
+  ``moe_flex_dispatcher_num_sms`` (0.19, both default None, the old one deprecated):
+  :func:`dispatcher_num_sms` reads either, :func:`num_sms_config_field` sets the right one.
 """
 from __future__ import annotations
 
@@ -18,10 +21,8 @@ import functools
 from typing import Any
 
 import megatron.core
-from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.transformer.moe import moe_utils
-from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.spec_utils import ModuleSpec
+
+from .arguments import DEFAULT_NUM_SMS, check_num_sms
 
 #: (major, minor) of the installed megatron-core.
 MCORE_VERSION: tuple[int, int] = tuple(int(p) for p in megatron.core.__version__.split(".")[:2])  # type: ignore[assignment]
@@ -35,6 +36,40 @@ def check_version() -> None:
             f"deepep_megatron.megatron needs megatron-core >= 0.16, found {megatron.core.__version__}; "
             "pip install 'megatron-core>=0.16.1'"
         )
+
+
+check_version()  # before the imports below, which older releases may not have
+
+from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: E402
+from megatron.core.transformer.moe import moe_utils  # noqa: E402
+from megatron.core.transformer.moe.moe_layer import MoELayer  # noqa: E402
+from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
+from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+
+#: TransformerConfig's SM-count field: 0.19 unified the per-backend knobs into this one and
+#: deprecated ``moe_deepep_num_sms`` (default None there; 20 in 0.16, which lacks the new field).
+NUM_SMS_FIELD = ("moe_flex_dispatcher_num_sms" if "moe_flex_dispatcher_num_sms" in TransformerConfig.__dataclass_fields__
+                 else "moe_deepep_num_sms")
+
+
+def num_sms_config_field(num_sms: int) -> dict[str, int]:
+    """The TransformerConfig keyword that sets the dispatcher's SM count on this megatron-core."""
+    return {NUM_SMS_FIELD: num_sms}
+
+
+def dispatcher_num_sms(config: Any) -> int:
+    """The SM count a config (or Megatron-LM's parsed flags: same field names) asks the deepep
+    dispatcher for, checked (``ValueError`` naming the flag that set it).
+
+    ``--moe-flex-dispatcher-num-sms`` (0.19+) wins over the deprecated ``--moe-deepep-num-sms``
+    (0.19 routes the old one into the new one, 0.16 only has the old one); neither set (0.19's
+    default): DeepEP's default of :data:`~deepep_megatron.megatron.arguments.DEFAULT_NUM_SMS`.
+    """
+    for field in ("moe_flex_dispatcher_num_sms", "moe_deepep_num_sms"):
+        value = getattr(config, field, None)
+        if value is not None:
+            return check_num_sms(value, "--" + field.replace("_", "-"))
+    return DEFAULT_NUM_SMS
 
 
 def default_moe_pg_collection() -> ProcessGroupCollection:

@@ -33,20 +33,19 @@ from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .. import autograd as deepep_autograd
+from ..backends import BACKEND_NAMES as BACKENDS
 from ..buffer import Buffer
 from ..config import FP8_BLOCK
 from ..profiling import StageClock, nvtx_range
 from . import compat
 from .te_fp8 import fp8_dispatch
 
-BACKENDS = ("auto", "reference", "cuda")
-
 
 @dataclass(frozen=True)
 class DeepEPOptions:
     """Settings of the deepep dispatcher that megatron's TransformerConfig has no field for.
 
-    The SM count is not here: it is megatron's own ``config.moe_deepep_num_sms``.
+    The SM count is not here: it is megatron's own config field (:func:`compat.dispatcher_num_sms`).
 
     Attributes:
         use_fp8_dispatch: send activations as e4m3 with one fp32 scale per 128 channels and
@@ -184,9 +183,7 @@ def check_supported(config: TransformerConfig, options: DeepEPOptions, pg_collec
     expert_tp_size = torch.distributed.get_world_size(pg_collection.expt_tp) if pg_collection.expt_tp is not None else 1
     if expert_tp_size != 1:
         refuse(f"expert tensor parallelism (size {expert_tp_size})", "set --expert-tensor-parallel-size 1")
-    num_sms = config.moe_deepep_num_sms
-    if not isinstance(num_sms, int) or num_sms <= 0 or num_sms % 2:
-        raise ValueError(f"--moe-deepep-num-sms must be a positive even number (two SMs per channel), got {num_sms!r}")
+    compat.dispatcher_num_sms(config)  # raises for a bad SM count, naming the flag
     if options.use_fp8_dispatch and config.hidden_size % FP8_BLOCK:
         raise ValueError(
             f"--moe-deepep-fp8-dispatch needs --hidden-size divisible by {FP8_BLOCK} (one scale per "
@@ -200,7 +197,7 @@ class DeepEPTokenDispatcher(MoETokenDispatcher):
     Args:
         num_local_experts: experts on this EP rank (E / EP).
         local_expert_indices: their global ids (contiguous).
-        config: the model's TransformerConfig (``moe_deepep_num_sms`` sets the SM count).
+        config: the model's TransformerConfig (its SM-count field: :func:`compat.dispatcher_num_sms`).
         pg_collection: process groups; ``.ep`` is the expert-parallel group.
         options: :class:`DeepEPOptions`.
 
@@ -223,7 +220,7 @@ class DeepEPTokenDispatcher(MoETokenDispatcher):
         self.num_experts = config.num_moe_experts
         self.topk = config.moe_router_topk
         self.options = options
-        Buffer.set_num_sms(config.moe_deepep_num_sms)
+        Buffer.set_num_sms(compat.dispatcher_num_sms(config))
         # Forward and backward communication time; backward is caught by identity autograd
         # functions on both sides of each communication (_mark_backward).
         self.clock = StageClock(("dispatch", "combine"))

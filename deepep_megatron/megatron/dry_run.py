@@ -4,11 +4,16 @@ print the arguments and the parameter count, and start nothing (no GPU, no proce
 
     python -m deepep_megatron.megatron.dry_run --world-size 64 [pretraining flags...]
 
+The world size is ``--world-size`` (or ``WORLD_SIZE``; one of them is required: a dry run for the
+wrong world size would check the wrong layout). ``python -m deepep_megatron.pretrain --dry-run``
+runs the same report with ``WORLD_SIZE``.
+
 Checks: every flag check of the entry (``arguments.validate_args`` with the world size: TP/EP
-dividing the world, EP dividing the experts, global batch a multiple of micro batch x DP, ...),
-megatron-core's own ``TransformerConfig`` checks, and the divisibilities a run would only hit
-when building the model on the GPUs (heads, widths and vocabulary by TP). FP8 flags are checked
-for consistency; Transformer Engine itself need not be installed here (the GPU nodes need it).
+dividing the world, EP dividing the experts, global batch a multiple of micro batch x DP, heads
+and widths by TP, FP8 dispatch's hidden size, ...) and megatron-core's own ``TransformerConfig``
+checks. FP8 flags are checked for consistency; Transformer Engine itself need not be installed
+here (the GPU nodes need it). The printed arguments are the resolved ones (``global_batch_size``
+filled in, ``moe_deepep_fp8_dispatch`` on where the FP8 recipe implies it).
 
 Parameter count: the model is built with one layer on the ``meta`` device (no memory), so the
 count follows whatever the entry builds; layers are alike, so L layers = L x that layer. Per GPU:
@@ -23,11 +28,10 @@ import copy
 import os
 import sys
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TextIO
 
-from ..config import FP8_BLOCK
-from .arguments import build_parser, dense_ffn_width, num_micro_batches, validate_args
-from .te_fp8 import fp8_dispatch
+from .arguments import build_parser, num_micro_batches, validate_args
+from .startup import prepare
 
 GIB = 1024**3
 
@@ -59,25 +63,6 @@ def _layout(args: argparse.Namespace, world_size: int) -> dict[str, int]:
     }
 
 
-def check_divisibility(args: argparse.Namespace) -> None:
-    """What validate_args leaves to the model build on the GPUs, checked up front."""
-    tp = args.tensor_model_parallel_size
-    ffn = dense_ffn_width(args)
-    by_tp = f"must be divisible by --tensor-model-parallel-size ({tp})"
-    checks = [
-        (args.num_attention_heads % tp == 0, f"--num-attention-heads ({args.num_attention_heads}) {by_tp}"),
-        (ffn % tp == 0, f"the dense FFN width ({ffn}) {by_tp}"),
-    ]
-    if args.sequence_parallel:
-        checks.append((args.seq_length % tp == 0, f"--seq-length ({args.seq_length}) {by_tp} with --sequence-parallel"))
-    if fp8_dispatch(args.moe_deepep_fp8_dispatch, args.fp8_format is not None, args.fp8_recipe):
-        checks.append((args.hidden_size % FP8_BLOCK == 0,
-                       f"FP8 dispatch needs --hidden-size % {FP8_BLOCK} == 0, got {args.hidden_size}"))
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
 def _fp8_note(args: argparse.Namespace) -> Optional[str]:
     """Check the FP8 flags; returns a note when Transformer Engine is missing here."""
     from .te_fp8 import have_transformer_engine, resolve_fp8
@@ -100,13 +85,13 @@ def _fp8_note(args: argparse.Namespace) -> Optional[str]:
 def check_transformer_config(args: argparse.Namespace, te_missing: bool) -> None:
     """megatron-core's TransformerConfig checks with the real parallel sizes (no process group
     needed). Without TE here, the FP8 fields are left out: _fp8_note checked them already."""
-    from . import pretrain
+    from .model import build_transformer_config
 
     real = copy.copy(args)
     if te_missing:
         real.transformer_impl, real.fp8_format = "local", None
     try:
-        pretrain.build_transformer_config(real)
+        build_transformer_config(real)
     except AssertionError as error:  # some of megatron's checks are asserts
         raise ValueError(f"megatron-core TransformerConfig: {error}") from error
 
@@ -119,7 +104,7 @@ def count_parameters(args: argparse.Namespace, world_size: int) -> ParamCount:
     from megatron.core import parallel_state
 
     from . import cpu_compat
-    from . import pretrain
+    from .model import build_gpt_model, build_transformer_config
 
     own_group = not dist.is_initialized()
     if own_group:
@@ -133,13 +118,10 @@ def count_parameters(args: argparse.Namespace, world_size: int) -> ParamCount:
         one.sequence_parallel = False
         one.transformer_impl, one.fp8_format = "local", None  # same weights; TE need not be here
         one.moe_token_dispatcher = "alltoall"  # the model's weights do not depend on it
-        config = pretrain.build_transformer_config(one)
+        config = build_transformer_config(one)
         config.use_cpu_initialization = True  # never touch a GPU a login node may have
         with torch.device("meta"):
-            model = pretrain.GPTModel(
-                config=config, transformer_layer_spec=pretrain.build_layer_spec(one),
-                vocab_size=pretrain.padded_vocab_size(one), max_sequence_length=one.max_position_embeddings or one.seq_length,
-            )
+            model = build_gpt_model(one, config)
         layer = experts = tp_split_rest = tp_split_layer = 0
         rest = 0
         for name, p in model.named_parameters():
@@ -183,10 +165,11 @@ def static_memory_bytes(args: argparse.Namespace, world_size: int, params: Param
     return params.per_gpu * (weight + grad + optim)
 
 
-def report(args: argparse.Namespace, world_size: int, gpu_memory_gib: float = 80.0, out=sys.stdout) -> int:
-    """Check ``args`` for ``world_size`` ranks and print the report. Returns 0, or raises ValueError."""
-    validate_args(args, world_size)  # also fills --global-batch-size's default
-    check_divisibility(args)
+def report(args: argparse.Namespace, world_size: int, gpu_memory_gib: float = 80.0, out: Optional[TextIO] = None) -> int:
+    """Check ``args`` for ``world_size`` ranks and print the report to ``out`` (default: the current
+    ``sys.stdout``). Returns 0, or raises ValueError."""
+    out = out or sys.stdout
+    validate_args(args, world_size)  # also fills --global-batch-size's default and the FP8-dispatch resolution
     note = _fp8_note(args)
     check_transformer_config(args, te_missing=note is not None)
     lay = _layout(args, world_size)
@@ -213,22 +196,33 @@ def report(args: argparse.Namespace, world_size: int, gpu_memory_gib: float = 80
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    own = argparse.ArgumentParser(add_help=False)
-    own.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
-    own.add_argument("--gpu-memory-gib", type=float, default=80.0)
-    mine, rest = own.parse_known_args(argv)
-    parser = build_parser()
-    parser.prog = "python -m deepep_megatron.megatron.dry_run [--world-size N] [--gpu-memory-gib G]"
-    args = parser.parse_args(rest)
-    if mine.world_size <= 0:
-        parser.error(f"--world-size must be positive, got {mine.world_size}")
+def run_report(args: argparse.Namespace, world_size: int, gpu_memory_gib: float = 80.0) -> int:
+    """:func:`report`, with a refusal as one ``dry run FAILED`` line on stderr: returns the exit status."""
+    args.dry_run = True  # what this is, also in the printed arguments
     try:
-        return report(args, mine.world_size, mine.gpu_memory_gib)
+        return report(args, world_size, gpu_memory_gib)
     except (ValueError, RuntimeError) as error:
         print(f"dry run FAILED: {error}", file=sys.stderr)
         return 1
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m deepep_megatron.megatron.dry_run --world-size N [pretraining flags]``."""
+    parser = build_parser(prog="python -m deepep_megatron.megatron.dry_run")
+    group = parser.add_argument_group("dry run")
+    env_world = os.environ.get("WORLD_SIZE")
+    group.add_argument("--world-size", type=int, default=int(env_world) if env_world and env_world.isdigit() else None,
+                       help="ranks the job would run on (default: WORLD_SIZE; one of them is required)")
+    group.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU of the target machine")
+    args = parser.parse_args(argv)
+    world_size, gpu_memory_gib = args.world_size, args.gpu_memory_gib
+    del args.world_size, args.gpu_memory_gib  # not pretraining flags: keep them out of the printed arguments
+    if world_size is None:
+        parser.error("--world-size N is required (or WORLD_SIZE=N): the layout is checked for that many ranks")
+    if world_size <= 0 or gpu_memory_gib <= 0:
+        parser.error(f"--world-size and --gpu-memory-gib must be positive, got {world_size} and {gpu_memory_gib}")
+    prepare(args, parser.prog)
+    return run_report(args, world_size, gpu_memory_gib)
 
 
 if __name__ == "__main__":

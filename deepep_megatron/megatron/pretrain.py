@@ -4,7 +4,9 @@ Built from megatron-core's own pieces: ``parallel_state`` groups, ``GPTModel`` w
 specs (local or Transformer Engine), ``DistributedDataParallel``, ``get_megatron_optimizer``
 (DistributedOptimizer with ``--use-distributed-optimizer``), ``OptimizerParamScheduler``,
 ``get_forward_backward_func``, the mock / indexed GPT datasets and ``dist_checkpointing``.
-``--moe-token-dispatcher deepep`` swaps the MoE layers for :class:`DeepEPMoELayer`.
+``--moe-token-dispatcher deepep`` swaps the MoE layers for :class:`DeepEPMoELayer`. The model
+itself is built by :mod:`.model` (shared with the dry run); the command line is :mod:`.cli`'s
+(flags checked and warnings quieted before this module imports megatron-core).
 
 On a machine without CUDA it runs on gloo with :mod:`cpu_compat` applied (tests, the tiny demo).
 """
@@ -12,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,9 +25,11 @@ import torch
 import torch.distributed as dist
 
 from . import cpu_compat
-from .arguments import dense_ffn_width, expert_ffn_width, num_micro_batches, parse_args, validate_args
-from .dispatcher import DeepEPOptions, deepep_moe_layer_spec, destroy_buffers, iter_deepep_dispatchers
-from .te_fp8 import require_transformer_engine, resolve_fp8
+from .arguments import num_micro_batches, parse_args, validate_args
+from .dispatcher import destroy_buffers, iter_deepep_dispatchers
+# The model builders live in .model (shared with the dry run); scripts/bench_moe_layer.py and the
+# tests reach them through this module too, hence GPTModel and friends imported by name here.
+from .model import GPTModel, build_gpt_model, build_layer_spec, build_transformer_config, padded_vocab_size  # noqa: F401
 
 # megatron-core imports after our modules so that import errors name deepep_megatron first.
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402
@@ -35,11 +37,6 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset  # noqa: E402
 from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: E402
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads  # noqa: E402
-from megatron.core.models.gpt import GPTModel  # noqa: E402
-from megatron.core.models.gpt.gpt_layer_specs import (  # noqa: E402
-    get_gpt_layer_local_spec,
-    get_gpt_layer_with_transformer_engine_spec,
-)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
@@ -59,15 +56,9 @@ def initialize(args: argparse.Namespace) -> torch.device:
     if not dist.is_initialized():
         backend = args.distributed_backend or ("nccl" if use_cuda else "gloo")
         if use_cuda:
-            # More local ranks than GPUs share them round-robin (under MPS, gloo; bench_moe_layer does
-            # that); NCCL refuses it.
-            ranks_here, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
-            if ranks_here > gpus and backend == "nccl":
-                raise ValueError(
-                    f"{ranks_here} local ranks on {gpus} GPU(s): NCCL needs one rank per GPU; pass "
-                    "--distributed-backend gloo (and start the CUDA MPS daemon) to share GPUs"
-                )
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % gpus)
+            # More local ranks than GPUs share them round-robin (gloo under MPS: bench_moe_layer does
+            # that; arguments.check_environment refuses it for NCCL and for training).
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
     validate_args(args, dist.get_world_size())
     cpu_compat.apply()
@@ -81,92 +72,10 @@ def initialize(args: argparse.Namespace) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
 
 
-def build_transformer_config(args: argparse.Namespace) -> TransformerConfig:
-    fp8_format, fp8_recipe = resolve_fp8(args.transformer_impl, args.fp8_format, args.fp8_recipe)
-    on_cpu = not torch.cuda.is_available()
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    return TransformerConfig(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=dense_ffn_width(args),
-        num_attention_heads=args.num_attention_heads,
-        hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout,
-        init_method_std=args.init_method_std,
-        add_bias_linear=not args.disable_bias_linear,
-        bf16=args.bf16,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
-        sequence_parallel=args.sequence_parallel,
-        num_moe_experts=args.num_experts,
-        moe_router_topk=args.moe_router_topk,
-        moe_ffn_hidden_size=expert_ffn_width(args),
-        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
-        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
-        moe_expert_capacity_factor=args.moe_expert_capacity_factor,
-        moe_token_drop_policy=args.moe_token_drop_policy,
-        moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
-        moe_router_dtype=args.moe_router_dtype,
-        moe_grouped_gemm=args.moe_grouped_gemm,
-        moe_permute_fusion=args.moe_permute_fusion,
-        moe_deepep_num_sms=args.moe_deepep_num_sms,
-        # deepep replaces the alltoall dispatcher inside DeepEPMoELayer; megatron validates the
-        # MoE options against "alltoall", whose constraints are the ones that hold for deepep.
-        moe_token_dispatcher_type="alltoall" if args.moe_token_dispatcher == "deepep" else args.moe_token_dispatcher,
-        fp8=fp8_format,
-        fp8_recipe=fp8_recipe.name if fp8_recipe else "delayed",
-        # CPU: megatron's fused kernels and GPU-side weight init need CUDA.
-        use_cpu_initialization=on_cpu,
-        gradient_accumulation_fusion=False,
-        # megatron fuses bias+activation with the router probs only for swiglu/quick_gelu, and
-        # our MLP is gelu: the fused path raises for MoE layers (seen with megatron-core 0.19).
-        bias_activation_fusion=False,
-        # megatron-core 0.19 calls its compiled softmax kernel unconditionally when fused; the wheel lacks it.
-        masked_softmax_fusion=not on_cpu and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,
-        bias_dropout_fusion=not on_cpu,
-        # Apex's persistent LayerNorm only; megatron's torch LayerNorm fallback asserts it is off.
-        persist_layer_norm=not on_cpu and importlib.util.find_spec("apex") is not None,
-    )
-
-
-def build_layer_spec(args: argparse.Namespace) -> Any:
-    if args.transformer_impl == "transformer_engine":
-        require_transformer_engine("--transformer-impl transformer_engine")
-        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=args.num_experts, moe_grouped_gemm=args.moe_grouped_gemm)
-    else:
-        spec = get_gpt_layer_local_spec(num_experts=args.num_experts, moe_grouped_gemm=args.moe_grouped_gemm)
-    if args.moe_token_dispatcher == "deepep":
-        spec = deepep_moe_layer_spec(spec, DeepEPOptions.from_flags(args, args.fp8_format is not None, args.fp8_recipe))
-    return spec
-
-
-def padded_vocab_size(args: argparse.Namespace) -> int:
-    """Null-tokenizer vocabulary (+1 for its end-of-document id) padded, as Megatron-LM does, to a
-    multiple of --make-vocab-size-divisible-by x TP so the embedding splits evenly across TP."""
-    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
-    return math.ceil((args.vocab_size + 1) / multiple) * multiple
-
-
 def build_model(args: argparse.Namespace, config: TransformerConfig, device: torch.device) -> list[DistributedDataParallel]:
-    """GPTModel wrapped in megatron's DDP; a one-chunk list, as get_forward_backward_func expects."""
-    if device.type == "cuda" and dist.get_backend() == "gloo":
-        # Seen on H100 with two ranks sharing the GPU under MPS: the first gradient reduction fails.
-        raise ValueError(
-            "training on GPU needs --distributed-backend nccl (one rank per GPU): megatron's DDP all-reduces CUDA "
-            "gradients with allreduce_coalesced, which gloo does not support for CUDA tensors. Ranks sharing a GPU "
-            "(gloo + MPS) work for the Buffer API and scripts/bench_moe_layer.py, not for pretraining."
-        )
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=build_layer_spec(args),
-        vocab_size=padded_vocab_size(args),
-        max_sequence_length=args.max_position_embeddings or args.seq_length,
-        pre_process=True,
-        post_process=True,
-    ).to(device)
+    """GPTModel wrapped in megatron's DDP; a one-chunk list, as get_forward_backward_func expects.
+    (GPU training needs NCCL: arguments.check_environment refuses gloo there, before anything is built.)"""
+    model = build_gpt_model(args, config).to(device)
     if args.bf16:  # bf16 weights, fp32 logits; DDP keeps fp32 grads and the optimizer fp32 main params
         model = Float16Module(config, model)
     ddp_config = DistributedDataParallelConfig(
@@ -459,14 +368,15 @@ class Profiler:
 
 
 # ------------------------------------------------------------------------------------ main
-def format_log_line(result: StepResult, iteration: int, args: argparse.Namespace) -> str:
-    """Megatron-LM-style progress line."""
+def format_log_line(result: StepResult, iteration: int, args: argparse.Namespace, eta_s: float) -> str:
+    """Megatron-LM-style progress line; ``eta_s``: estimated seconds to --train-iters."""
     tokens = args.global_batch_size * args.seq_length
     parts = [
         f" [{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] iteration {iteration:6d}/{args.train_iters:6d}",
         f"consumed samples: {iteration * args.global_batch_size:9d}",
         f"elapsed time per iteration (ms): {result.seconds * 1e3:.1f}",
         f"tokens/s: {tokens / result.seconds:.0f}",
+        f"ETA: {datetime.timedelta(seconds=round(eta_s))}",
         f"learning rate: {result.lr:.3E}",
         f"lm loss: {result.loss:.6E}",
         f"grad norm: {result.grad_norm:.3f}" if result.grad_norm is not None else "grad norm: n/a",
@@ -482,8 +392,20 @@ def format_log_line(result: StepResult, iteration: int, args: argparse.Namespace
     return " | ".join(parts) + " |"
 
 
+def format_summary(results: Sequence[StepResult], args: argparse.Namespace, total_s: float) -> str:
+    """The closing line: iterations run, wall time (and how much of it was setup), training
+    throughput and the last iteration's loss."""
+    train_s = sum(r.seconds for r in results)
+    tokens = len(results) * args.global_batch_size * args.seq_length
+    final = f"{results[-1].loss:.4f}" if results else "n/a (no iteration run)"
+    return (f"done: {len(results)} iterations in {total_s:.1f} s ({total_s - train_s:.1f} s setup and checkpoints), "
+            f"{tokens / train_s if train_s else 0:.0f} tokens/s, final loss {final}")
+
+
 def train(args: argparse.Namespace) -> list[StepResult]:
-    """Run ``--train-iters`` (from ``--load``'s iteration if given); returns each step's result."""
+    """Run ``--train-iters`` (from ``--load``'s iteration if given); returns each step's result.
+    Rank 0 prints the banner, the progress lines and the closing summary."""
+    started = time.perf_counter()
     trainer = Trainer.create(args)
     profiler = Profiler(args)
     rank0 = dist.get_rank() == 0
@@ -501,7 +423,8 @@ def train(args: argparse.Namespace) -> list[StepResult]:
         results.append(result)
         trace = profiler.after_step(trainer.iteration)
         if rank0 and (trainer.iteration % args.log_interval == 0 or trainer.iteration == args.train_iters):
-            print(format_log_line(result, trainer.iteration, args), flush=True)
+            mean_s = sum(r.seconds for r in results) / len(results)
+            print(format_log_line(result, trainer.iteration, args, mean_s * (args.train_iters - trainer.iteration)), flush=True)
         if trace and rank0:
             print(f"profile: wrote {trace} (one per rank)", flush=True)
         if not math.isfinite(result.loss):
@@ -512,6 +435,8 @@ def train(args: argparse.Namespace) -> list[StepResult]:
         path = trainer.save_checkpoint(args.save)
         if rank0:
             print(f"saved checkpoint {path}", flush=True)
+    if rank0:
+        print(format_summary(results, args, time.perf_counter() - started), flush=True)
     return results
 
 
@@ -520,22 +445,18 @@ def shutdown() -> None:
     parallel_state.destroy_model_parallel()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    args = parse_args(argv)
-    if args.dry_run:
-        from .dry_run import report  # imports this module: keep it out of the training path
-
-        try:
-            sys.exit(report(args, int(os.environ.get("WORLD_SIZE", 1))))
-        except (ValueError, RuntimeError) as error:
-            sys.exit(f"dry run FAILED: {error}")
+def run(args: argparse.Namespace) -> list[StepResult]:
+    """Train with flags that :func:`~.arguments.parse_args` checked, then release the buffers, the
+    parallel state and the process group (also on failure)."""
     try:
-        train(args)
+        return train(args)
     finally:
         if dist.is_initialized():
             shutdown()
             dist.destroy_process_group()
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Parse, check and train in this already-launched process (a torchrun rank, or a rank of
+    ``deepep_megatron.launch.run_ranks``). The command-line entry is :func:`.cli.main`."""
+    run(parse_args(argv, launch=True))
