@@ -18,6 +18,8 @@ from typing import Any, Callable, Optional
 
 import torch.multiprocessing as mp
 
+from . import host_staged
+
 DEFAULT_TIMEOUT_S = 240.0
 #: NVLink multicast (NVLS) off in NCCL, NVSHMEM and torch symmetric memory: the GPU machines we run
 #: on must not use it. Every rank started by run_ranks gets it.
@@ -63,6 +65,8 @@ def _child(
     if torch.cuda.is_available():  # before the process group: NCCL binds each rank to its device
         torch.cuda.set_device(rank % torch.cuda.device_count())
     try:
+        if host_staged.BACKEND_NAME in backend:
+            host_staged.register()
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120))
         value = fn(rank, world_size, *args)
         results.put((rank, "ok", value))
