@@ -84,7 +84,7 @@ def get_buffer(group: torch.distributed.ProcessGroup, hidden_bytes: int, backend
     if buffer is None or buffer.num_nvl_bytes < num_nvl_bytes:
         if buffer is not None:
             buffer.destroy()
-        buffer = Buffer(group, num_nvl_bytes=num_nvl_bytes, backend=backend)
+        buffer = Buffer(group, num_nvl_bytes=num_nvl_bytes, explicitly_destroy=True, backend=backend)
         _BUFFERS[key] = buffer
     return buffer
 
