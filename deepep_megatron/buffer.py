@@ -38,6 +38,7 @@ from .config import (
 from .events import EventHandle, EventOverlap, cuda_event_of, cuda_in_use
 from .fp8 import FP8_DTYPE, UE8M0_PER_INT32
 from .profiling import nvtx_range
+from .topology import group_topology
 
 TensorOrFP8 = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 _HIGH_PRECISION_DTYPES = (torch.bfloat16, torch.float32)
@@ -324,7 +325,12 @@ class Buffer:
         self.allow_nvlink_for_low_latency_mode = bool(allow_nvlink_for_low_latency_mode)
         self.allow_mnnvl = bool(allow_mnnvl)
         self.explicitly_destroy = bool(explicitly_destroy)
-        self.runtime = create_backend(backend, group, num_nvl_bytes, num_rdma_bytes, self.low_latency_mode, num_qps_per_rank)
+        self.topology = group_topology(group)
+        #: Nodes the group spans (DeepEP's RDMA ranks) and ranks on each (its NVLink ranks).
+        self.num_rdma_ranks = self.topology.num_nodes
+        self.num_nvl_ranks = self.topology.ranks_per_node
+        self.runtime = create_backend(backend, group, num_nvl_bytes, num_rdma_bytes, self.low_latency_mode, num_qps_per_rank,
+                                      self.num_rdma_ranks)
         self._id = next(_buffer_ids)
         self._comm_streams: dict[int, torch.cuda.Stream] = {}
         self._next_combine_buffer: Optional[torch.Tensor] = None
@@ -496,7 +502,8 @@ class Buffer:
                 and the dispatch that uses this layout raises the ValueError on every rank.
             num_experts: E, divisible by the number of ranks.
         Returns:
-            ``num_tokens_per_rank`` [R] int32, ``num_tokens_per_rdma_rank`` (None: intranode),
+            ``num_tokens_per_rank`` [R] int32, ``num_tokens_per_rdma_rank`` [nodes] int32 (tokens
+            sent to each node, once per node; None when the group is one node),
             ``num_tokens_per_expert`` [E] int32, ``is_token_in_rank`` [T, R] bool, event.
         """
         self._check_alive()
@@ -512,7 +519,14 @@ class Buffer:
                 previous_event,
                 async_finish,
             )
-        return per_rank, None, per_expert, in_rank, event
+        return per_rank, self._tokens_per_node(in_rank), per_expert, in_rank, event
+
+    def _tokens_per_node(self, is_token_in_rank: torch.Tensor) -> Optional[torch.Tensor]:
+        """[nodes] int32: tokens that go to each node (a token counts once per node); None for one node."""
+        if self.num_rdma_ranks == 1:
+            return None
+        by_node = is_token_in_rank.view(is_token_in_rank.size(0), self.num_rdma_ranks, self.num_nvl_ranks)
+        return by_node.any(dim=2).sum(dim=0).to(torch.int32)
 
     def dispatch(
         self,
@@ -557,8 +571,10 @@ class Buffer:
             raise ValueError(f"expert_alignment must be an int >= 1, got {expert_alignment!r}")
         if not isinstance(num_worst_tokens, int) or isinstance(num_worst_tokens, bool) or num_worst_tokens < 0:
             raise ValueError(f"num_worst_tokens must be an int >= 0 (0 = exact sizes), got {num_worst_tokens!r}")
-        if num_tokens_per_rdma_rank is not None:
+        if self.num_rdma_ranks == 1 and num_tokens_per_rdma_rank is not None:
             raise ValueError("num_tokens_per_rdma_rank must be None for intranode dispatch (all ranks share one node)")
+        if self.num_rdma_ranks > 1 and num_worst_tokens:
+            raise ValueError("num_worst_tokens must be 0 when the group spans nodes (DeepEP's rule: intranode only)")
         self._check_nvl_size(config, hidden, data.element_size(), "dispatch")
 
         if handle is not None:
@@ -591,6 +607,15 @@ class Buffer:
         num_experts = _check_num_experts(num_tokens_per_expert.numel(), R)
         _check_tensor(num_tokens_per_rank, "num_tokens_per_rank", (torch.int32,), (R,), device)
         _check_tensor(is_token_in_rank, "is_token_in_rank", (torch.bool,), (num_tokens, R), device)
+        if self.num_rdma_ranks > 1:
+            if num_tokens_per_rdma_rank is None:
+                raise ValueError(
+                    f"this group spans {self.num_rdma_ranks} nodes: dispatch needs num_tokens_per_rdma_rank (from get_dispatch_layout)"
+                )
+            _check_tensor(num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank", (torch.int32,), (self.num_rdma_ranks,), device)
+            # Only the reference backend runs groups over several nodes, and it syncs the host anyway.
+            if not torch.equal(num_tokens_per_rdma_rank, self._tokens_per_node(is_token_in_rank)):
+                raise ValueError("num_tokens_per_rdma_rank disagrees with is_token_in_rank; pass both from the same get_dispatch_layout")
         if topk_idx is None:
             if topk_weights is not None:
                 raise ValueError("topk_weights was given without topk_idx; pass both, or neither for a layout-only dispatch")

@@ -26,16 +26,23 @@ def create_backend(
     num_rdma_bytes: int,
     low_latency_mode: bool,
     num_qps_per_rank: int,
+    num_nodes: int = 1,
 ) -> Backend:
     """Build backend ``name``; ``"auto"`` is ``"cuda"`` when :func:`cuda_backend_available`, the buffer
-    has NVLink bytes and the group has a rank count the kernels support (2, 4, 8), else
-    ``"reference"`` (so an EP1 group, e.g. a one-GPU run of the Megatron dispatcher, still works).
+    has NVLink bytes and the group is one node with a rank count the kernels support (2, 4, 8), else
+    ``"reference"`` (so an EP1 group, e.g. a one-GPU run of the Megatron dispatcher, still works, and
+    so does a group over ``num_nodes`` > 1 nodes, which only the reference backend serves so far).
     Collective: every rank of ``group`` must call it."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
     if name == "auto":
-        kernels_fit = num_nvl_bytes > 0 and dist.get_world_size(group) in SUPPORTED_NVL_RANK_COUNTS
+        kernels_fit = num_nvl_bytes > 0 and num_nodes == 1 and dist.get_world_size(group) in SUPPORTED_NVL_RANK_COUNTS
         name = "cuda" if kernels_fit and cuda_backend_available() else "reference"
+    if name == "cuda" and num_nodes > 1:
+        raise ValueError(
+            f"backend='cuda' has intranode kernels only, and this group spans {num_nodes} nodes; use backend='reference' "
+            "(or 'auto') until the internode kernels exist, or one node per EP group"
+        )
     if name == "cuda":
         if not cuda_backend_available():
             raise RuntimeError(
