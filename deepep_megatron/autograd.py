@@ -18,11 +18,14 @@ from .fp8 import per_token_cast_back, per_token_cast_to_fp8
 class _Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, buffer, x, topk_weights, topk_idx, num_experts, expert_alignment, use_fp8, side):
-        num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+        num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, _ = buffer.get_dispatch_layout(
+            topk_idx, num_experts
+        )
         wire_x = per_token_cast_to_fp8(x) if use_fp8 else x
         recv_x, recv_topk_idx, recv_topk_weights, counts, handle, _ = buffer.dispatch(
             wire_x,
             num_tokens_per_rank=num_tokens_per_rank,
+            num_tokens_per_rdma_rank=num_tokens_per_rdma_rank,
             is_token_in_rank=is_token_in_rank,
             num_tokens_per_expert=num_tokens_per_expert,
             topk_idx=topk_idx,

@@ -54,6 +54,12 @@ def _multi_node(rank: int, world_size: int, per_node: int) -> int:
     assert torch.equal(recv_x, want.recv_x) and torch.equal(recv_idx, want.recv_topk_idx) and counts == want.num_recv_tokens_per_expert
     combined, _, _ = buffer.combine(expert_transform(recv_x, rank), handle)
     assert torch.equal(combined, expected_combine(case, rank))
+    # the differentiable pair (what the Megatron dispatcher calls) passes the per-node counts on
+    from deepep_megatron import autograd
+
+    a_recv, _, _, _, a_handle = autograd.dispatch(buffer, x, topk_idx, topk_weights, case.num_experts)
+    assert torch.equal(a_recv, want.recv_x)
+    assert torch.equal(autograd.combine(buffer, expert_transform(a_recv, rank), a_handle), expected_combine(case, rank))
     if nodes > 1:
         with pytest.raises(ValueError, match=f"spans {nodes} nodes: dispatch needs num_tokens_per_rdma_rank"):
             buffer.dispatch(x, topk_idx=topk_idx, **dict(layout, num_tokens_per_rdma_rank=None))
