@@ -191,14 +191,15 @@ def _wrap_in(context: Callable[[], contextlib.AbstractContextManager], func: Cal
 
 def _split_sizes_as_lists(all_to_all: Callable) -> Callable:
     """gloo's ``all_to_all_single`` takes split sizes only as Python lists; the alltoall dispatcher
-    passes tensors (numpy arrays after its DtoH copy on GPU, which never happens on CPU)."""
+    passes tensors (numpy arrays after its DtoH copy on GPU, which never happens on CPU). Other
+    keywords (0.19's ``use_nccl_stream``) pass through."""
 
     @functools.wraps(all_to_all)
-    def wrapped(group, input_, output_split_sizes=None, input_split_sizes=None):
+    def wrapped(group, input_, output_split_sizes=None, input_split_sizes=None, **kwargs):
         def as_list(sizes):
             return sizes.tolist() if hasattr(sizes, "tolist") else sizes
 
-        return all_to_all(group, input_, as_list(output_split_sizes), as_list(input_split_sizes))
+        return all_to_all(group, input_, as_list(output_split_sizes), as_list(input_split_sizes), **kwargs)
 
     return wrapped
 
