@@ -112,6 +112,8 @@ FLAG_CASES = {
                    "needs --hidden-size divisible by 128"),
     "SM count": (TWO_RANKS, ["--moe-flex-dispatcher-num-sms", "7"],
                  "--moe-deepep-num-sms/--moe-flex-dispatcher-num-sms must be a positive even number (two SMs per channel), got 7"),
+    "no checkpoint": (TWO_RANKS, ["--expert-model-parallel-size", "2", "--load", "/nonexistent/ckpt"],
+                      "--load /nonexistent/ckpt: no latest_checkpointed_iteration.txt there; point --load at a --save directory"),
     "no torchrun": ({}, ["--expert-model-parallel-size", "2"], "RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT not set"),
     "dry run without world": ({}, ["--dry-run"], "--dry-run checks the flags for a world size and WORLD_SIZE is not set"),
 }

@@ -27,6 +27,8 @@ DEFAULT_NUM_SMS = 20
 #: What the launcher sets; the entry needs all of them unless a process group already exists.
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 PROG = "python -m deepep_megatron.pretrain"
+#: The file in a --save directory that names its latest checkpoint (Megatron-LM's name).
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
 
 
 def launch_rank() -> int:
@@ -400,10 +402,13 @@ def _check_layout(args: argparse.Namespace, world_size: int) -> None:
 
 
 def check_environment(args: argparse.Namespace) -> None:
-    """What this machine must offer for a real run (not for a dry run): the deepep backend asked
-    for, and NCCL's one rank per GPU. Raises ``ValueError`` naming the flag and the fix."""
+    """What this machine must offer for a real run (not for a dry run): the checkpoint to resume,
+    the deepep backend asked for, and NCCL's one rank per GPU. Raises ``ValueError`` naming the
+    flag and the fix."""
     import torch
 
+    if args.load is not None and not os.path.isfile(os.path.join(args.load, TRACKER_FILE)):
+        raise ValueError(f"--load {args.load}: no {TRACKER_FILE} there; point --load at a --save directory")
     if args.moe_token_dispatcher == "deepep" and args.moe_deepep_backend == "cuda":
         if not cuda_backend_available():
             raise ValueError(

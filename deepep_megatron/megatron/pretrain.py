@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from . import cpu_compat
-from .arguments import num_micro_batches, parse_args, validate_args
+from .arguments import TRACKER_FILE, num_micro_batches, parse_args, validate_args
 from .dispatcher import destroy_buffers, iter_deepep_dispatchers
 # The model builders live in .model (shared with the dry run); scripts/bench_moe_layer.py and the
 # tests reach them through this module too, hence GPTModel and friends imported by name here.
@@ -45,7 +45,6 @@ from megatron.core.transformer.module import Float16Module  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 from megatron.core.utils import unwrap_model  # noqa: E402
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
 _DIST_OPT_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
@@ -304,10 +303,7 @@ class Trainer:
         return path
 
     def load_checkpoint(self, directory: str) -> None:
-        tracker = os.path.join(directory, TRACKER_FILE)
-        if not os.path.isfile(tracker):
-            raise FileNotFoundError(f"--load {directory}: no {TRACKER_FILE} there; point --load at a --save directory")
-        with open(tracker) as f:
+        with open(os.path.join(directory, TRACKER_FILE)) as f:  # there: arguments.check_environment checked
             iteration = int(f.read().strip())
         with torch.no_grad():  # the optimizer copies into views of parameters that require grad
             state = dist_checkpointing.load(self._sharded_state_dict(is_loading=True), os.path.join(directory, f"iter_{iteration:07d}"))
