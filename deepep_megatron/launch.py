@@ -5,6 +5,9 @@ each (gloo by default; NCCL for one rank per GPU), calls ``fn(rank, world_size, 
 the per-rank results. An exception or a timeout in any rank fails the caller with that rank's
 traceback, and every child is killed: a broken collective never hangs the caller. The tests
 (tests/harness.py), the benchmarks and the profiling scripts all launch their ranks with it.
+
+:func:`init_process_group` is ``torch.distributed.init_process_group`` made safe to tear down: every
+process group this project starts (run_ranks' ranks, scripts/moe_layer_demo.py) goes through it.
 """
 from __future__ import annotations
 
@@ -38,6 +41,29 @@ def local_backend(world_size: int) -> tuple[str, int]:
     return "gloo", -(-world_size // num_gpus)
 
 
+#: Modules that evaluate ``torch.distributed.group.WORLD`` as a default argument when first imported.
+#: Imported after ``init_process_group`` they keep the live default group in those defaults, so
+#: ``destroy_process_group`` cannot free it: its gloo threads run on until interpreter exit, where
+#: destroying them may abort the process ("terminate called without an active exception", SIGABRT;
+#: 11 of 30 runs of a 2-rank gloo script here). ``torch.optim``'s optimizers import them (through
+#: torch._dynamo), so any rank that builds an optimizer after init_process_group did.
+WORLD_DEFAULT_MODULES = ("torch.distributed.nn.functional",)
+
+
+def init_process_group(backend: str, **kwargs: Any) -> None:
+    """``torch.distributed.init_process_group(backend, **kwargs)``, after importing
+    :data:`WORLD_DEFAULT_MODULES` while no group exists (their defaults then bind ``None``, which
+    torch.distributed reads as the default group at call time), so ``destroy_process_group``
+    really releases the group and its threads."""
+    import importlib
+
+    import torch.distributed as dist
+
+    for name in WORLD_DEFAULT_MODULES:
+        importlib.import_module(name)
+    dist.init_process_group(backend, **kwargs)
+
+
 def free_port() -> int:
     """A TCP port on localhost that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -67,7 +93,7 @@ def _child(
     try:
         if host_staged.BACKEND_NAME in backend:
             host_staged.register()
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120))
+        init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120))
         value = fn(rank, world_size, *args)
         results.put((rank, "ok", value))
     except BaseException:  # noqa: BLE001 - report anything to the parent

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from deepep_megatron import Buffer
 from deepep_megatron.autograd import combine, dispatch
+from deepep_megatron.launch import init_process_group
 
 
 class ExpertParallelMoE(torch.nn.Module):
@@ -59,7 +60,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     args = parser.parse_args()
 
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    # Not dist.init_process_group: this one lets destroy_process_group free the group (and its
+    # gloo threads) before exit, where freeing it could abort the process (launch.py says why).
+    init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
