@@ -27,7 +27,7 @@ import runpy
 import sys
 from typing import Optional, Sequence
 
-from .arguments import add_deepep_arguments, exit_with_error
+from .arguments import add_deepep_arguments, exit_with_error, launch_rank
 
 #: The megatron-core module whose ``MoELayer`` global every MoE spec is built from.
 _SPEC_MODULE = "megatron.core.models.gpt.moe_module_specs"
@@ -84,9 +84,14 @@ def install(args: argparse.Namespace) -> bool:
             f"--moe-deepep-megatron replaces megatron's dispatcher and needs --moe-token-dispatcher-type "
             f"alltoall (got {dispatcher_type})"
         )
-    compat.dispatcher_num_sms(args)  # the flags carry the config's field names: checked here, before any build
+    num_sms = compat.dispatcher_num_sms(args)  # the flags carry the config's field names: checked before any build
+    options = options_from_args(args)
+    layer_class = deepep_moe_layer_class(options)
     spec_module = importlib.import_module(_SPEC_MODULE)
-    spec_module.MoELayer = deepep_moe_layer_class(options_from_args(args))
+    if spec_module.MoELayer is not layer_class and launch_rank() == 0:
+        print(f"deepep_megatron: MoE layers use the deepep dispatcher (backend {options.backend}, "
+              f"FP8 dispatch {'on' if options.use_fp8_dispatch else 'off'}, {num_sms} SMs)", flush=True)
+    spec_module.MoELayer = layer_class
     return True
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from . import cpu_compat
-from .arguments import TRACKER_FILE, num_micro_batches, parse_args, validate_args
+from .arguments import PROG, TRACKER_FILE, exit_with_error, num_micro_batches, parse_args, validate_args
 from .dispatcher import destroy_buffers, iter_deepep_dispatchers
 # The model builders live in .model (shared with the dry run); scripts/bench_moe_layer.py and the
 # tests reach them through this module too, hence GPTModel and friends imported by name here.
@@ -454,5 +454,9 @@ def run(args: argparse.Namespace) -> list[StepResult]:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Parse, check and train in this already-launched process (a torchrun rank, or a rank of
-    ``deepep_megatron.launch.run_ranks``). The command-line entry is :func:`.cli.main`."""
-    run(parse_args(argv, launch=True))
+    ``deepep_megatron.launch.run_ranks``). The command-line entry, which also dry-runs, is
+    :func:`.cli.main`."""
+    args = parse_args(argv, launch=True)
+    if args.dry_run:
+        exit_with_error(PROG, "--dry-run is the command line's: python -m deepep_megatron.pretrain --dry-run ...")
+    run(args)
