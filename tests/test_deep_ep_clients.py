@@ -13,6 +13,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from typing import Callable
 
 import pytest
 import torch
@@ -127,6 +128,22 @@ def _tolerance(dtype: torch.dtype, reference: torch.Tensor) -> dict:
     return {"rtol": 0.0, "atol": (1e-5 if dtype == torch.float32 else 3 * 2.0**-8) * scale}
 
 
+def _backward_against_dense(
+    out: torch.Tensor, x: torch.Tensor, probs_grad: Callable[[], torch.Tensor], idx: torch.Tensor, probs: torch.Tensor, seed: int
+) -> None:
+    """Backpropagate a random cotangent through the client's ``out`` and through the dense oracle of
+    the same ``x`` / ``idx`` / ``probs``; outputs, ``x.grad`` and the probabilities' gradient (read by
+    ``probs_grad`` after the backward, per top-k slot; 0 for dropped slots) must agree."""
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    (out.float() * g).sum().backward()
+    xd, pd = x.detach().float().requires_grad_(), probs.clone().requires_grad_()
+    want = _dense(xd, idx, pd)
+    (want * g).sum().backward()
+    torch.testing.assert_close(out.float(), want.detach(), **_tolerance(x.dtype, want))
+    torch.testing.assert_close(x.grad.float(), xd.grad, **_tolerance(x.dtype, xd.grad))
+    torch.testing.assert_close(probs_grad(), pd.grad * (idx >= 0), **_tolerance(x.dtype, pd.grad))
+
+
 def _with_alias(target: str) -> None:
     assert "megatron.core" not in sys.modules, "megatron-core was imported before the alias was on sys.path"
     sys.path.insert(0, target)
@@ -161,15 +178,7 @@ def _fused_a2a(rank: int, world_size: int, target: str) -> int:
                 scale = (recv_p.unsqueeze(-1) * w_local[recv_idx.clamp(min=0)] * valid.unsqueeze(-1)).sum(dim=1)
                 y = (recv_x.float() * scale).to(dtype)
                 out, _ = fused_a2a.fused_combine(y, group, handle, async_finish=async_finish)
-                g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7 + rank))
-                (out.float() * g).sum().backward()
-
-                xd, pd = x.detach().float().requires_grad_(), probs.clone().requires_grad_()
-                want = _dense(xd, idx, pd)
-                (want * g).sum().backward()
-                torch.testing.assert_close(out.float(), want.detach(), **_tolerance(dtype, want))
-                torch.testing.assert_close(x.grad.float(), xd.grad, **_tolerance(dtype, xd.grad))
-                torch.testing.assert_close(p.grad, pd.grad * (idx >= 0), **_tolerance(dtype, pd.grad))
+                _backward_against_dense(out, x, lambda: p.grad, idx, probs, seed=7 + rank)
                 checked += 1
     return checked
 
@@ -216,15 +225,7 @@ def _flex_dispatcher(rank: int, world_size: int, target: str) -> int:
         expert_out = torch.cat([(c.float() * w_local[e] * q.unsqueeze(-1)).to(dtype)
                                 for e, (c, q) in enumerate(zip(chunks, prob_chunks))])
         out = dispatcher.combine_postprocess(dispatcher.token_combine(dispatcher.combine_preprocess(expert_out)))
-        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(70 + rank))
-        (out.float() * g).sum().backward()
-
-        xd, pd = x.detach().float().requires_grad_(), probs.clone().requires_grad_()
-        want = _dense(xd, idx, pd)
-        (want * g).sum().backward()
-        torch.testing.assert_close(out.float(), want.detach(), **_tolerance(dtype, want))
-        torch.testing.assert_close(x.grad.float(), xd.grad, **_tolerance(dtype, xd.grad))
-        torch.testing.assert_close(dense_probs.grad.gather(1, idx), pd.grad, **_tolerance(dtype, pd.grad))
+        _backward_against_dense(out, x, lambda: dense_probs.grad.gather(1, idx), idx, probs, seed=70 + rank)
         checked += 1
     parallel_state.destroy_model_parallel()
     return checked
