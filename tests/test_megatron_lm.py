@@ -104,15 +104,17 @@ def megatron_lm_imports() -> str:
 
 
 def _step(tmp_path: Path, hook: str, *extra: str) -> dict[int, dict]:
-    """One forward/backward at EP=2 (two ranks); {rank: report}."""
+    """One forward/backward at EP=2 (two ranks); {rank: report}, with rank 0's install notices
+    (lines starting ``deepep_megatron:``) under ``"notices"``."""
     script = tmp_path / "step.py"
     script.write_text(_STEP)
     env = dict(_env(), STEP_FLAGS=json.dumps([*FLAGS, *extra]), STEP_HOOK=hook, MEGATRON_LM_DIR=MEGATRON_LM_DIR)
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           str(script)], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
-    reports = [json.loads(line[2:]) for line in out.stdout.splitlines() if line.startswith("@@")]
-    return {r["rank"]: r for r in reports}
+    reports = {r["rank"]: r for r in (json.loads(line[2:]) for line in out.stdout.splitlines() if line.startswith("@@"))}
+    reports[0]["notices"] = [line for line in out.stdout.splitlines() if line.startswith("deepep_megatron:")]
+    return reports
 
 
 def test_deepep_equals_alltoall_in_megatron_lms_own_model(tmp_path, megatron_lm_imports):
@@ -122,6 +124,8 @@ def test_deepep_equals_alltoall_in_megatron_lms_own_model(tmp_path, megatron_lm_
     alltoall = _step(tmp_path, "runner")
     deepep = _step(tmp_path, "runner", "--moe-deepep-megatron")
     assert sorted(alltoall) == sorted(deepep) == [0, 1]
+    assert alltoall[0]["notices"] == []  # one line from rank 0 only, and only when installed
+    assert deepep[0]["notices"] == ["deepep_megatron: MoE layers use the deepep dispatcher (backend auto, FP8 dispatch off, 20 SMs)"]
     for rank in (0, 1):
         ref, got = alltoall[rank], deepep[rank]
         assert got["mcore"] == megatron_lm_imports
