@@ -25,6 +25,8 @@ KNOWN_WARNINGS: tuple[str, ...] = (
     r"full scope is deprecated",  # megatron-core's own default cuda_graph_scope
     r"The \.grad attribute of a Tensor that is not a leaf Tensor",  # megatron's optimizer probing params
     r"`torch\.distributed\.\w+` is deprecated",  # megatron-core's collectives (reduce_scatter_tensor, ...)
+    r"absl\.logging is not installed",  # megatron-core 0.19's optional logger
+    r"MimoModelConfig is experimental",  # megatron-core 0.19, at import
 )
 #: megatron-core log records (regular expressions searched in the message) of the same kind.
 KNOWN_LOG_MESSAGES: tuple[str, ...] = (
@@ -32,6 +34,8 @@ KNOWN_LOG_MESSAGES: tuple[str, ...] = (
     r"Unable to save \w+ indexes because path_to_cache is None",  # mock data without --data-cache-path
     r"Implicit initialization of Rerun State Machine",
     r"RerunStateMachine initialized in mode",
+    r"GPTModel IS DEPRECATED",  # megatron-core 0.19 points to HybridModel; the entry builds GPTModel on purpose
+    r"DistributedDataParallel: full_param_layout not provided",  # 0.19: DDP computes the layout itself (0.16 has no such argument)
 )
 _INSTALL_HINT = "pip install 'deepep_megatron[megatron]' (from a checkout: pip install -e '.[megatron]')"
 
