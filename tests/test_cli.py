@@ -81,6 +81,18 @@ def test_megatron_lm_runner_help():
     assert missing.returncode == 2 and "first argument is Megatron-LM's script" in missing.stderr
 
 
+def test_megatron_lm_provider_help_renders():
+    """Megatron-LM's parser with our provider: the help (with %-expanded defaults) renders."""
+    import argparse
+
+    from deepep_megatron.megatron import megatron_lm
+
+    parser = megatron_lm.extra_args_provider(argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    text = parser.format_help()
+    assert "--moe-deepep-megatron" in text and "one scale per 128 channels" in text
+    assert megatron_lm.extra_args_provider(parser) is parser  # a second call adds nothing (no argparse conflict)
+
+
 def test_help_and_flag_errors_need_no_megatron_core():
     """Parsing comes before the megatron-core import: both work where megatron-core cannot load."""
     code = NO_MEGATRON + "from deepep_megatron.megatron.cli import main; main(sys.argv[1:])"
