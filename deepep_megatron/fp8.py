@@ -79,7 +79,7 @@ def pack_ue8m0(scales: torch.Tensor) -> torch.Tensor:
     groups = scales.size(-1)
     padded = torch.zeros(*scales.shape[:-1], -(-groups // UE8M0_PER_INT32) * UE8M0_PER_INT32, dtype=torch.int32, device=scales.device)
     padded[..., :groups] = exponents
-    words = padded.view(*scales.shape[:-1], -1, UE8M0_PER_INT32)
+    words = padded.view(*scales.shape[:-1], padded.size(-1) // UE8M0_PER_INT32, UE8M0_PER_INT32)  # no -1: 0 rows
     packed = torch.zeros(words.shape[:-1], dtype=torch.int32, device=scales.device)
     for byte in range(UE8M0_PER_INT32):  # the bytes never overlap: OR them in place
         packed |= words[..., byte] << (8 * byte)
@@ -92,5 +92,5 @@ def unpack_ue8m0(packed: torch.Tensor, num_groups: int) -> torch.Tensor:
         raise TypeError(f"packed must be int32, got {packed.dtype}")
     shifts = torch.arange(UE8M0_PER_INT32, dtype=torch.int32, device=packed.device) * 8
     exponents = (packed.unsqueeze(-1) >> shifts) & 0xFF
-    exponents = exponents.reshape(*packed.shape[:-1], -1)[..., :num_groups].contiguous()
+    exponents = exponents.reshape(*packed.shape[:-1], packed.size(-1) * UE8M0_PER_INT32)[..., :num_groups].contiguous()
     return (exponents << 23).view(torch.float32)

@@ -15,7 +15,12 @@ from oracle import (
     expected_low_latency,
     expected_low_latency_combine,
     expert_transform,
+    low_latency_expert,
     make_inputs,
+    reference_cast_back,
+    reference_cast_to_fp8,
+    reference_pack_ue8m0,
+    reference_unpack_ue8m0,
 )
 
 POISON = float("nan")
@@ -36,7 +41,7 @@ def _cases(world_size: int) -> list[Case]:
 def _dispatch_cases(rank: int, world_size: int) -> int:
     import torch.distributed as dist
 
-    from deepep_megatron import Buffer, per_token_cast_to_fp8
+    from deepep_megatron import Buffer
 
     buffer = Buffer(dist.group.WORLD, backend="reference")
     checked = 0
@@ -69,22 +74,25 @@ def _dispatch_cases(rank: int, world_size: int) -> int:
         y = expert_transform(recv_x, rank)
         combined, combined_w, _ = buffer.combine(y, handle, topk_weights=recv_w)
         assert torch.equal(combined, expected_combine(case, rank))
-        # weights: the pieces of the original weights come back whole (0 where no expert)
-        assert torch.allclose(combined_w, torch.where(topk_idx >= 0, topk_weights, 0.0))
+        # weights: each slot's weight comes back from the one rank that holds its expert, plus exact
+        # zeros from the others, so the fp32 sum is the original weight bit for bit (0 where no expert)
+        assert torch.equal(combined_w, torch.where(topk_idx >= 0, topk_weights, 0.0))
 
-        # cached dispatch with the handle moves x only, same rows
+        # cached dispatch with the handle moves x only, same rows; the other outputs are None
         again, none_idx, none_w, none_counts, none_handle, _ = buffer.dispatch(x, handle=handle)
-        assert torch.equal(again, recv_x) and none_idx is None and none_handle is None
+        assert torch.equal(again, recv_x)
+        assert (none_idx, none_w, none_counts, none_handle) == (None, None, None, None)
 
-        # FP8 pair: data and scales arrive bit-exactly in the same order
+        # FP8 pair (quantized by the oracle, not by the code under test): data and scales arrive
+        # bit-exactly in the same order, also on a rank that receives nothing (0 rows, right widths)
         if case.hidden % 128 == 0:
-            x_fp8, scales = per_token_cast_to_fp8(x)
+            x_fp8, scales = reference_cast_to_fp8(x)
             (rx, rs), *_ = buffer.dispatch(
                 (x_fp8, scales), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
                 num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=topk_weights,
             )
-            exp = expected_dispatch(case, rank)
-            exp_fp8, exp_scales = per_token_cast_to_fp8(exp.recv_x) if exp.recv_x.numel() else (rx, rs)
+            exp_fp8, exp_scales = reference_cast_to_fp8(expected_dispatch(case, rank).recv_x)
+            assert rx.shape == exp_fp8.shape and rs.shape == exp_scales.shape == (exp_fp8.size(0), case.hidden // 128)
             assert torch.equal(rx.view(torch.uint8), exp_fp8.view(torch.uint8)) and torch.equal(rs, exp_scales)
             (cx, cs), *_ = buffer.dispatch((x_fp8, scales), handle=handle)
             assert torch.equal(cx.view(torch.uint8), rx.view(torch.uint8)) and torch.equal(cs, rs)
@@ -97,6 +105,47 @@ def test_dispatch_combine_matches_oracle(world_size: int) -> None:
     assert run_ranks(_dispatch_cases, world_size) == [len(_cases(world_size))] * world_size
 
 
+#: Low-latency wire formats: (use_fp8, round_scale, use_ue8m0).
+LL_WIRES = [(False, False, False), (True, False, False), (True, True, False), (True, True, True)]
+
+
+def _check_low_latency_receive(case: Case, rank: int, recv_x, recv_count, handle, max_tokens: int, wire) -> torch.Tensor:
+    """Check one low-latency dispatch against the oracle; return the bf16 expert outputs [E_local,
+    slots, H] that the stand-in experts compute from what arrived (dequantized by the oracle)."""
+    use_fp8, round_scale, use_ue8m0 = wire
+    world_size, hidden, num_local = case.world_size, case.hidden, case.num_local_experts
+    exp = expected_low_latency(case, rank)
+    data = recv_x[0] if use_fp8 else recv_x
+    assert data.shape == (num_local, world_size * max_tokens, hidden)
+    if use_fp8:
+        words = -(-hidden // 128 // 4)
+        assert recv_x[1].shape == ((num_local, world_size * max_tokens, words) if use_ue8m0 else
+                                   (num_local, world_size * max_tokens, hidden // 128))
+        assert recv_x[1].dtype == (torch.int32 if use_ue8m0 else torch.float32)
+    expert_out = torch.full(data.shape, POISON, dtype=torch.bfloat16)
+    for e in range(num_local):
+        n = int(recv_count[e])
+        assert n == exp.rows[e].size(0), f"expert {e}: {n} rows, want {exp.rows[e].size(0)} ({wire})"
+        if use_fp8:
+            want_data, want_scales = reference_cast_to_fp8(exp.rows[e], round_scale)
+            got_scales = recv_x[1][e, :n]
+            assert torch.equal(data[e, :n].view(torch.uint8), want_data.view(torch.uint8)), f"expert {e} e4m3 ({wire})"
+            assert torch.equal(got_scales, reference_pack_ue8m0(want_scales) if use_ue8m0 else want_scales), \
+                f"expert {e} scales ({wire})"
+            fp32_scales = reference_unpack_ue8m0(got_scales, hidden // 128) if use_ue8m0 else got_scales
+            seen = reference_cast_back(data[e, :n], fp32_scales)
+        else:
+            assert torch.equal(data[e, :n], exp.rows[e]), f"expert {e} rows differ"
+            seen = data[e, :n]
+        expert_out[e, :n] = low_latency_expert(seen, e)
+        assert torch.equal(handle.layout.recv_src_info[e, :n].long(), exp.src_tokens[e])
+        # (offset << 32) | count per source rank: rank r's rows start after those of ranks < r
+        rng = handle.layout.recv_layout_range[e]
+        assert torch.equal(rng & 0xFFFFFFFF, exp.per_rank[e]), f"expert {e} counts {rng & 0xFFFFFFFF}"
+        assert torch.equal(rng >> 32, torch.cumsum(exp.per_rank[e], 0) - exp.per_rank[e]), f"expert {e} offsets {rng >> 32}"
+    return expert_out
+
+
 def _low_latency_cases(rank: int, world_size: int) -> int:
     import torch.distributed as dist
 
@@ -106,45 +155,45 @@ def _low_latency_cases(rank: int, world_size: int) -> int:
         (Case(world_size, tokens=tuple(5 + 3 * r for r in range(world_size)), hidden=256, num_topk=4, num_experts=4 * world_size, seed=11), 16),
         (Case(world_size, tokens=(128,) * world_size, hidden=7168, num_topk=8, num_experts=8 * world_size, seed=12, starved_rank=0), 128),
         (Case(world_size, tokens=(0,) + (3,) * (world_size - 1), hidden=128, num_topk=2, num_experts=2 * world_size, seed=13), 4),
+        # hidden/128 = 5 scale groups: the packed UE8M0 words end in a partly filled one
+        (Case(world_size, tokens=tuple(7 + r for r in range(world_size)), hidden=640, num_topk=3, num_experts=2 * world_size, seed=14), 16),
     ]
     hint = max(Buffer.get_low_latency_rdma_size_hint(m, c.hidden, world_size, c.num_experts) for c, m in cases)
     buffer = Buffer(dist.group.WORLD, num_rdma_bytes=hint, low_latency_mode=True, backend="reference")
+    gen = torch.Generator().manual_seed(100 + rank)
     for case, max_tokens in cases:
         x, topk_idx, topk_weights = make_inputs(case, rank)
-        for use_fp8 in (False, True):
+        for wire in LL_WIRES:
+            use_fp8, round_scale, use_ue8m0 = wire
             for use_hook in (False, True):
-                recv_x, recv_count, handle, event, hook = buffer.low_latency_dispatch(
-                    x, topk_idx, max_tokens, case.num_experts, use_fp8=use_fp8, return_recv_hook=use_hook
+                # random starting statistics: the dispatch must add its counts to them, not overwrite
+                stats = torch.randint(0, 1000, (case.num_local_experts,), generator=gen, dtype=torch.int32)
+                stats_before = stats.clone()
+                recv_x, recv_count, handle, _, hook = buffer.low_latency_dispatch(
+                    x, topk_idx, max_tokens, case.num_experts, cumulative_local_expert_recv_stats=stats,
+                    use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0, return_recv_hook=use_hook,
                 )
+                if use_hook:  # nothing is received (nor counted) before the hook runs
+                    assert torch.equal(stats, stats_before)
                 hook()
-                data = recv_x[0] if use_fp8 else recv_x
-                assert data.shape == (case.num_local_experts, world_size * max_tokens, case.hidden)
-                rows, srcs = expected_low_latency(case, rank, max_tokens, use_fp8)
-                for e in range(case.num_local_experts):
-                    n = int(recv_count[e])
-                    assert n == rows[e].size(0)
-                    got = data[e, :n].view(torch.uint8) if use_fp8 else data[e, :n]
-                    want = rows[e].view(torch.uint8) if use_fp8 else rows[e]
-                    assert torch.equal(got, want), f"expert {e} rows differ (fp8={use_fp8})"
-                    assert torch.equal(handle.layout.recv_src_info[e, :n].long(), srcs[e])
-                    rng = handle.layout.recv_layout_range[e]
-                    assert int((rng & 0xFFFFFFFF).sum()) == n
-                if use_fp8:
-                    continue
-                expert_out = torch.stack([(recv_x[e].float() * (e + 1)).to(torch.bfloat16) for e in range(case.num_local_experts)])
+                assert torch.equal(stats, stats_before + recv_count)
+                expert_out = _check_low_latency_receive(case, rank, recv_x, recv_count, handle, max_tokens, wire)
+
                 out = torch.full((x.size(0), case.hidden), POISON, dtype=torch.bfloat16)
                 combined, _, chook = buffer.low_latency_combine(
                     expert_out, topk_idx, topk_weights, handle, out=out, return_recv_hook=use_hook
                 )
+                if use_hook:  # the combine's output stays unfilled (poisoned) until its hook runs
+                    assert torch.isnan(out).all() or out.numel() == 0
                 chook()
                 assert combined.data_ptr() == out.data_ptr()
-                assert torch.equal(combined, expected_low_latency_combine(case, rank))
+                assert torch.equal(combined, expected_low_latency_combine(case, rank, use_fp8, round_scale)), wire
     return len(cases)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_low_latency_matches_oracle(world_size: int) -> None:
-    assert run_ranks(_low_latency_cases, world_size) == [3] * world_size
+    assert run_ranks(_low_latency_cases, world_size) == [4] * world_size
 
 
 def test_hook_runs_once_and_event_is_cpu_noop() -> None:
@@ -160,13 +209,21 @@ def _hook_once(rank: int, world_size: int) -> None:
     assert buffer.backend_name == "reference"
     case = Case(world_size, tokens=(4, 4), hidden=128, num_topk=2, num_experts=4)
     x, topk_idx, _ = make_inputs(case, rank)
-    _, _, _, event, hook = buffer.low_latency_dispatch(x, topk_idx, 8, 4, return_recv_hook=True, async_finish=True)
-    assert isinstance(event, EventOverlap) and event.event is None
-    with event:
-        pass
+    stats = torch.zeros(2, dtype=torch.int32)
+    _, recv_count, _, event, hook = buffer.low_latency_dispatch(
+        x, topk_idx, 8, 4, cumulative_local_expert_recv_stats=stats, return_recv_hook=True, async_finish=True
+    )
+    assert isinstance(event, EventOverlap)
+    with event as entered:  # the context manager hands back the event itself ...
+        assert entered is event
+    # ... and leaving it waits for the send only: the receive is still the hook's to do
+    assert int(stats.sum()) == 0
     hook()
+    want = [r.size(0) for r in expected_low_latency(case, rank).rows]
+    assert recv_count.tolist() == want and stats.tolist() == want and sum(want) > 0
     with pytest.raises(RuntimeError, match="already called"):
         hook()
+    assert stats.tolist() == want  # the refused second call counted nothing
 
 
 def _auto_backend_for_unsupported_rank_count(rank: int, world_size: int) -> None:
