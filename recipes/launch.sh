@@ -24,8 +24,10 @@
 #   PROFILE=torch|nsys, PROFILE_STEPS=N:M (default 10:12), PROFILE_RANKS (nsys; default 0)
 #   DATA_PATH        indexed dataset prefix(es) to train on instead of mock data
 #   FP8_RECIPE       fp8 precision's TE recipe (default blockwise; mxfp8 on Blackwell)
-#   ENTRY            the training command (default "$DEEPEP_PYTHON -m deepep_megatron.pretrain",
-#                    DEEPEP_PYTHON default python3); it gets the Megatron-style flags
+#   DEEPEP_PYTHON    the Python interpreter (default: python3 from PATH), resolved once to its full
+#                    path: the entry, the dry run and the logged command all use that one
+#   ENTRY            the training command (default "$DEEPEP_PYTHON -m deepep_megatron.pretrain");
+#                    it gets the Megatron-style flags
 
 set -euo pipefail
 
@@ -147,7 +149,9 @@ case ${PROFILE:-} in
     *) _die "PROFILE must be torch or nsys, got '$PROFILE'" ;;
 esac
 
-read -r -a ENTRY_CMD <<<"${ENTRY:-${DEEPEP_PYTHON:-python3} -m deepep_megatron.pretrain}"
+PYTHON=$(command -v "${DEEPEP_PYTHON:-python3}") ||
+    _die "no Python interpreter '${DEEPEP_PYTHON:-python3}': set DEEPEP_PYTHON to the one deepep_megatron is installed in"
+read -r -a ENTRY_CMD <<<"${ENTRY:-$PYTHON -m deepep_megatron.pretrain}"
 FLAGS=("${MODEL_ARGS[@]}" "${LAYOUT_ARGS[@]}" "${TRAIN_ARGS[@]}" "${PRECISION_ARGS[@]}" "${RUN_ARGS[@]}"
        "${EXTRA_ARGS[@]}")
 TRAIN_CMD=("${ENTRY_CMD[@]}" "${FLAGS[@]}")
@@ -162,7 +166,7 @@ if [[ -n ${DRY_RUN:-} ]]; then
     printf 'command:'; printf ' %q' "${TRAIN_CMD[@]}"; echo
     [[ $DRY_RUN != print ]] || exit 0   # DRY_RUN=print: the command only, no Python
     # The dry-run module takes the entry's own flags plus the world size it would run on.
-    exec "${DEEPEP_PYTHON:-python3}" -m deepep_megatron.megatron.dry_run --world-size "$WORLD_SIZE" \
+    exec "$PYTHON" -m deepep_megatron.megatron.dry_run --world-size "$WORLD_SIZE" \
         "${FLAGS[@]}"
 fi
 

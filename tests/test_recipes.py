@@ -27,11 +27,17 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("megatron") is None,
                                 reason="the dry run builds megatron-core's model (pip install megatron-core)")
 
 
+def launcher_env(**overrides: str) -> dict[str, str]:
+    """The environment a recipe runs in here: no SLURM variables, and this test's interpreter as
+    DEEPEP_PYTHON (never whatever python3 comes first on PATH)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return {**env, "DEEPEP_PYTHON": sys.executable, **overrides}
+
+
 def compose(recipe: str, *args: str, env: dict | None = None) -> tuple[int, list[str]]:
     """The launcher's (world size, pretraining flags) for a recipe, without running anything."""
     out = subprocess.run(["bash", str(RECIPES / f"{recipe}.sbatch"), *args], capture_output=True, text=True,
-                         env={k: v for k, v in {**os.environ, "DRY_RUN": "print", **(env or {})}.items()
-                              if not k.startswith("SLURM_")}, timeout=30)
+                         env=launcher_env(DRY_RUN="print", **(env or {})), timeout=30)
     assert out.returncode == 0, out.stderr
     world = int(re.search(r"world_size=(\d+)", out.stdout).group(1))
     command = shlex.split(out.stdout.split("command:", 1)[1])
@@ -132,16 +138,40 @@ def test_parameter_count_matches_the_built_model(results):
     assert (total, experts) == (real, real_experts)
 
 
-def test_dry_run_end_to_end_through_the_recipe():
-    out = subprocess.run(["bash", str(RECIPES / "tiny_cpu.sbatch")], capture_output=True, text=True, timeout=120,
-                         env={**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "DRY_RUN": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
+def _path_with_a_wrong_python3(tmp_path: Path) -> str:
+    """PATH with a python3 first that only says it was called (and fails)."""
+    fake = tmp_path / "python3"
+    fake.write_text("#!/bin/sh\necho 'the python3 from PATH ran' >&2\nexit 97\n")
+    fake.chmod(0o755)
+    return f"{tmp_path}{os.pathsep}{os.environ['PATH']}"
+
+
+def test_dry_run_end_to_end_through_the_recipe(tmp_path):
+    """As a user runs it, with a wrong python3 first on PATH: the launcher runs DEEPEP_PYTHON."""
+    env = launcher_env(DRY_RUN="1", PATH=_path_with_a_wrong_python3(tmp_path))
+    out = subprocess.run(["bash", str(RECIPES / "tiny_cpu.sbatch")], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0 and "from PATH ran" not in out.stderr, out.stderr[-3000:]
     assert "world_size=2" in out.stdout and "dry run OK" in out.stdout
+
+
+def test_launcher_resolves_its_interpreter_once(tmp_path):
+    command = subprocess.run(["bash", str(RECIPES / "tiny_cpu.sbatch")], capture_output=True, text=True, timeout=30,
+                             env=launcher_env(DRY_RUN="print", PATH=_path_with_a_wrong_python3(tmp_path)))
+    assert command.returncode == 0, command.stderr
+    entry = shlex.split(command.stdout.split("command:", 1)[1])
+    assert entry[:3] == [sys.executable, "-m", "deepep_megatron.pretrain"], entry[:3]
+    # DEEPEP_PYTHON by name is looked up on PATH once, then used by its full path
+    by_name = subprocess.run(["bash", str(RECIPES / "tiny_cpu.sbatch")], capture_output=True, text=True, timeout=30,
+                             env=launcher_env(DRY_RUN="print", DEEPEP_PYTHON="python3", PATH=_path_with_a_wrong_python3(tmp_path)))
+    assert shlex.split(by_name.stdout.split("command:", 1)[1])[0] == str(tmp_path / "python3")
+    missing = subprocess.run(["bash", str(RECIPES / "tiny_cpu.sbatch")], capture_output=True, text=True, timeout=30,
+                             env=launcher_env(DRY_RUN="print", DEEPEP_PYTHON=str(tmp_path / "no-such-python")))
+    assert missing.returncode != 0 and "set DEEPEP_PYTHON" in missing.stderr, missing.stderr
 
 
 def test_launcher_refuses_unknown_precision_and_direct_use():
     bad = subprocess.run(["bash", str(RECIPES / "mixtral_8x7b.sbatch"), "fp16"], capture_output=True, text=True,
-                         env={**os.environ, "DRY_RUN": "print"}, timeout=30)
+                         env=launcher_env(DRY_RUN="print"), timeout=30)
     assert bad.returncode != 0 and "precisions {bf16,fp8}, not 'fp16'" in bad.stderr
     direct = subprocess.run(["bash", str(RECIPES / "launch.sh")], capture_output=True, text=True, timeout=30)
     assert direct.returncode != 0 and "source this from a recipe" in direct.stderr
