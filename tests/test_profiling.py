@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,8 +129,6 @@ def test_pretrain_profile_trace_has_dispatch_and_combine(tmp_path):
 
 
 def test_stage_clock_records_only_when_enabled():
-    import time
-
     import torch
 
     from deepep_megatron.profiling import StageClock
@@ -150,3 +149,76 @@ def test_stage_clock_records_only_when_enabled():
     timed_sleep(0.002)
     times = clock.pop_ms()
     assert times["combine"] >= 4.0 and times["dispatch"] == 0.0, times
+
+
+STATS_ARGV = ["--mock-data", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+              "--seq-length", "32", "--vocab-size", "256", "--micro-batch-size", "2", "--num-experts", "4",
+              "--moe-router-topk", "2", "--expert-model-parallel-size", "2", "--moe-token-dispatcher", "deepep",
+              "--train-iters", "2"]
+#: Added to every forward dispatch (two MoE layers per step): far above what a tiny dispatch costs.
+DISPATCH_DELAY_S = 0.1
+
+
+def _step_statistics(rank: int, world_size: int) -> list[dict]:
+    """Train 2 steps; per step, the trainer's statistics and what the test saw itself: each router's
+    routing map (the expert load's own oracle) and a known delay added to every forward dispatch."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from deepep_megatron.megatron import dispatcher as dispatcher_module
+    from deepep_megatron.megatron.arguments import parse_args
+    from deepep_megatron.megatron.pretrain import Trainer, shutdown
+
+    real_dispatch = dispatcher_module.deepep_autograd.dispatch
+    calls = []
+
+    def slow_dispatch(*args, **kwargs):
+        time.sleep(DISPATCH_DELAY_S)
+        calls.append(1)
+        return real_dispatch(*args, **kwargs)
+
+    # this rank's process only: the dispatcher looks the function up on the module at each call
+    dispatcher_module.deepep_autograd.dispatch = slow_dispatch
+    trainer = Trainer.create(parse_args(STATS_ARGV))
+    try:
+        routers = [m for m in trainer.model[0].modules() if isinstance(m, TopKRouter)]
+        seen = [torch.zeros(4, dtype=torch.float64) for _ in routers]
+
+        def count(router_index: int):
+            def hook(_module, _inputs, output) -> None:
+                seen[router_index] += output[1].sum(dim=0).double()  # routing map [tokens, experts]
+            return hook
+
+        for i, router in enumerate(routers):
+            router.register_forward_hook(count(i))
+        steps = []
+        while trainer.iteration < 2:
+            for s in seen:
+                s.zero_()
+            calls.clear()
+            result = trainer.step()
+            load = torch.stack(seen)
+            dist.all_reduce(load)  # TP 1, CP 1: every rank routes different tokens
+            expected = float((load.max(dim=1).values / load.mean(dim=1).clamp(min=1)).mean())
+            leftover = [int(d.pop_expert_load().sum()) for d in trainer.dispatchers]
+            steps.append(dict(load_imbalance=result.load_imbalance, expected_imbalance=expected, routers=len(routers),
+                              dispatch_ms=result.dispatch_ms, combine_ms=result.combine_ms, seconds=result.seconds,
+                              delayed_calls=len(calls), leftover=leftover))
+        return steps
+    finally:
+        shutdown()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("megatron") is None, reason="megatron-core not installed")
+def test_expert_load_and_stage_times_of_a_step():
+    for rank_steps in run_ranks(_step_statistics, 2, timeout_s=180):
+        for step in rank_steps:
+            assert step["routers"] == 2 and step["delayed_calls"] == 2, step
+            # the same counts and float64 arithmetic as the oracle's: equal up to the last bits
+            assert step["load_imbalance"] == pytest.approx(step["expected_imbalance"], rel=1e-12), step
+            assert step["leftover"] == [0, 0], step  # the step read (and reset) every layer's count
+            # the delay is inside the dispatch stage, not the combine stage, and within the step
+            delay_ms = 1e3 * DISPATCH_DELAY_S * step["delayed_calls"]
+            assert delay_ms <= step["dispatch_ms"] <= 1e3 * step["seconds"], step
+            assert 0 < step["combine_ms"] < delay_ms, step
