@@ -63,12 +63,25 @@ def test_deepep_matches_alltoall(case):
     assert losses[-1] < losses[0], f"loss did not fall: {losses}"
 
 
+def _relative_grad_difference(got: dict, ref: dict) -> float:
+    """||got - ref|| / ||ref|| over all parameters (float64)."""
+    num = sum(float(((got[n].astype("float64") - ref[n].astype("float64")) ** 2).sum()) for n in ref)
+    den = sum(float((ref[n].astype("float64") ** 2).sum()) for n in ref)
+    return (num / den) ** 0.5
+
+
 def test_fp8_dispatch_trains_close_to_bf16_dispatch():
-    """FP8 on the wire (e4m3, a scale per 128 channels) perturbs activations by ~1e-2 relative,
-    not more: bf16 training with and without it stays close."""
+    """FP8 on the wire (e4m3, a scale per 128 channels: <= 2^-4 of each block's max per value)
+    perturbs this bf16 run measurably but little. Measured here: losses differ by 6.7e-5 and
+    3.0e-4 relative at steps 1 and 2, the first step's gradients by 2.8% (relative norm), on both
+    ranks; the bounds are ~3x and 2x that. A cast that loses the scales moves them by O(1)."""
     argv = TINY + ["--hidden-size", "128", "--bf16", "--expert-model-parallel-size", "2", "--num-experts", "4",
                    "--train-iters", "2", "--moe-token-dispatcher", "deepep"]
     plain = run_ranks(train_and_collect, 2, argv)
     fp8 = run_ranks(train_and_collect, 2, argv + ["--moe-deepep-fp8-dispatch"])
-    assert fp8[0]["losses"] != plain[0]["losses"], "--moe-deepep-fp8-dispatch changed nothing: was FP8 sent?"
-    torch.testing.assert_close(fp8[0]["losses"], plain[0]["losses"], rtol=2e-2, atol=0)
+    for rank in range(2):
+        assert fp8[rank]["losses"] != plain[rank]["losses"], "--moe-deepep-fp8-dispatch changed nothing: was FP8 sent?"
+        torch.testing.assert_close(fp8[rank]["losses"], plain[rank]["losses"], rtol=1e-3, atol=0,
+                                   msg=lambda m: f"rank {rank} losses: {m}")
+        difference = _relative_grad_difference(fp8[rank]["grads"][0], plain[rank]["grads"][0])
+        assert 1e-3 < difference < 0.06, f"rank {rank}: first-step gradients differ by {difference:.2e} (relative norm)"
