@@ -34,9 +34,11 @@ _registered = False
 
 def backend_string() -> str:
     """The ``init_process_group`` backend for ranks sharing GPUs: gloo for CPU tensors, this
-    backend for CUDA tensors (registered first by :func:`register`)."""
+    backend for CUDA tensors (registered first by :func:`register`); with ``DEEPEP_MEGATRON_STAGE_CPU=1``
+    this backend for CPU tensors too."""
     register()
-    return f"cpu:gloo,cuda:{BACKEND_NAME}"
+    cpu = BACKEND_NAME if os.environ.get(STAGE_CPU_ENV) == "1" else "gloo"
+    return f"cpu:{cpu},cuda:{BACKEND_NAME}"
 
 
 def register() -> None:
@@ -200,6 +202,23 @@ class HostStagedProcessGroup(dist.ProcessGroup):
     all_gather_single = _allgather_base
     all_gather_single_coalesced = allgather_into_tensor_coalesced
     all_to_all_single = alltoall_base
+
+    def gather(self, output_lists: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any) -> Work:
+        root = self.rank() == opts.rootRank
+        host_in = [self._host(t) for t in inputs]
+        host_out = [[self._host(t) for t in outputs] for outputs in output_lists] if root else []
+        self._gloo.gather(host_out, host_in, opts).wait()
+        for outputs, hosts in zip(output_lists if root else [], host_out):
+            self._back(outputs, hosts)
+        return _DoneWork(output_lists)
+
+    def scatter(self, outputs: list[torch.Tensor], input_lists: list[list[torch.Tensor]], opts: Any) -> Work:
+        root = self.rank() == opts.rootRank
+        host_out = [self._host(t) for t in outputs]
+        host_in = [[self._host(t) for t in inputs] for inputs in input_lists] if root else []
+        self._gloo.scatter(host_out, host_in, opts).wait()
+        self._back(outputs, host_out)
+        return _DoneWork(outputs)
 
     def barrier(self, opts: Any = None) -> Work:
         self._gloo.barrier(dist.BarrierOptions()).wait()

@@ -85,6 +85,14 @@ def _collectives(rank: int, world_size: int) -> int:
     rows = [torch.randn(sum(send_splits), 3, generator=torch.Generator().manual_seed(r)) for r in range(world_size)]
     start = sum(send_splits[:rank])
     assert torch.equal(recv, torch.cat([r[start : start + rank + 1] for r in rows]))
+    # gather / scatter (torch.distributed.checkpoint's gather_object, megatron's dist checkpointing)
+    gathered_objects = [None] * world_size if rank == 0 else None
+    dist.gather_object({"from": rank}, gathered_objects, dst=0)
+    if rank == 0:
+        assert gathered_objects == [{"from": r} for r in range(world_size)]
+    piece = torch.empty(3)
+    dist.scatter(piece, [torch.full((3,), float(r)) for r in range(world_size)] if rank == 0 else None, src=0)
+    assert torch.equal(piece, torch.full((3,), float(rank)))
     reduced = mine.clone()
     dist.reduce(reduced, dst=0)
     if rank == 0:

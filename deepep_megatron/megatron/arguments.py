@@ -139,7 +139,11 @@ def build_parser(prog: str = PROG) -> FlagParser:
     g.add_argument("--expert-tensor-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true", help="shard optimizer state over data parallel ranks")
-    g.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None, help="default: nccl on GPU, gloo on CPU")
+    g.add_argument(
+        "--distributed-backend", choices=DISTRIBUTED_BACKENDS, default=None,
+        help="default: nccl with one rank per GPU, host-gloo when local ranks outnumber the GPUs (several ranks "
+        "share a GPU under MPS; collectives of CUDA tensors go through host memory over gloo), gloo on CPU",
+    )
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=2)
@@ -422,17 +426,42 @@ def check_environment(args: argparse.Namespace) -> None:
             )
     if not torch.cuda.is_available():
         return
-    backend = args.distributed_backend or "nccl"
+    backend = distributed_backend(args)
     if backend == "gloo":
         # Seen on H100 with two ranks sharing the GPU under MPS: the first gradient reduction fails.
         raise ValueError(
-            "training on GPU needs --distributed-backend nccl (one rank per GPU): megatron's DDP all-reduces CUDA "
-            "gradients with allreduce_coalesced, which gloo does not support for CUDA tensors. Ranks sharing a GPU "
-            "(gloo + MPS) work for the Buffer API and scripts/bench_moe_layer.py, not for pretraining."
+            "training on GPU cannot use --distributed-backend gloo: megatron's DDP all-reduces CUDA gradients with "
+            "allreduce_coalesced, which gloo does not support for CUDA tensors; use nccl (one rank per GPU) or "
+            "host-gloo (ranks sharing a GPU: the default when they outnumber the GPUs)"
         )
     ranks_here, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
-    if ranks_here > gpus:
+    if backend == "nccl" and ranks_here > gpus:
         raise ValueError(
-            f"{ranks_here} local ranks on {gpus} GPU(s): --distributed-backend nccl needs one rank per GPU; "
-            f"start at most {gpus} ranks per node (torchrun --nproc-per-node {gpus})"
+            f"{ranks_here} local ranks on {gpus} GPU(s): --distributed-backend nccl needs one rank per GPU; start at "
+            f"most {gpus} ranks per node (torchrun --nproc-per-node {gpus}), or use --distributed-backend host-gloo"
         )
+
+
+#: ``--distributed-backend`` choices; ``host-gloo`` is :mod:`deepep_megatron.host_staged`.
+DISTRIBUTED_BACKENDS = ("nccl", "gloo", "host-gloo")
+
+
+def distributed_backend(args: argparse.Namespace) -> str:
+    """The process-group backend a run uses: ``--distributed-backend``, else nccl with one rank per GPU,
+    host-gloo when this node's ranks (LOCAL_WORLD_SIZE) outnumber its GPUs, gloo without CUDA."""
+    import torch
+
+    if args.distributed_backend:
+        return args.distributed_backend
+    if not torch.cuda.is_available():
+        return "gloo"
+    return "host-gloo" if int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > torch.cuda.device_count() else "nccl"
+
+
+def init_process_group_string(backend: str) -> str:
+    """What ``torch.distributed.init_process_group`` takes for a :data:`DISTRIBUTED_BACKENDS` name."""
+    if backend == "host-gloo":
+        from ..host_staged import backend_string
+
+        return backend_string()
+    return backend

@@ -89,6 +89,13 @@ def get_buffer(group: torch.distributed.ProcessGroup, hidden_bytes: int, backend
     return buffer
 
 
+def describe_buffers() -> str:
+    """Which backend each shared Buffer runs on (the pretraining log says so after the first step)."""
+    if not _BUFFERS:
+        return "no Buffer created yet"
+    return "; ".join(f"Buffer backend {b.backend_name} over {b.group_size} EP ranks on {b.num_rdma_ranks} node(s)" for b in _BUFFERS.values())
+
+
 def destroy_buffers() -> None:
     """Release every shared Buffer (collective over each EP group; call before destroying groups)."""
     for buffer in _BUFFERS.values():

@@ -25,8 +25,18 @@ import torch
 import torch.distributed as dist
 
 from . import cpu_compat
-from .arguments import PROG, TRACKER_FILE, exit_with_error, num_micro_batches, parse_args, validate_args
-from .dispatcher import destroy_buffers, iter_deepep_dispatchers
+from ..host_staged import BACKEND_NAME as HOST_STAGED_BACKEND
+from .arguments import (
+    PROG,
+    TRACKER_FILE,
+    distributed_backend,
+    exit_with_error,
+    init_process_group_string,
+    num_micro_batches,
+    parse_args,
+    validate_args,
+)
+from .dispatcher import describe_buffers, destroy_buffers, iter_deepep_dispatchers
 # The model builders live in .model (shared with the dry run); scripts/bench_moe_layer.py and the
 # tests reach them through this module too, hence GPTModel and friends imported by name here.
 from .model import GPTModel, build_gpt_model, build_layer_spec, build_transformer_config, padded_vocab_size  # noqa: F401
@@ -53,12 +63,10 @@ def initialize(args: argparse.Namespace) -> torch.device:
     """Process group (if the launcher has not made one), CPU shims, parallel_state, seeds."""
     use_cuda = torch.cuda.is_available()
     if not dist.is_initialized():
-        backend = args.distributed_backend or ("nccl" if use_cuda else "gloo")
         if use_cuda:
-            # More local ranks than GPUs share them round-robin (gloo under MPS: bench_moe_layer does
-            # that; arguments.check_environment refuses it for NCCL and for training).
+            # More local ranks than GPUs share them round-robin (under MPS, over host-gloo).
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+        dist.init_process_group(init_process_group_string(distributed_backend(args)), timeout=datetime.timedelta(minutes=10))
     validate_args(args, dist.get_world_size())
     cpu_compat.apply()
     parallel_state.initialize_model_parallel(
@@ -69,6 +77,16 @@ def initialize(args: argparse.Namespace) -> torch.device:
     torch.manual_seed(args.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
     return torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+
+
+def describe_process_group() -> str:
+    """The default process group's backend, for the start banner."""
+    name = str(dist.get_backend())
+    if HOST_STAGED_BACKEND not in name:
+        return name
+    mps = "on" if os.environ.get("CUDA_MPS_PIPE_DIRECTORY") else "not seen (CUDA_MPS_PIPE_DIRECTORY unset: start MPS, or kernels that wait on peers crawl)"
+    return (f"host-gloo ({os.environ.get('LOCAL_WORLD_SIZE', '?')} local ranks share {torch.cuda.device_count()} GPU(s), "
+            f"CUDA collectives through host memory; MPS {mps})")
 
 
 def build_model(args: argparse.Namespace, config: TransformerConfig, device: torch.device) -> list[DistributedDataParallel]:
@@ -409,7 +427,8 @@ def train(args: argparse.Namespace) -> list[StepResult]:
         print(
             f"deepep_megatron.pretrain: world {dist.get_world_size()}, TP {args.tensor_model_parallel_size}, "
             f"EP {args.expert_model_parallel_size}, DP {parallel_state.get_data_parallel_world_size()}, "
-            f"dispatcher {args.moe_token_dispatcher}, device {trainer.device.type}, starting at iteration {trainer.iteration}",
+            f"dispatcher {args.moe_token_dispatcher}, device {trainer.device.type}, process group "
+            f"{describe_process_group()}, starting at iteration {trainer.iteration}",
             flush=True,
         )
     results = []
@@ -417,6 +436,8 @@ def train(args: argparse.Namespace) -> list[StepResult]:
         profiler.before_step(trainer.iteration)
         result = trainer.step()
         results.append(result)
+        if rank0 and len(results) == 1 and args.moe_token_dispatcher == "deepep":
+            print(f"deepep: {describe_buffers()}", flush=True)  # the Buffers exist once a step has run
         trace = profiler.after_step(trainer.iteration)
         if rank0 and (trainer.iteration % args.log_interval == 0 or trainer.iteration == args.train_iters):
             mean_s = sum(r.seconds for r in results) / len(results)
