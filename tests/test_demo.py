@@ -45,7 +45,7 @@ def test_demo_exits_zero_every_time() -> None:
 
 
 _AFTER_MAIN = '''
-import importlib.util, sys
+import importlib.util, os, sys
 sys.path.insert(0, {tests!r})
 from harness import gloo_threads
 spec = importlib.util.spec_from_file_location("demo", {demo!r})
@@ -54,7 +54,8 @@ spec.loader.exec_module(demo)
 sys.argv = ["moe_layer_demo.py", *{args!r}]
 demo.main()
 left = gloo_threads()
-print("gloo threads after main:", left, flush=True)
+# one write per rank: the two ranks share stdout, and print() may be split between them
+os.write(1, f"rank {{os.environ['RANK']}}: gloo threads after main: {{left}}\\n".encode())
 sys.exit(3 if left else 0)
 '''
 
@@ -65,7 +66,8 @@ def test_demo_frees_its_process_group_before_exit(tmp_path: Path) -> None:
     wrapper.write_text(_AFTER_MAIN.format(tests=str(REPO / "tests"), demo=str(DEMO), args=SMALL))
     done = _torchrun(wrapper)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count("gloo threads after main: []") == 2, done.stdout
+    for rank in (0, 1):
+        assert f"rank {rank}: gloo threads after main: []\n" in done.stdout, done.stdout
 
 
 def _optimizer_then_destroy(rank: int, world_size: int) -> list[str]:
