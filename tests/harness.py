@@ -1,14 +1,35 @@
 """The multi-process harness of every distributed test: :func:`deepep_megatron.launch.run_ranks`
 (spawn N ranks with a process group each; a failing or hung rank fails the test with its
 traceback) and :func:`~deepep_megatron.launch.free_port`; :func:`gloo_threads` for the teardown
-tests."""
+tests; :data:`GPU_MARKS` and :func:`mps_running` for the GPU tests."""
 from __future__ import annotations
 
 import os
 
+import pytest
+
 from deepep_megatron.launch import free_port, local_backend, run_ranks
 
-__all__ = ["free_port", "gloo_threads", "local_backend", "run_ranks"]
+__all__ = ["GPU_MARKS", "free_port", "gloo_threads", "local_backend", "mps_running", "run_ranks"]
+
+try:
+    from deepep_megatron.backends import cuda_backend_available
+
+    _CUDA_BACKEND = cuda_backend_available()
+except Exception:  # noqa: BLE001 - any import problem means: not available here
+    _CUDA_BACKEND = False
+
+#: ``pytestmark`` of a GPU test module: the ``gpu`` marker, skipped without a GPU and the extension.
+GPU_MARKS = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not _CUDA_BACKEND, reason="needs a CUDA GPU and the compiled extension deepep_megatron._C"),
+]
+
+
+def mps_running() -> bool:
+    """True when a CUDA MPS daemon answers at ``CUDA_MPS_PIPE_DIRECTORY`` (ranks may share a GPU)."""
+    pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY")
+    return bool(pipe) and os.path.exists(os.path.join(pipe, "control"))
 
 
 def gloo_threads() -> list[str]:

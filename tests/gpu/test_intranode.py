@@ -18,24 +18,10 @@ import time
 import pytest
 import torch
 
-from harness import local_backend, run_ranks
+from harness import GPU_MARKS, local_backend, mps_running, run_ranks
 from oracle import Case, expert_transform, make_inputs
 
-try:
-    from deepep_megatron.backends import cuda_backend_available
-
-    _AVAILABLE = cuda_backend_available()
-except Exception:  # noqa: BLE001 - any import problem means: not available here
-    _AVAILABLE = False
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not _AVAILABLE, reason="needs a CUDA GPU and the compiled extension deepep_megatron._C"),
-]
-
-def _mps_running() -> bool:
-    pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY")
-    return bool(pipe) and os.path.exists(os.path.join(pipe, "control"))
+pytestmark = GPU_MARKS
 
 
 #: Set by scripts/gpu_ci.sh for its second pass (under MPS): run only what needs MPS.
@@ -48,7 +34,7 @@ def _launch(world_size: int) -> tuple[str, int]:
     if ranks_per_gpu == 1:
         if ONLY_MPS:
             pytest.skip("one rank per GPU: ran in the pass without MPS")
-    elif not _mps_running():
+    elif not mps_running():
         pytest.skip(f"{world_size} ranks on {torch.cuda.device_count()} GPU(s) need MPS "
                     "(CUDA_MPS_PIPE_DIRECTORY with a running daemon)")
     return backend, ranks_per_gpu

@@ -18,20 +18,12 @@ import sys
 import pytest
 import torch
 
-from harness import run_ranks
-
-try:
-    from deepep_megatron.backends import cuda_backend_available
-
-    _AVAILABLE = cuda_backend_available()
-except Exception:  # noqa: BLE001 - any import problem means: not available here
-    _AVAILABLE = False
+from harness import GPU_MARKS, mps_running, run_ranks
 
 pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not _AVAILABLE, reason="needs a CUDA GPU and the compiled extension deepep_megatron._C"),
+    *GPU_MARKS,
     pytest.mark.skipif(importlib.util.find_spec("megatron.core") is None, reason="needs megatron-core"),
-    pytest.mark.skipif(not os.environ.get("CUDA_MPS_PIPE_DIRECTORY"), reason="ranks share the GPU: needs MPS running"),
+    pytest.mark.skipif(not mps_running(), reason="ranks share the GPU: needs MPS running"),
 ]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
