@@ -149,30 +149,38 @@ class ReferenceBackend(Backend):
         num_experts = num_tokens_per_expert.numel()
         num_local_experts = num_experts // R
         # One all-gather of every rank's counts (what DeepEP's notify exchanges): per destination
-        # rank, per expert, and per (destination rank, channel). Row s is rank s's.
+        # rank, per expert, per (destination rank, channel), and last whether this rank's layout
+        # is consistent, so that a bad layout on one rank makes every rank refuse (none waits).
+        per_rank_sent = num_tokens_per_rank.to(torch.int64).cpu()
+        per_expert_sent = num_tokens_per_expert.to(torch.int64).cpu()
+        problem = ""
+        if not torch.equal(per_rank_sent, send_counts_t.cpu()):
+            problem = (f"num_tokens_per_rank {per_rank_sent.tolist()} disagrees with is_token_in_rank, which sends "
+                       f"{send_counts_t.tolist()} tokens to each rank")
+        elif topk_idx is not None and not torch.equal(
+            per_expert_sent, torch.bincount(topk_idx[topk_idx >= 0].cpu(), minlength=num_experts)
+        ):
+            problem = "num_tokens_per_expert disagrees with topk_idx (tokens routed to each expert)"
         mine = torch.cat([
-            num_tokens_per_rank.to(torch.int64).cpu(),
-            num_tokens_per_expert.to(torch.int64).cpu(),
+            per_rank_sent,
+            per_expert_sent,
             channel_prefix_matrix(is_token_in_rank, num_channels).to(torch.int64).cpu().reshape(-1),
+            torch.tensor([int(bool(problem))]),
         ])
-        if not torch.equal(mine[:R], send_counts_t.cpu()):
-            raise ValueError(
-                f"num_tokens_per_rank {mine[:R].tolist()} disagrees with is_token_in_rank, which sends "
-                f"{send_counts_t.tolist()} tokens to each rank; pass both from the same get_dispatch_layout"
-            )
-        if topk_idx is not None:
-            routed = topk_idx[topk_idx >= 0]
-            if not torch.equal(mine[R : R + num_experts], torch.bincount(routed.cpu(), minlength=num_experts)):
-                raise ValueError(
-                    "num_tokens_per_expert disagrees with topk_idx (tokens routed to each expert); "
-                    "pass both from the same get_dispatch_layout"
-                )
         everyone = self._gather_rows(mine)
+        bad_ranks = everyone[:, -1].nonzero().flatten().tolist()
+        if problem:
+            raise ValueError(f"{problem}; pass both from the same get_dispatch_layout")
+        if bad_ranks:
+            raise ValueError(
+                f"rank(s) {bad_ranks} passed a layout that disagrees with their tokens, so every rank of the group "
+                "refuses this dispatch"
+            )
         counts = everyone[:, :R]  # [source, destination]
         recv_counts = counts[:, self.rank].tolist()
         per_expert = everyone[:, R + self.rank * num_local_experts : R + (self.rank + 1) * num_local_experts].sum(0)
         per_expert = [(c + expert_alignment - 1) // expert_alignment * expert_alignment for c in per_expert.tolist()]
-        source_channels = everyone[:, R + num_experts :].view(R, R, num_channels)[:, self.rank]  # [source, channel]
+        source_channels = everyone[:, R + num_experts : -1].view(R, R, num_channels)[:, self.rank]  # [source, channel]
         source_start = torch.cumsum(counts[:, self.rank], 0) - counts[:, self.rank]
         channel_start = torch.cat([torch.zeros(R, 1, dtype=torch.int64), source_channels[:, :-1]], dim=1)
 
