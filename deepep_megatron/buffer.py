@@ -687,7 +687,7 @@ class Buffer:
         _check_tensor(x, "x", _HIGH_PRECISION_DTYPES, (handle.num_recv_rows, None))
         x = x[: handle.num_recv_tokens].contiguous()
         if topk_weights is not None:
-            _check_tensor(topk_weights, "topk_weights", (torch.float32,), (handle.num_recv_rows, None), x.device)
+            _check_tensor(topk_weights, "topk_weights", (torch.float32,), (handle.num_recv_rows, handle.num_topk or None), x.device)
             topk_weights = topk_weights[: handle.num_recv_tokens]
         biases = _split_bias(bias, (handle.num_tokens, x.size(1)), x.dtype, x.device)
         config = _check_config(config, Buffer.get_combine_config(self.group_size))

@@ -26,6 +26,13 @@ def _check_fp8_hidden(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}.size(1) (hidden={x.size(1)}) must be divisible by {FP8_BLOCK} for FP8; pad hidden")
 
 
+def round_up_to_power_of_two(values: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two >= each positive fp32 value, from its exponent and mantissa bits
+    (``exp2(ceil(log2(v)))`` in fp32 can round a value just above a power of two down)."""
+    mantissa, exponent = torch.frexp(values)  # values = mantissa * 2**exponent, mantissa in [0.5, 1)
+    return torch.ldexp(torch.ones_like(values), exponent - (mantissa == 0.5).to(exponent.dtype))
+
+
 def per_token_cast_to_fp8(
     x: torch.Tensor, use_ue8m0: bool = False, round_scale: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +48,7 @@ def per_token_cast_to_fp8(
     amax = blocks.abs().amax(dim=2).clamp(min=_MIN_AMAX)
     scales = amax / FP8_MAX
     if use_ue8m0 or round_scale:
-        scales = torch.exp2(torch.ceil(torch.log2(scales)))
+        scales = round_up_to_power_of_two(scales)
     x_fp8 = (blocks / scales.unsqueeze(2)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return x_fp8.view(num_tokens, hidden), scales.contiguous()
 

@@ -32,7 +32,7 @@ _gpu_training() {
 recipe_config() {
     case $1 in
     tiny_cpu)
-        # The README's main job: a tiny MoE on CPU, 2 gloo ranks, EP=2; the loss falls within 30 steps.
+        # A tiny MoE on CPU, 2 gloo ranks, EP=2 (smaller than the README's main job: docs/recipes.md); the loss falls within 30 steps.
         DEVICE=cpu PRECISIONS="fp32"
         MODEL_ARGS=(--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64
                     --num-experts 4 --moe-router-topk 2)

@@ -47,7 +47,8 @@ def _bad_calls(buffer, other, ll_buffer):
         ("foreign handle", lambda: buffer.combine(recv_x, other_handle), ValueError, "another Buffer"),
         ("handle type", lambda: buffer.combine(recv_x, (1, 2, 3)), TypeError, "handle must be the DispatchHandle"),
         ("combine rows", lambda: buffer.combine(recv_x[1:], handle), ValueError, "x must have shape"),
-        ("combine weights rows", lambda: buffer.combine(recv_x, handle, topk_weights=recv_w[1:]), ValueError, r"topk_weights must have shape \[\d+, \*\]"),
+        ("combine weights rows", lambda: buffer.combine(recv_x, handle, topk_weights=recv_w[1:]), ValueError, r"topk_weights must have shape \[\d+, 2\]"),
+        ("combine weights top-k", lambda: buffer.combine(recv_x, handle, topk_weights=recv_w[:, :1]), ValueError, r"topk_weights must have shape \[\d+, 2\]"),
         ("combine weights fp64", lambda: buffer.combine(recv_x, handle, topk_weights=recv_w.double()), TypeError, "topk_weights must have dtype float32"),
         ("rdma counts intranode", lambda: buffer.dispatch(x, topk_idx=topk_idx, num_tokens_per_rdma_rank=per_rank, **layout), ValueError, "num_tokens_per_rdma_rank must be None for intranode"),
         ("cached dispatch tokens", lambda: buffer.dispatch(x[:2], handle=handle), ValueError, "x has 2 tokens but the handle was made for 6"),
@@ -102,4 +103,4 @@ def test_bad_input_is_refused_clearly() -> None:
     assert checked[0] == checked[1] and len(set(checked[0])) == len(checked[0])
     # the refusals a review found untested (issue 17) stay in the list
     assert {"combine weights rows", "combine weights fp64", "rdma counts intranode", "ll combine out shape",
-            "ll combine out fp32", "ll combine logfmt", "qps 0"} <= set(checked[0])
+            "ll combine out fp32", "ll combine logfmt", "qps 0", "combine weights top-k"} <= set(checked[0])

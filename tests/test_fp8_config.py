@@ -114,3 +114,16 @@ def test_set_num_sms_changes_default_configs() -> None:
         assert Buffer.get_dispatch_config(2).num_sms == 24 and Buffer.get_combine_config(4).num_sms == 24
     finally:
         Buffer.set_num_sms(before)
+
+
+def test_power_of_two_scales_round_up_exactly() -> None:
+    """round_scale / UE8M0: the smallest power of two >= the scale, also one ulp above a power of two
+    (where exp2(ceil(log2(s))) in fp32 rounds down, which lets the block's max overflow e4m3)."""
+    from deepep_megatron.fp8 import round_up_to_power_of_two
+
+    powers = torch.exp2(torch.arange(-30, 30, dtype=torch.float32))
+    above = torch.nextafter(powers, torch.full_like(powers, float("inf")))
+    below = torch.nextafter(powers, torch.zeros_like(powers))
+    assert torch.equal(round_up_to_power_of_two(powers), powers)
+    assert torch.equal(round_up_to_power_of_two(above), powers * 2)
+    assert torch.equal(round_up_to_power_of_two(below), powers)
