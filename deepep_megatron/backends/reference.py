@@ -57,6 +57,16 @@ def _spec(t: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...]]:
     return t.dtype, tuple(t.shape[1:])
 
 
+#: What a fingerprint names (index = code) and the fields it compares (-1 = not part of that operation).
+OPERATIONS = ("dispatch", "cached dispatch", "combine", "low-latency dispatch", "low-latency combine")
+FINGERPRINT_FIELDS = ("hidden", "row_bytes", "scales", "topk", "experts", "channels", "max_tokens")
+
+
+def _row_fields(x: torch.Tensor, scales: Optional[torch.Tensor] = None) -> dict[str, int]:
+    """Fingerprint fields of a payload ``x`` [..., H] (+ FP8 ``scales`` [..., S])."""
+    return {"hidden": x.size(-1), "row_bytes": x.size(-1) * x.element_size(), "scales": 0 if scales is None else scales.size(-1)}
+
+
 class ReferenceBackend(Backend):
     """Dispatch/combine with torch.distributed collectives. Same results as the kernels."""
 
@@ -90,6 +100,24 @@ class ReferenceBackend(Backend):
         gathered = [torch.empty(row.numel(), dtype=torch.int64, device=comm_device) for _ in range(self.num_ranks)]
         dist.all_gather(gathered, row.to(comm_device, torch.int64), group=self.group)
         return torch.stack(gathered).cpu()
+
+    def _agree(self, operation: str, **fields: int) -> None:
+        """Every rank must run the same operation on the same shapes. All-gather a fixed-size
+        fingerprint (operation, :data:`FINGERPRINT_FIELDS`) before any data moves and raise the same
+        ValueError on every rank when one differs, instead of a mismatched collective that fails
+        obscurely or waits."""
+        row = [OPERATIONS.index(operation)] + [int(fields.get(name, -1)) for name in FINGERPRINT_FIELDS]
+        everyone = self._gather_rows(torch.tensor(row, dtype=torch.int64)).tolist()
+        if any(other != everyone[0] for other in everyone):
+            def describe(values: list[int]) -> str:
+                shown = ", ".join(f"{n}={v}" for n, v in zip(FINGERPRINT_FIELDS, values[1:]) if v >= 0)
+                return f"{OPERATIONS[values[0]]}({shown})"
+
+            calls = "; ".join(f"rank {r}: {describe(values)}" for r, values in enumerate(everyone))
+            raise ValueError(
+                f"the ranks of this group called different operations or shapes ({calls}); every rank must make the "
+                "same sequence of dispatch/combine calls with the same hidden size, dtype, top-k and config"
+            )
 
     def _exchange_rows(self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
         """Send ``rows`` [N, B] uint8, ``send_counts[r]`` of them to rank r, in order."""
@@ -133,6 +161,7 @@ class ReferenceBackend(Backend):
     ) -> DispatchOutput:
         payload = [x] if x_scales is None else [x, x_scales]
         if cached_layout is not None:
+            self._agree("cached dispatch", channels=cached_layout.num_channels, **_row_fields(x, x_scales))
             layout = cached_layout
             send_tokens = layout.private["send_tokens"]
             rows = pack_rows([t[send_tokens] for t in payload])
@@ -142,6 +171,8 @@ class ReferenceBackend(Backend):
             recv_payload = unpack_rows(recv, [_spec(t) for t in payload])
             return DispatchOutput(recv_payload[0], recv_payload[1] if x_scales is not None else None, None, None, layout)
 
+        self._agree("dispatch", topk=0 if topk_idx is None else topk_idx.size(1), experts=num_tokens_per_expert.numel(),
+                    channels=config.num_channels, **_row_fields(x, x_scales))
         # (rank, token) pairs sorted by rank then token: the deterministic send order.
         dest_ranks, send_tokens = is_token_in_rank.t().nonzero(as_tuple=True)
         send_counts_t = torch.bincount(dest_ranks, minlength=self.num_ranks)
@@ -215,6 +246,8 @@ class ReferenceBackend(Backend):
         return DispatchOutput(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, layout)
 
     def combine(self, x, topk_weights, layout: DispatchLayout, config: Config):
+        self._agree("combine", topk=0 if topk_weights is None else topk_weights.size(1), channels=layout.num_channels,
+                    **_row_fields(x, None))
         columns = [x] if topk_weights is None else [x, topk_weights.to(torch.float32)]
         recv = self._exchange_rows(
             pack_rows(columns), layout.num_recv_tokens_per_rank.tolist(), layout.num_tokens_per_rank.tolist()
@@ -273,6 +306,8 @@ class ReferenceBackend(Backend):
         output = LowLatencyDispatchOutput(recv_x, recv_x_scales, recv_count, layout)
 
         def receive() -> None:
+            self._agree("low-latency dispatch", topk=topk_idx.size(1), experts=num_experts,
+                        max_tokens=num_max_dispatch_tokens_per_rank, **_row_fields(*payload))
             recv_counts = self._exchange_counts(send_counts_t)
             header = torch.stack([pair_tokens, experts % num_local_experts], dim=1)
             columns = [header] + [t[pair_tokens] for t in payload]
@@ -312,6 +347,8 @@ class ReferenceBackend(Backend):
         combined = out if out is not None else torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
 
         def receive() -> None:
+            self._agree("low-latency combine", topk=topk_idx.size(1), experts=layout.num_experts,
+                        max_tokens=layout.num_max_dispatch_tokens_per_rank, **_row_fields(x, None))
             rows = x[private["recv_local_experts"], private["recv_slots"]]
             back = self._exchange_rows(pack_rows([rows]), private["recv_counts"], private["send_counts"])
             expert_out = unpack_rows(back, [_spec(rows)])[0].float()
