@@ -22,6 +22,7 @@ import torch.distributed as dist
 from .backends import create_backend
 from .backends.base import (
     DispatchLayout,
+    DispatchOutput,
     LowLatencyLayout,
     channel_prefix_matrix,
     channel_send_head,
@@ -147,6 +148,13 @@ class LowLatencyHandle(Sequence):
     def __repr__(self) -> str:
         lay = self.layout
         return f"LowLatencyHandle(tokens={self.num_tokens}, max_tokens={lay.num_max_dispatch_tokens_per_rank}, experts={lay.num_experts})"
+
+
+def _received_payload(out: DispatchOutput, with_scales: bool, num_rows: int) -> TensorOrFP8:
+    """What a dispatch returns as ``recv_x``: the received rows (an FP8 pair when ``with_scales``)
+    extended with zero rows to ``num_rows`` (the ``num_worst_tokens`` bound; no copy without it)."""
+    recv_x = _pad_rows(out.recv_x, num_rows, 0)
+    return (recv_x, _pad_rows(out.recv_x_scales, num_rows, 0)) if with_scales else recv_x
 
 
 def _pad_rows(tensor: Optional[torch.Tensor], num_rows: int, fill: float) -> Optional[torch.Tensor]:
@@ -591,9 +599,7 @@ class Buffer:
                     lambda: self.runtime.dispatch(data, scales, None, None, None, None, None, 1, config, handle.layout),
                     [data, scales], device, previous_event, async_finish,
                 )
-            rows = handle.num_recv_rows
-            recv_x = (_pad_rows(out.recv_x, rows, 0), _pad_rows(out.recv_x_scales, rows, 0)) if scales is not None else _pad_rows(out.recv_x, rows, 0)
-            return recv_x, None, None, None, None, event
+            return _received_payload(out, scales is not None, handle.num_recv_rows), None, None, None, None, event
 
         missing = [n for n, v in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
                                   ("num_tokens_per_expert", num_tokens_per_expert)) if v is None]
@@ -641,22 +647,18 @@ class Buffer:
                 [data, scales, topk_idx, weights, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert],
                 device, previous_event, async_finish,
             )
+        if num_worst_tokens and out.layout.num_recv_tokens > num_worst_tokens:
+            raise RuntimeError(
+                f"rank {self.rank} received {out.layout.num_recv_tokens} rows but num_worst_tokens={num_worst_tokens}; "
+                f"raise num_worst_tokens to at least num_tokens * num_ranks = {num_tokens * R} for any routing"
+            )
         new_handle = DispatchHandle(self._id, num_tokens, hidden, num_topk, out.layout, num_worst_tokens)
-        per_expert = list(out.layout.num_recv_tokens_per_expert_list)
-        recv_topk_idx = out.recv_topk_idx
-        recv_weights = out.recv_topk_weights if topk_weights is not None else None  # ones were sent in their place
-        recv_x, recv_scales = out.recv_x, out.recv_x_scales
-        if num_worst_tokens:
-            if out.layout.num_recv_tokens > num_worst_tokens:
-                raise RuntimeError(
-                    f"rank {self.rank} received {out.layout.num_recv_tokens} rows but num_worst_tokens={num_worst_tokens}; "
-                    f"raise num_worst_tokens to at least num_tokens * num_ranks = {num_tokens * R} for any routing"
-                )
-            recv_x, recv_scales = _pad_rows(recv_x, num_worst_tokens, 0), _pad_rows(recv_scales, num_worst_tokens, 0)
-            recv_topk_idx = _pad_rows(recv_topk_idx, num_worst_tokens, -1)
-            recv_weights = _pad_rows(recv_weights, num_worst_tokens, 0)
-            per_expert = []
-        return (recv_x, recv_scales) if scales is not None else recv_x, recv_topk_idx, recv_weights, per_expert, new_handle, event
+        rows = new_handle.num_recv_rows
+        recv_topk_idx = _pad_rows(out.recv_topk_idx, rows, -1)
+        # without topk_weights, ones were sent in their place: nothing to return
+        recv_weights = _pad_rows(out.recv_topk_weights, rows, 0) if topk_weights is not None else None
+        per_expert = [] if num_worst_tokens else list(out.layout.num_recv_tokens_per_expert_list)
+        return _received_payload(out, scales is not None, rows), recv_topk_idx, recv_weights, per_expert, new_handle, event
 
     def combine(
         self,

@@ -114,20 +114,16 @@ class HostStagedProcessGroup(dist.ProcessGroup):
                 hosts[i] = part.view(tensors[i].shape)
         return hosts
 
-    @staticmethod
-    def _op_of(opts: Any) -> dist.ReduceOp:
-        return opts.reduceOp
-
     # ------------------------------------------------------------------ reductions
     def allreduce(self, tensors: list[torch.Tensor], opts: Any) -> Work:
-        self._back(tensors, self._reduce_on_host(tensors, self._op_of(opts)))
+        self._back(tensors, self._reduce_on_host(tensors, opts.reduceOp))
         return _DoneWork(tensors)
 
     def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any) -> Work:
         return self.allreduce(tensors, opts)
 
     def reduce(self, tensors: list[torch.Tensor], opts: Any) -> Work:
-        hosts = self._reduce_on_host(tensors, self._op_of(opts))
+        hosts = self._reduce_on_host(tensors, opts.reduceOp)
         if self.rank() == opts.rootRank:
             self._back(tensors, hosts)
         return _DoneWork(tensors)
@@ -139,16 +135,16 @@ class HostStagedProcessGroup(dist.ProcessGroup):
             output.copy_(host[self.rank()].view(output.shape))
 
     def _reduce_scatter_base(self, output: torch.Tensor, input: torch.Tensor, opts: Any) -> Work:  # noqa: A002
-        self._reduce_scatter_into([output], [input], self._op_of(opts))
+        self._reduce_scatter_into([output], [input], opts.reduceOp)
         return _DoneWork([output])
 
     def reduce_scatter_tensor_coalesced(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any) -> Work:
-        self._reduce_scatter_into(outputs, inputs, self._op_of(opts))
+        self._reduce_scatter_into(outputs, inputs, opts.reduceOp)
         return _DoneWork(outputs)
 
     def reduce_scatter(self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: Any) -> Work:
         stacked = [torch.stack([t.reshape(-1) for t in chunks]) for chunks in inputs]
-        self._reduce_scatter_into(outputs, stacked, self._op_of(opts))
+        self._reduce_scatter_into(outputs, stacked, opts.reduceOp)
         return _DoneWork(outputs)
 
     # ------------------------------------------------------------------ gathers, broadcast, all-to-all
