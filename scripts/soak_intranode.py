@@ -1,0 +1,791 @@
+#!/usr/bin/env python3
+"""Soak of the intranode normal dispatch/combine: many randomized rounds, each checked bit for bit.
+
+    python scripts/soak_intranode.py --ranks 2 --rounds 10000 --backend cuda --seed 1 --out soak.md \
+        [--time-budget-s 400] [--stop-on-failure] [--only-round N]
+    python scripts/soak_intranode.py --ranks 2,3 --rounds 30 --backend reference --max-tokens 48 --max-hidden 256
+
+Ranks: one per GPU over NCCL when there are enough GPUs, otherwise several on one GPU over gloo
+(start MPS first: ``source scripts/mps.sh && mps_start``); ``--backend reference`` runs on CPU over
+gloo. ``--ranks 2,4`` soaks each rank count in turn (one launch each).
+
+Every round draws, from an RNG seeded by (seed, ranks, round) and so identical on every rank:
+hidden, tokens per rank (log-uniform, some ranks at 0, some large rounds), top-k, experts, x dtype
+(bf16/fp32), FP8 on/off, num_sms, num_worst_tokens on/off, expert_alignment, a rank that nobody
+routes to, dropped top-k slots. Then, on every rank:
+
+  get_dispatch_layout -> check; dispatch -> check; cached dispatch (handle) -> check;
+  combine of a per-rank transform of the received rows (with or without topk_weights) -> check.
+
+Expected values follow the reference semantics (tests/oracle.py; deepep_megatron/backends/base.py):
+received rows ordered by (source rank, source token), combine summed in fp32 over ranks 0..R-1 from
+zero and rounded once. They are computed without communication: each rank regenerates every rank's
+inputs from the round seed (a torch.Generator on the device) and derives its expected outputs with
+vectorized torch ops. Outputs are compared as bits; output memory is poisoned (0xFF) before each call.
+
+A mismatch prints the round's parameters and the command that replays it (``--only-round N``), is
+counted, and the soak goes on (or stops with ``--stop-on-failure``). An exception stops the soak
+(the group's state is then unknown). A markdown table is printed last and written to ``--out``.
+Exit status: 0 when no round failed, 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+from deepep_megatron import Buffer, Config, per_token_cast_to_fp8  # noqa: E402 - after the path insert
+from deepep_megatron.config import FP8_BLOCK  # noqa: E402
+from deepep_megatron.launch import local_backend, run_ranks  # noqa: E402
+from harness import mps_running  # noqa: E402 - tests/harness.py
+from oracle import expert_transform, reference_cast_back  # noqa: E402 - tests/oracle.py: the stand-in expert
+
+# ---------------------------------------------------------------------------- the round distribution
+HIDDEN_CHOICES = (2048, 2560, 4096, 5120, 7168)
+EXPERT_CHOICES = (8, 16, 32, 64, 128, 256)
+#: Even SM counts per rank; those with ranks_per_gpu * num_sms above the GPU's SMs are dropped (the
+#: spinning kernels of ranks sharing a GPU must all be resident at once).
+SMS_CHOICES = (2, 4, 8, 16, 24, 32, 48)
+MAX_DRAWN_TOPK = 8
+MAX_TOKENS = 4096
+#: Share of rounds whose ranks all draw large token counts (uniform in [max/2, max]); the others
+#: draw log-uniform counts (median ~ sqrt(max)), so 10^4 rounds fit in minutes.
+P_LARGE_ROUND = 0.1
+P_ZERO_TOKENS = 0.08  # per rank
+P_FP8 = 0.4
+P_FP32 = 0.3
+P_WORST = 0.3
+P_WORST_SUM = 0.5  # of the worst-token rounds: bound = every rank's tokens summed (else tight + slack)
+MAX_WORST_SLACK = 64
+P_ALIGNED = 0.5
+ALIGNMENT_CHOICES = (2, 3, 4, 7, 8, 16, 32, 128)
+P_STARVED = 0.1  # a rank owns experts nobody routes to, so it receives nothing
+DROP_CHOICES = (0.0, 0.0, 0.1, 0.5)  # probability that a top-k slot is -1
+EMPTY_CHOICES = (0.0, 0.05, 0.3)  # probability that a token routes nowhere
+P_COMBINE_WEIGHTS = 0.7
+POISON_BYTE = 0xFF  # NaN in every float format: an unwritten output element cannot pass as a value
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+#: Outputs --plant-error can corrupt (one bit of one element, on rank 0) to show a mismatch is caught.
+PLANTABLE = ("num_tokens_per_rank", "recv_x", "recv_topk_idx", "recv_topk_weights", "cached_recv_x", "combined_x")
+
+
+@dataclass(frozen=True)
+class SoakOptions:
+    """What the ranks need from the command line (picklable for the spawned ranks)."""
+
+    backend: str
+    device: str  # "cuda" or "cpu"
+    seed: int
+    rounds: int
+    only_round: Optional[int]
+    max_tokens: int
+    hiddens: tuple[int, ...]
+    sms_choices: tuple[int, ...]
+    time_budget_s: float  # <= 0: none
+    stop_on_failure: bool
+    plant_error: Optional[str]
+    progress_s: float
+    repro: str  # the command line that replays a round, without --only-round
+
+
+@dataclass(frozen=True)
+class RoundParams:
+    """One round's draw: the same on every rank. ``worst``: "off", "sum" (every rank's tokens summed)
+    or "tight" (the largest receive count + ``worst_slack``), turned into ``num_worst_tokens``
+    once the routing is known."""
+
+    index: int
+    num_ranks: int
+    hidden: int
+    tokens: tuple[int, ...]
+    num_topk: int
+    num_experts: int
+    dtype: str
+    fp8: bool
+    worst: str
+    worst_slack: int
+    expert_alignment: int
+    starved_rank: Optional[int]
+    drop: float
+    empty_tokens: float
+    combine_weights: bool
+    num_sms: int
+    tensor_seed: int
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.num_experts // self.num_ranks
+
+
+def hidden_choices(max_hidden: Optional[int]) -> tuple[int, ...]:
+    """:data:`HIDDEN_CHOICES` up to ``max_hidden``; below them, multiples of the FP8 block up to it."""
+    if max_hidden is None:
+        return HIDDEN_CHOICES
+    if max_hidden < FP8_BLOCK:
+        raise ValueError(f"--max-hidden must be >= {FP8_BLOCK} (FP8 rounds need whole 128-channel blocks)")
+    kept = tuple(h for h in HIDDEN_CHOICES if h <= max_hidden)
+    return kept or tuple(FP8_BLOCK * m for m in range(1, max_hidden // FP8_BLOCK + 1))
+
+
+def expert_choices(num_ranks: int) -> tuple[int, ...]:
+    """:data:`EXPERT_CHOICES` divisible by ``num_ranks``; for rank counts that divide none (3, 5, ...)
+    multiples of the rank count instead."""
+    kept = tuple(e for e in EXPERT_CHOICES if e % num_ranks == 0)
+    return kept or tuple(num_ranks * m for m in (1, 2, 4, 8, 16, 32))
+
+
+def _draw_tokens(rng: random.Random, max_tokens: int, large_round: bool) -> int:
+    if rng.random() < P_ZERO_TOKENS:
+        return 0
+    if large_round:
+        return rng.randint(max_tokens // 2, max_tokens)
+    return min(max_tokens, int(math.exp(rng.uniform(0.0, math.log(max_tokens + 1)))))
+
+
+def draw_round(opts: SoakOptions, num_ranks: int, index: int) -> RoundParams:
+    """The parameters of round ``index``: a pure function of (seed, ranks, index, options)."""
+    rng = random.Random(f"soak-intranode:{opts.seed}:{num_ranks}:{index}")  # str seeds hash the same in every process
+    large = rng.random() < P_LARGE_ROUND
+    tokens = tuple(_draw_tokens(rng, opts.max_tokens, large) for _ in range(num_ranks))
+    num_experts = rng.choice(expert_choices(num_ranks))
+    worst = "off"
+    if rng.random() < P_WORST:
+        worst = "sum" if rng.random() < P_WORST_SUM else "tight"
+    return RoundParams(
+        index=index,
+        num_ranks=num_ranks,
+        hidden=rng.choice(opts.hiddens),
+        tokens=tokens,
+        num_topk=rng.randint(1, min(MAX_DRAWN_TOPK, num_experts)),
+        num_experts=num_experts,
+        dtype="fp32" if rng.random() < P_FP32 else "bf16",
+        fp8=rng.random() < P_FP8,
+        worst=worst,
+        worst_slack=rng.choice((0, rng.randint(1, MAX_WORST_SLACK))),
+        expert_alignment=1 if rng.random() < P_ALIGNED else rng.choice(ALIGNMENT_CHOICES),
+        starved_rank=rng.randrange(num_ranks) if rng.random() < P_STARVED else None,
+        drop=rng.choice(DROP_CHOICES),
+        empty_tokens=rng.choice(EMPTY_CHOICES),
+        combine_weights=rng.random() < P_COMBINE_WEIGHTS,
+        tensor_seed=rng.getrandbits(48),
+        num_sms=rng.choice(opts.sms_choices),  # last: the SM cap of the GPU changes no other draw
+    )
+
+
+# ---------------------------------------------------------------------------- inputs and expectations
+@dataclass
+class RoundInputs:
+    """Every rank's inputs, concatenated in rank order (S = sum of all ranks' tokens).
+
+    ``x`` [S, H] bf16/fp32; ``x_fp8`` / ``x_scales`` [S, H] e4m3 / [S, H/128] fp32 (FP8 rounds, else
+    None); ``topk_idx`` [S, K] int64 (-1 = none); ``topk_weights`` [S, K] fp32; ``src_token`` [S]
+    int64 (index of each row within its rank); ``starts`` [R + 1] host offsets of each rank's rows.
+    """
+
+    x: torch.Tensor
+    x_fp8: Optional[torch.Tensor]
+    x_scales: Optional[torch.Tensor]
+    topk_idx: torch.Tensor
+    topk_weights: torch.Tensor
+    src_token: torch.Tensor
+    starts: list[int]
+
+    def rows_of(self, rank: int) -> slice:
+        return slice(self.starts[rank], self.starts[rank + 1])
+
+    def dispatch_x(self, rank: int) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """What ``rank`` dispatches: its rows of x, or of the FP8 pair."""
+        rows = self.rows_of(rank)
+        if self.x_fp8 is None:
+            return self.x[rows]
+        return self.x_fp8[rows], self.x_scales[rows]
+
+    def seen(self, rows: Union[slice, torch.Tensor]) -> torch.Tensor:
+        """x as a receiver sees ``rows`` of it: the rows, or their FP8 values cast back to x's dtype."""
+        if self.x_fp8 is None:
+            return self.x[rows]
+        return reference_cast_back(self.x_fp8[rows], self.x_scales[rows]).to(self.x.dtype)
+
+
+def _rank_inputs(p: RoundParams, rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x [T, H], topk_idx [T, K] int64, topk_weights [T, K] fp32)`` of ``rank``, from its own generator.
+    Routing as tests/oracle.make_inputs: distinct experts per token, dropped slots, empty tokens."""
+    num_tokens, K, E = p.tokens[rank], p.num_topk, p.num_experts
+    g = torch.Generator(device=device)
+    g.manual_seed(p.tensor_seed + 7919 * rank)
+    x = (torch.randn(num_tokens, p.hidden, generator=g, device=device) * 3 + 0.5).to(DTYPES[p.dtype])
+    allowed = torch.arange(E, device=device)
+    if p.starved_rank is not None:
+        allowed = allowed[allowed // p.num_local_experts != p.starved_rank]
+    k = min(K, allowed.numel())
+    if num_tokens == 0:
+        topk_idx = torch.empty(0, K, dtype=torch.int64, device=device)
+    else:
+        scores = torch.rand(num_tokens, allowed.numel(), generator=g, device=device)
+        topk_idx = allowed[scores.topk(k, dim=1).indices]
+        if k < K:
+            topk_idx = torch.cat([topk_idx, torch.full((num_tokens, K - k), -1, dtype=torch.int64, device=device)], dim=1)
+    dropped = torch.rand(num_tokens, K, generator=g, device=device) < p.drop
+    empty = torch.rand(num_tokens, generator=g, device=device) < p.empty_tokens
+    topk_idx = topk_idx.masked_fill(dropped | empty.unsqueeze(1), -1)
+    topk_weights = torch.rand(num_tokens, K, generator=g, device=device) + 0.1
+    return x, topk_idx, topk_weights
+
+
+def make_round_inputs(p: RoundParams, device: torch.device) -> RoundInputs:
+    """Every rank's inputs of round ``p``: identical on every rank (same seeds, same device kind)."""
+    per_rank = [_rank_inputs(p, r, device) for r in range(p.num_ranks)]
+    x = torch.cat([t[0] for t in per_rank])
+    x_fp8 = x_scales = None
+    if p.fp8:  # row-wise, so casting the concatenation equals casting each rank's rows
+        x_fp8, x_scales = per_token_cast_to_fp8(x)
+    starts = [0]
+    for t in p.tokens:
+        starts.append(starts[-1] + t)
+    src_token = torch.cat([torch.arange(t, device=device) for t in p.tokens])
+    return RoundInputs(x, x_fp8, x_scales, torch.cat([t[1] for t in per_rank]), torch.cat([t[2] for t in per_rank]),
+                       src_token, starts)
+
+
+@dataclass
+class Expected:
+    """What one rank must get (N = rows it receives, T its tokens).
+
+    Layout: ``per_rank`` [R] int32, ``per_expert`` [E] int32, ``in_rank`` [T, R] bool. Dispatch:
+    ``recv_x`` [N, H] (or the FP8 pair), ``recv_topk_idx`` [N, K] int64 (local ids, -1 elsewhere),
+    ``recv_topk_weights`` [N, K] fp32 (0 where -1), ``recv_src_idx`` [N] int32, ``per_expert_list``
+    [E_local] int64 (aligned). Combine of ``combine_x`` [rows, H] (+ ``combine_weights`` [rows, K]
+    or None; rows = num_worst_tokens or N, padding rows NaN): ``combined_x`` [T, H] x dtype,
+    ``combined_weights`` [T, K] fp32. ``recv_counts`` (host): rows every rank receives.
+    """
+
+    per_rank: torch.Tensor
+    per_expert: torch.Tensor
+    in_rank: torch.Tensor
+    recv_x: Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+    recv_topk_idx: torch.Tensor
+    recv_topk_weights: torch.Tensor
+    recv_src_idx: torch.Tensor
+    per_expert_list: torch.Tensor
+    num_recv: int
+    num_worst_tokens: int
+    recv_counts: list[int]
+    combine_x: torch.Tensor
+    combine_weights: Optional[torch.Tensor]
+    combined_x: torch.Tensor
+    combined_weights: Optional[torch.Tensor]
+
+
+def _nan_padded(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``rows`` [N, C] extended to ``num_rows`` rows of poison bits (NaN): combine must ignore them."""
+    if num_rows == rows.size(0):
+        return rows
+    padded = torch.empty(num_rows, rows.size(1), dtype=rows.dtype, device=rows.device)
+    padded.view(torch.uint8).fill_(POISON_BYTE)
+    padded[: rows.size(0)] = rows
+    return padded
+
+
+def expected_for_rank(p: RoundParams, inputs: RoundInputs, rank: int) -> Expected:
+    """Rank ``rank``'s expected layout, dispatch and combine for round ``p``, vectorized (loops over
+    ranks only). Combine input on every rank d is ``expert_transform(rows d received, d)``, so the
+    expected sum for a token is ``sum_d expert_transform(its row, d)`` over the ranks d it went to."""
+    R, L, E = p.num_ranks, p.num_local_experts, p.num_experts
+    idx, weights = inputs.topk_idx, inputs.topk_weights
+    valid = idx >= 0
+    owner = torch.where(valid, idx // L, -1)  # [S, K] rank of each slot's expert, -1 = none
+    in_rank_all = (owner.unsqueeze(2) == torch.arange(R, device=idx.device)).any(dim=1)  # [S, R]
+    recv_counts = in_rank_all.sum(dim=0).tolist()
+    num_worst = 0
+    if p.worst == "sum":
+        num_worst = max(1, sum(p.tokens))
+    elif p.worst == "tight":
+        num_worst = max(1, max(recv_counts) + p.worst_slack)
+
+    mine = inputs.rows_of(rank)
+    my_idx, my_owner, in_rank = idx[mine], owner[mine], in_rank_all[mine]
+    per_expert = torch.bincount(torch.where(valid[mine], my_idx, E).flatten(), minlength=E + 1)[:E].to(torch.int32)
+
+    # Dispatch: the rows of every rank (in rank order, then token order) that have an expert here.
+    sel = in_rank_all[:, rank].nonzero().flatten()
+    local = owner == rank
+    lo = rank * L
+    recv_topk_idx = torch.where(local, idx - lo, -1)[sel]
+    recv_topk_weights = torch.where(local, weights, 0.0)[sel]
+    counts = torch.bincount(torch.where(local, idx - lo, L).flatten(), minlength=L + 1)[:L]
+    a = p.expert_alignment
+    per_expert_list = (counts + a - 1) // a * a
+    recv_x = inputs.x[sel] if inputs.x_fp8 is None else (inputs.x_fp8[sel], inputs.x_scales[sel])
+    num_recv = int(sel.numel())
+
+    rows = num_worst or num_recv
+    combine_x = _nan_padded(expert_transform(inputs.seen(sel), rank), rows)
+    combine_weights = _nan_padded(recv_topk_weights, rows) if p.combine_weights else None
+
+    # Combine: fp32 sum over destination ranks 0..R-1 from zero, one rounding (adding 0.0 where a
+    # token did not go is exact: the sum starts at +0.0 and never becomes -0.0).
+    seen_mine = inputs.seen(mine)
+    acc = torch.zeros(seen_mine.shape, dtype=torch.float32, device=seen_mine.device)
+    acc_w = torch.zeros(my_idx.shape, dtype=torch.float32, device=seen_mine.device)
+    my_weights = weights[mine]
+    for d in range(R):
+        went = in_rank[:, d : d + 1]
+        acc += torch.where(went, expert_transform(seen_mine, d).float(), 0.0)
+        acc_w += torch.where(went, torch.where(my_owner == d, my_weights, 0.0), 0.0)
+    return Expected(
+        per_rank=in_rank.sum(dim=0).to(torch.int32),
+        per_expert=per_expert,
+        in_rank=in_rank,
+        recv_x=recv_x,
+        recv_topk_idx=recv_topk_idx,
+        recv_topk_weights=recv_topk_weights,
+        recv_src_idx=inputs.src_token[sel].to(torch.int32),
+        per_expert_list=per_expert_list,
+        num_recv=num_recv,
+        num_worst_tokens=num_worst,
+        recv_counts=recv_counts,
+        combine_x=combine_x,
+        combine_weights=combine_weights,
+        combined_x=acc.to(seen_mine.dtype),
+        combined_weights=acc_w if p.combine_weights else None,
+    )
+
+
+# ---------------------------------------------------------------------------- checking
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` reinterpreted as integers of its element size: equal bits <=> equal integers (NaN too)."""
+    t = t.contiguous()
+    if t.dtype == torch.bool or t.is_floating_point():
+        return t.view(_INT_OF_SIZE[t.element_size()])
+    return t
+
+
+class Checks:
+    """Collects comparisons of one round and syncs the host once, in :meth:`failures`."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._errors: list[str] = []
+
+    def fail(self, message: str) -> None:
+        self._errors.append(message)
+
+    def same(self, what: str, got: Any, want: Optional[torch.Tensor]) -> None:
+        """``got`` must equal ``want`` bit for bit (None: ``got`` must be None)."""
+        if want is None or got is None:
+            if (want is None) != (got is None):
+                self.fail(f"{what}: expected {'None' if want is None else 'a tensor'}, got {_describe(got)}")
+            return
+        if not isinstance(got, torch.Tensor):
+            self.fail(f"{what}: expected a tensor, got {_describe(got)}")
+        elif got.dtype != want.dtype or tuple(got.shape) != tuple(want.shape):
+            self.fail(f"{what}: expected {_describe(want)}, got {_describe(got)}")
+        else:
+            self._pending.append((what, got, want, (_bits(got) == _bits(want).to(got.device)).all()))
+
+    def failures(self) -> list[str]:
+        if self._pending:
+            ok = torch.stack([flag for *_, flag in self._pending]).cpu().tolist()  # the one host sync
+            for (what, got, want, _), passed in zip(self._pending, ok):
+                if not passed:
+                    self._errors.append(_mismatch(what, got, want))
+        return self._errors
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).replace('torch.', '')}{list(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return type(value).__name__ + "(" + ", ".join(_describe(v) for v in value) + ")"
+    return repr(value)
+
+
+def _mismatch(what: str, got: torch.Tensor, want: torch.Tensor) -> str:
+    differ = (_bits(got) != _bits(want).to(got.device)).reshape(got.shape)
+    where = differ.nonzero()
+    first = tuple(where[0].tolist())
+    return (f"{what}: {where.size(0)} of {got.numel()} elements differ; first at {list(first)}: "
+            f"got {_value(got, first)}, expected {_value(want, first)}")
+
+
+def _value(t: torch.Tensor, index: tuple[int, ...]) -> str:
+    """One element, as a number and (for floats) its bits in hex."""
+    element = t[index]
+    if not element.is_floating_point():
+        return repr(element.item())
+    bits = _bits(element.reshape(1)).item() & ((1 << (8 * t.element_size())) - 1)
+    return f"{element.float().item()!r} (0x{bits:0{2 * t.element_size()}x})"
+
+
+# ---------------------------------------------------------------------------- one round
+def _config_like(default: Config, num_sms: int) -> Config:
+    """``default`` (a Buffer.get_*_config) with ``num_sms`` SMs; DeepEP's five-argument constructor."""
+    return Config(num_sms, default.num_max_nvl_chunked_send_tokens, default.num_max_nvl_chunked_recv_tokens,
+                  default.num_max_rdma_chunked_send_tokens, default.num_max_rdma_chunked_recv_tokens)
+
+
+class Poisoner:
+    """Fills, before each call, free allocator memory with 0xFF where that call's outputs will land.
+
+    The caching allocator keeps a pool per stream and gives a request the smallest free block that
+    fits. So for each stream that may allocate outputs (the current one and the Buffer's
+    communication stream) we allocate blocks of exactly the output sizes, fill them and free them:
+    an output then gets a poisoned block (rather than, say, the just-freed block of an earlier call
+    that held the same values). Deferred frees (record_stream) are flushed by a sync first. No-op on CPU.
+    """
+
+    def __init__(self, device: torch.device, streams: Sequence["torch.cuda.Stream"]) -> None:
+        self.device = device
+        self.streams = list(streams)
+
+    def __call__(self, sizes_bytes: Sequence[int]) -> None:
+        if self.device.type != "cuda":
+            return
+        torch.cuda.synchronize(self.device)
+        for stream in self.streams:
+            with torch.cuda.stream(stream):
+                junk = [torch.empty(n, dtype=torch.uint8, device=self.device) for n in sizes_bytes if n > 0]
+                for block in junk:
+                    block.fill_(POISON_BYTE)
+                del junk  # freed on the stream that allocated them: the next allocations there reuse them
+
+
+def _planted(opts: SoakOptions, rank: int, name: str, tensor: Any) -> Any:
+    """``tensor`` as the checks see it. With ``--plant-error name``, on rank 0, a copy with one bit of
+    its first element flipped (to prove a mismatch is caught); the calls that follow get the original."""
+    if opts.plant_error != name or rank != 0 or not isinstance(tensor, torch.Tensor) or tensor.numel() == 0:
+        return tensor
+    corrupted = tensor.clone()
+    corrupted.view(torch.uint8).view(-1)[:1].bitwise_xor_(1)
+    return corrupted
+
+
+def _planted_x(opts: SoakOptions, rank: int, name: str, recv_x: Any) -> Any:
+    """:func:`_planted` for a received x: the tensor, or the e4m3 half of an FP8 pair."""
+    if isinstance(recv_x, tuple) and len(recv_x) == 2:
+        return (_planted(opts, rank, name, recv_x[0]), recv_x[1])
+    return _planted(opts, rank, name, recv_x)
+
+
+def _rows(value: Union[torch.Tensor, tuple, None], num_rows: int) -> Any:
+    """The first ``num_rows`` rows of a tensor or of each tensor of an FP8 pair."""
+    if isinstance(value, (tuple, list)):
+        return tuple(v[:num_rows] if isinstance(v, torch.Tensor) else v for v in value)
+    return value[:num_rows] if isinstance(value, torch.Tensor) else value
+
+
+def _same_x(checks: Checks, what: str, got: Any, want: Union[torch.Tensor, tuple], num_rows: int) -> None:
+    """Received x (tensor or FP8 pair): ``num_rows`` rows in all, the first ones equal to ``want``."""
+    if isinstance(want, tuple):
+        if not (isinstance(got, tuple) and len(got) == 2):
+            checks.fail(f"{what}: expected an FP8 pair, got {_describe(got)}")
+            return
+        for part, name in zip(range(2), ("e4m3", "scales")):
+            if got[part].size(0) != num_rows:
+                checks.fail(f"{what} ({name}): expected {num_rows} rows, got {_describe(got[part])}")
+            else:
+                checks.same(f"{what} ({name})", got[part][: want[part].size(0)], want[part])
+        return
+    if not isinstance(got, torch.Tensor) or got.size(0) != num_rows:
+        checks.fail(f"{what}: expected {num_rows} rows, got {_describe(got)}")
+    else:
+        checks.same(what, got[: want.size(0)], want)
+
+
+def run_round(buffer: Buffer, p: RoundParams, rank: int, device: torch.device, poison: Poisoner,
+              opts: SoakOptions) -> tuple[list[str], dict[str, Any]]:
+    """Run and check round ``p`` on this rank: ``(failure messages, facts for the report)``.
+    Every output is kept alive until the round ends, so no later call reuses its memory."""
+    R, H, K, E = p.num_ranks, p.hidden, p.num_topk, p.num_experts
+    inputs = make_round_inputs(p, device)
+    exp = expected_for_rank(p, inputs, rank)
+    T, N, W = p.tokens[rank], exp.num_recv, exp.num_worst_tokens
+    rows = W or N
+    mine = inputs.rows_of(rank)
+    x_in, topk_idx, topk_weights = inputs.dispatch_x(rank), inputs.topk_idx[mine], inputs.topk_weights[mine]
+    x_bytes = 1 if p.fp8 else DTYPES[p.dtype].itemsize
+    groups = H // FP8_BLOCK if p.fp8 else 0
+    dispatch_config = _config_like(Buffer.get_dispatch_config(R), p.num_sms)
+    combine_config = _config_like(Buffer.get_combine_config(R), p.num_sms)
+    checks = Checks()
+    keep: list[Any] = []  # outputs held to the end of the round
+
+    poison([R * 4, E * 4, T * R])
+    layout = buffer.get_dispatch_layout(topk_idx, E)
+    keep.append(layout)
+    per_rank, per_rdma, per_expert, in_rank = layout[:4]
+    checks.same("layout num_tokens_per_rank", _planted(opts, rank, "num_tokens_per_rank", per_rank), exp.per_rank)
+    checks.same("layout num_tokens_per_rdma_rank", per_rdma, None)
+    checks.same("layout num_tokens_per_expert", per_expert, exp.per_expert)
+    checks.same("layout is_token_in_rank", in_rank, exp.in_rank)
+
+    row_sizes = sorted({N, rows})
+    poison([n * b for n in row_sizes for b in (H * x_bytes, groups * 4, K * 8, K * 4, 4)])
+    out = buffer.dispatch(x_in, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                          topk_idx=topk_idx, topk_weights=topk_weights, expert_alignment=p.expert_alignment,
+                          num_worst_tokens=W, config=dispatch_config)
+    keep.append(out)
+    recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle = out[:5]
+    recv_topk_idx = _planted(opts, rank, "recv_topk_idx", recv_topk_idx)
+    recv_topk_weights = _planted(opts, rank, "recv_topk_weights", recv_topk_weights)
+    _same_x(checks, "dispatch recv_x", _planted_x(opts, rank, "recv_x", recv_x), exp.recv_x, rows)
+    for what, got, want in (("recv_topk_idx", recv_topk_idx, exp.recv_topk_idx),
+                            ("recv_topk_weights", recv_topk_weights, exp.recv_topk_weights)):
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != (rows, K):
+            checks.fail(f"dispatch {what}: expected [{rows}, {K}], got {_describe(got)}")
+        else:
+            checks.same(f"dispatch {what}", got[:N], want)
+    if W and isinstance(recv_topk_idx, torch.Tensor) and recv_topk_idx.size(0) == W:
+        checks.same("dispatch recv_topk_idx padding (must be -1)", recv_topk_idx[N:], torch.full((W - N, K), -1, dtype=torch.int64, device=device))
+    if W:
+        if per_expert_list != []:
+            checks.fail(f"dispatch num_recv_tokens_per_expert_list with num_worst_tokens: expected [], got {per_expert_list!r}")
+    elif not isinstance(per_expert_list, list) or len(per_expert_list) != p.num_local_experts:
+        checks.fail(f"dispatch num_recv_tokens_per_expert_list: expected {p.num_local_experts} counts, got {per_expert_list!r}")
+    else:
+        checks.same("dispatch num_recv_tokens_per_expert_list", torch.tensor(per_expert_list, dtype=torch.int64, device=device), exp.per_expert_list)
+    if not W and handle.num_recv_tokens != N:  # under num_worst_tokens the cuda backend keeps its counts on the device
+        checks.fail(f"handle.num_recv_tokens: expected {N}, got {handle.num_recv_tokens}")
+    src = handle.recv_src_idx
+    if src.size(0) < N:
+        checks.fail(f"handle.recv_src_idx: expected >= {N} rows, got {_describe(src)}")
+    else:
+        checks.same("handle.recv_src_idx", src[:N], exp.recv_src_idx)
+        if src.size(0) > N:  # padded to num_worst_tokens: past the real rows there is no source
+            checks.same("handle.recv_src_idx padding (must be -1)", src[N:], torch.full((src.size(0) - N,), -1, dtype=torch.int32, device=device))
+
+    poison([n * b for n in row_sizes for b in (H * x_bytes, groups * 4)])
+    cached = buffer.dispatch(x_in, handle=handle, config=dispatch_config)
+    keep.append(cached)
+    _same_x(checks, "cached dispatch recv_x", _planted_x(opts, rank, "cached_recv_x", cached[0]), exp.recv_x, rows)
+    if any(v is not None for v in cached[1:5]):
+        checks.fail(f"cached dispatch: expected (recv_x, None, None, None, None, event), got {_describe(cached[:5])}")
+
+    poison([T * H * DTYPES[p.dtype].itemsize, T * K * 4])
+    combined = buffer.combine(exp.combine_x, handle, topk_weights=exp.combine_weights, config=combine_config)
+    keep.append(combined)
+    checks.same("combine combined_x", _planted(opts, rank, "combined_x", combined[0]), exp.combined_x)
+    checks.same("combine combined_topk_weights", combined[1], exp.combined_weights)
+
+    facts = {"num_worst_tokens": W, "recv_counts": exp.recv_counts}
+    return checks.failures(), facts
+
+
+def features(p: RoundParams, facts: dict[str, Any], max_tokens: int) -> list[str]:
+    """Report rows this round counts in (see :data:`FEATURE_ROWS`)."""
+    names = ["all rounds", "cached dispatch", "fp8" if p.fp8 else "no fp8", f"x {p.dtype}"]
+    if facts["num_worst_tokens"]:
+        names.append(f"num_worst_tokens ({p.worst})")
+    if p.combine_weights:
+        names.append("combine with topk_weights")
+    if p.expert_alignment > 1:
+        names.append("expert_alignment > 1")
+    if 0 in p.tokens:
+        names.append("a rank with 0 tokens")
+    if 0 in facts["recv_counts"]:
+        names.append("a rank receives nothing")
+    if max(p.tokens) >= max_tokens // 2:
+        names.append("large (a rank >= max_tokens/2)")
+    names.append(f"num_sms={p.num_sms}")
+    return names
+
+
+FEATURE_ROWS = ("all rounds", "cached dispatch", "fp8", "no fp8", "x bf16", "x fp32", "num_worst_tokens (sum)",
+                "num_worst_tokens (tight)", "combine with topk_weights", "expert_alignment > 1", "a rank with 0 tokens",
+                "a rank receives nothing", "large (a rank >= max_tokens/2)") + tuple(f"num_sms={s}" for s in SMS_CHOICES)
+
+
+# ---------------------------------------------------------------------------- the ranks
+def _nvl_bytes(num_ranks: int, opts: SoakOptions) -> int:
+    """NVLink-buffer bytes for the largest round: fp32 rows of the widest hidden, largest SM count."""
+    hidden_bytes = max(opts.hiddens) * DTYPES["fp32"].itemsize
+    return max(_config_like(default, sms).get_nvl_buffer_size_hint(hidden_bytes, num_ranks)
+               for sms in opts.sms_choices
+               for default in (Buffer.get_dispatch_config(num_ranks), Buffer.get_combine_config(num_ranks)))
+
+
+def _worker(rank: int, world: int, opts: SoakOptions) -> dict[str, Any]:
+    """One rank (run_ranks started its process group): run the rounds, return its records."""
+    device = torch.device("cuda", torch.cuda.current_device()) if opts.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.init()  # the Buffer has a communication stream only once CUDA is initialized
+    group = dist.group.WORLD
+    buffer = Buffer(group, num_nvl_bytes=_nvl_bytes(world, opts), explicitly_destroy=True, backend=opts.backend)
+    streams = [torch.cuda.current_stream(device), buffer.get_comm_stream()] if device.type == "cuda" else []
+    poison = Poisoner(device, streams)
+    flag_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    indices = [opts.only_round] if opts.only_round is not None else range(opts.rounds)
+    records: list[tuple[int, list[str], bool]] = []
+    started = last_report = time.monotonic()
+    stopped, broken = "", False
+    for index in indices:
+        p = draw_round(opts, world, index)
+        try:
+            failures, facts = run_round(buffer, p, rank, device, poison, opts)
+        except Exception:  # noqa: BLE001 - report the round, then stop: the group's state is unknown
+            failures, facts, broken = [traceback.format_exc()], {"num_worst_tokens": 0, "recv_counts": []}, True
+        if failures:
+            print(f"[rank {rank}] FAILED round {index}: {asdict(p)}\n  num_worst_tokens={facts['num_worst_tokens']}, "
+                  f"rows received per rank={facts['recv_counts']}\n  replay: {opts.repro} --ranks {world} --only-round {index}\n  "
+                  + "\n  ".join(failures), flush=True)
+        records.append((index, features(p, facts, opts.max_tokens), bool(failures)))
+        over_time = opts.time_budget_s > 0 and time.monotonic() - started > opts.time_budget_s
+        flags = torch.tensor([int(bool(failures) and opts.stop_on_failure), int(broken), int(over_time)], device=flag_device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)  # every rank stops after the same round
+        stop_failure, stop_broken, stop_time = flags.tolist()
+        if stop_failure or stop_broken or stop_time:
+            stopped = ("an exception" if stop_broken else "a failure (--stop-on-failure)" if stop_failure
+                       else f"the time budget ({opts.time_budget_s:g} s)")
+            break
+        now = time.monotonic()
+        if rank == 0 and now - last_report >= opts.progress_s:
+            bad = sum(failed for *_, failed in records)
+            print(f"[EP{world}] round {index + 1}/{len(indices)}, {bad} failed so far, {now - started:.0f} s", flush=True)
+            last_report = now
+    seconds = time.monotonic() - started
+    if not broken:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        buffer.destroy()
+    return {"records": records, "seconds": seconds, "stopped": stopped, "requested": len(indices)}
+
+
+# ---------------------------------------------------------------------------- report
+@dataclass
+class Summary:
+    """Merged result of one rank count: a round failed when it failed on any rank."""
+
+    num_ranks: int
+    requested: int
+    rounds: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    stopped: str = ""
+    per_feature: dict[str, list[int]] = field(default_factory=dict)  # name -> [rounds, failed]
+
+
+def summarize(num_ranks: int, per_rank: list[dict[str, Any]]) -> Summary:
+    failed_rounds = {index for result in per_rank for index, _, failed in result["records"] if failed}
+    s = Summary(num_ranks, per_rank[0]["requested"], seconds=max(r["seconds"] for r in per_rank), stopped=per_rank[0]["stopped"])
+    for index, names, _ in per_rank[0]["records"]:
+        s.rounds += 1
+        s.failed += index in failed_rounds
+        for name in names:
+            count = s.per_feature.setdefault(name, [0, 0])
+            count[0] += 1
+            count[1] += index in failed_rounds
+    return s
+
+
+def format_report(summaries: list[Summary], header: str) -> str:
+    lines = [header, ""]
+    for s in summaries:
+        early = f", stopped early by {s.stopped}" if s.stopped else ""
+        pace = f" ({1e3 * s.seconds / s.rounds:.1f} ms/round)" if s.rounds else ""
+        lines.append(f"- EP{s.num_ranks}: {s.rounds} of {s.requested} rounds in {s.seconds:.0f} s{pace}, {s.failed} failed{early}")
+    lines += ["", "| feature | " + " | ".join(f"EP{s.num_ranks} rounds | EP{s.num_ranks} failed" for s in summaries) + " |",
+              "|---|" + "---|---|" * len(summaries)]
+    for name in FEATURE_ROWS:
+        cells = [f"{s.per_feature.get(name, [0, 0])[0]} | {s.per_feature.get(name, [0, 0])[1]}" for s in summaries]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("| seconds | " + " | ".join(f"{s.seconds:.0f} | " for s in summaries) + " |")
+    return "\n".join(lines)
+
+
+def _sms_cap(device: str, ranks_per_gpu: int) -> tuple[int, ...]:
+    if device != "cuda":
+        return SMS_CHOICES
+    sms_per_gpu = torch.cuda.get_device_properties(0).multi_processor_count
+    kept = tuple(s for s in SMS_CHOICES if s * ranks_per_gpu <= sms_per_gpu)
+    if not kept:
+        raise SystemExit(f"soak_intranode: {ranks_per_gpu} ranks per GPU leave no SM count of {SMS_CHOICES} that fits {sms_per_gpu} SMs")
+    return kept
+
+
+def _repro_command(args: argparse.Namespace) -> str:
+    parts = [f"python {os.path.relpath(os.path.abspath(__file__))}", f"--backend {args.backend}", f"--seed {args.seed}"]
+    if args.device != "auto":
+        parts.append(f"--device {args.device}")
+    if args.max_tokens != MAX_TOKENS:
+        parts.append(f"--max-tokens {args.max_tokens}")
+    if args.max_hidden is not None:
+        parts.append(f"--max-hidden {args.max_hidden}")
+    if args.plant_error:
+        parts.append(f"--plant-error {args.plant_error}")
+    return " ".join(parts)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ranks", default="2", help="rank count, or a comma list soaked one after the other")
+    parser.add_argument("--rounds", type=int, default=10000, help="rounds per rank count")
+    parser.add_argument("--backend", choices=("cuda", "reference"), default="cuda")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: cuda for --backend cuda, else cpu")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--only-round", type=int, default=None, help="run just this round (replay a failure)")
+    parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="largest token count of a rank")
+    parser.add_argument("--max-hidden", type=int, default=None, help="largest hidden (small shapes for CPU runs)")
+    parser.add_argument("--time-budget-s", type=float, default=0.0, help="stop after this many seconds in all (0: no limit)")
+    parser.add_argument("--stop-on-failure", action="store_true")
+    parser.add_argument("--plant-error", choices=PLANTABLE, default=None,
+                        help="testing the soak itself: corrupt this output on rank 0 in every round where it has elements")
+    parser.add_argument("--progress-s", type=float, default=30.0, help="seconds between progress lines")
+    parser.add_argument("--out", default=None, help="also write the report (markdown) here")
+    args = parser.parse_args(argv)
+
+    rank_counts = [int(r) for r in args.ranks.split(",")]
+    device = args.device if args.device != "auto" else ("cuda" if args.backend == "cuda" else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("soak_intranode: no CUDA device here; use --backend reference (CPU)")
+    hiddens = hidden_choices(args.max_hidden)
+    summaries, started = [], time.monotonic()
+    for position, num_ranks in enumerate(rank_counts):
+        pg_backend, ranks_per_gpu = local_backend(num_ranks) if device == "cuda" else ("gloo", 1)
+        if ranks_per_gpu > 1 and not mps_running():
+            raise SystemExit(f"soak_intranode: {num_ranks} ranks share a GPU and need CUDA MPS; start it first "
+                             "(source scripts/mps.sh && mps_start)")
+        budget = 0.0
+        if args.time_budget_s > 0:  # what is left, shared among the rank counts still to run
+            budget = max(1.0, (args.time_budget_s - (time.monotonic() - started)) / (len(rank_counts) - position))
+        opts = SoakOptions(backend=args.backend, device=device, seed=args.seed, rounds=args.rounds, only_round=args.only_round,
+                           max_tokens=args.max_tokens, hiddens=hiddens, sms_choices=_sms_cap(device, ranks_per_gpu),
+                           time_budget_s=budget, stop_on_failure=args.stop_on_failure, plant_error=args.plant_error,
+                           progress_s=args.progress_s, repro=_repro_command(args))
+        print(f"EP{num_ranks}: {args.backend} backend on {device} over {pg_backend}, sms {list(opts.sms_choices)}, "
+              f"hidden {list(hiddens)}, tokens <= {args.max_tokens}", flush=True)
+        timeout = (budget + 600) if budget else 24 * 3600
+        try:
+            per_rank = run_ranks(_worker, num_ranks, opts, backend=pg_backend, timeout_s=timeout)
+        except (AssertionError, RuntimeError, TimeoutError) as error:  # a rank died: its traceback is in the message
+            print(f"soak_intranode: EP{num_ranks} aborted: {error}", flush=True)
+            summaries.append(Summary(num_ranks, args.rounds, stopped="a crashed rank", failed=1))
+            continue
+        summaries.append(summarize(num_ranks, per_rank))
+
+    where = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
+    header = (f"soak_intranode · backend {args.backend} · {where} · seed {args.seed} · ranks {args.ranks} · "
+              f"max tokens {args.max_tokens} · hidden {list(hiddens)}" + (f" · planted error in {args.plant_error}" if args.plant_error else ""))
+    report = format_report(summaries, header)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(report + "\n")
+    print(report, flush=True)
+    return 1 if any(s.failed for s in summaries) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
