@@ -139,18 +139,20 @@ def _inputs(rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _sanity(x: torch.Tensor, is_token_in_rank: torch.Tensor, recv_x: torch.Tensor, combined: torch.Tensor,
-            group: dist.ProcessGroup) -> None:
-    """Refuse to time a broken run: ``recv_x`` must have the rows every rank's ``is_token_in_rank``
-    [T, R] sends here, and ``combined`` (the combine of ``recv_x`` unchanged) must be x times the
-    number of ranks each token went to (exact: at most 8 equal bf16 values summed in fp32, rounded once)."""
+            group: dist.ProcessGroup) -> str:
+    """What is wrong with the results being timed ("" when nothing): ``recv_x`` must have the rows
+    every rank's ``is_token_in_rank`` [T, R] sends here, and ``combined`` (the combine of ``recv_x``
+    unchanged) must be x times the number of ranks each token went to (exact: at most 8 equal bf16
+    values summed in fp32, rounded once)."""
     everyone: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, is_token_in_rank.sum(dim=0).tolist(), group=group)
     want_rows = sum(sent[dist.get_rank(group)] for sent in everyone)
     if recv_x.size(0) != want_rows:
-        raise RuntimeError(f"dispatch received {recv_x.size(0)} rows, the layouts send {want_rows}")
+        return f"dispatch received {recv_x.size(0)} rows, the layouts send {want_rows}"
     want = (x.float() * is_token_in_rank.sum(dim=1, keepdim=True)).to(x.dtype)
     if not torch.equal(combined, want):
-        raise RuntimeError(f"combine of the received rows is not x * (ranks per token): {int((combined != want).sum())} elements differ")
+        return f"combine of the received rows is not x * (ranks per token): {int((combined != want).sum())} elements differ"
+    return ""
 
 
 def _worker(rank: int, world: int, opts: BenchOptions) -> Optional[dict[str, Any]]:
@@ -166,13 +168,17 @@ def _worker(rank: int, world: int, opts: BenchOptions) -> Optional[dict[str, Any
     x, topk_idx, topk_weights = _inputs(rank, device)
     x_fp8 = per_token_cast_to_fp8(x)
     figures: dict[str, dict[str, float]] = {}
+    problems: list[str] = []  # timed anyway (a lent GPU is scarce), and flagged in the report
     for sms, (dispatch_config, combine_config) in configs.items():
         per_rank, per_rdma, per_expert, in_rank = buffer.get_dispatch_layout(topk_idx, EXPERTS)[:4]
         args = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
                     num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=topk_weights, config=dispatch_config)
         first = buffer.dispatch(x, **args)
         recv_x, handle = first[0], first[4]
-        _sanity(x, in_rank, recv_x, buffer.combine(recv_x, handle, config=combine_config)[0], group)
+        problem = _sanity(x, in_rank, recv_x, buffer.combine(recv_x, handle, config=combine_config)[0], group)
+        if problem:
+            problems.append(f"rank {rank}, {sms} SMs: {problem}")
+            print(f"bench_vs_deepep: {opts.impl} WRONG RESULTS: {problems[-1]}", flush=True)
 
         def full_dispatch() -> Any:
             layout = buffer.get_dispatch_layout(topk_idx, EXPERTS)
@@ -194,14 +200,15 @@ def _worker(rank: int, world: int, opts: BenchOptions) -> Optional[dict[str, Any
             figures[f"{name}|{sms}"] = {"one_call_us": one * 1e6, "host_us": host * 1e6, "b2b_us": b2b * 1e6}
         del first, recv_x, handle
     everyone: list = [None] * world
-    dist.all_gather_object(everyone, figures, group=group)
+    dist.all_gather_object(everyone, (figures, problems), group=group)
     torch.cuda.synchronize()
     dist.barrier()
     buffer.destroy()
     if rank != 0:
         return None
-    slowest = {key: {metric: max(f[key][metric] for f in everyone) for metric in figures[key]} for key in figures}
-    return {"impl": opts.impl, "module": module_file, "figures": slowest, "num_nvl_bytes": num_nvl_bytes}
+    slowest = {key: {metric: max(f[key][metric] for f, _ in everyone) for metric in figures[key]} for key in figures}
+    return {"impl": opts.impl, "module": module_file, "figures": slowest, "num_nvl_bytes": num_nvl_bytes,
+            "problems": [p for _, ps in everyone for p in ps]}
 
 
 # ---------------------------------------------------------------------------- command line and report
@@ -281,7 +288,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 path = os.path.join(tmp, f"{impl}.json")
                 print(f"=== {impl}", flush=True)
                 rc = subprocess.run([sys.executable, os.path.abspath(__file__), "--impl", impl, "--json", path, *common]).returncode
-                if rc == 0 and os.path.exists(path):
+                if os.path.exists(path):  # written once the ranks finished, also when they flagged wrong results
                     with open(path) as f:
                         results[impl] = json.load(f)
                 else:
@@ -303,6 +310,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             with open(args.json, "w") as f:
                 json.dump(results[args.impl], f)
 
+    problems += [f"{LABELS[i]} gave wrong results: {p}" for i, r in results.items() for p in r.get("problems", [])]
     modules = "; ".join(f"{LABELS[i]} {r['module']}" for i, r in results.items())
     header = (f"{datetime.date.today()} · {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()} · EP{args.ranks} over "
               f"{pg_backend} ({per_gpu} rank(s) per GPU) · {TOKENS} tokens/rank, hidden {HIDDEN}, top-{TOPK} of {EXPERTS} · "
