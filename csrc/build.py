@@ -2,6 +2,13 @@
 
 ``setup.py`` calls :func:`extension_kwargs` and passes the result to
 ``torch.utils.cpp_extension.CUDAExtension``. The kernels target Hopper (sm_90) only.
+
+Rooms (what each may include):
+  deepep_megatron/include/deepep_megatron_layout.h   the buffer layout and limits (also parsed by Python)
+  csrc/core/      PTX helpers, bounded waits, the barrier, the kernels' context (no torch)
+  csrc/kernels/   one file per kernel family + launch.h, their interface (no torch)
+  csrc/runtime/   IPC buffers (runtime.*) and the operations over tensors (intranode_ops.*, torch)
+  csrc/binding.cpp  the pybind11 module
 """
 from __future__ import annotations
 
@@ -10,13 +17,17 @@ import os
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
 
-#: Kernel and binding sources, relative to the repository root (where setup.py runs).
+#: Kernel, runtime and binding sources, relative to the repository root (where setup.py runs).
 SOURCES = (
-    "csrc/runtime.cu",
-    "csrc/layout.cu",
-    "csrc/intranode.cu",
-    "csrc/bindings.cpp",
+    "csrc/kernels/barrier.cu",
+    "csrc/kernels/layout.cu",
+    "csrc/kernels/intranode.cu",
+    "csrc/runtime/runtime.cu",
+    "csrc/runtime/intranode_ops.cpp",
+    "csrc/binding.cpp",
 )
+
+INCLUDE_DIRS = ("deepep_megatron/include", "csrc/core", "csrc/kernels", "csrc/runtime")
 
 NVCC_FLAGS = (
     "-O3",
@@ -38,6 +49,6 @@ def extension_kwargs() -> dict:
     return {
         "name": "deepep_megatron._C",
         "sources": list(SOURCES),
-        "include_dirs": [os.path.join(_ROOT, "csrc")],
+        "include_dirs": [os.path.join(_ROOT, d) for d in INCLUDE_DIRS],
         "extra_compile_args": {"cxx": list(CXX_FLAGS), "nvcc": list(NVCC_FLAGS)},
     }

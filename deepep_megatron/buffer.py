@@ -289,6 +289,9 @@ class Buffer:
         enable_shrink: newer DeepEP's fault-tolerant rank masking (vLLM passes it); only False.
         backend: ``"reference"`` (torch.distributed collectives), ``"cuda"`` (compiled kernels) or
             ``"auto"`` (cuda when the extension is built, a GPU is visible and num_nvl_bytes > 0).
+        timeout_s: how long a kernel waits for a peer before it stops with a diagnostic (which rank,
+            channel and counter) that the Buffer raises; None: env ``DEEPEP_MEGATRON_TIMEOUT_S`` or
+            100 s. After such an error every rank calls :meth:`reset` to use the Buffer again.
     """
 
     #: SMs the normal kernels use unless a config says otherwise (``set_num_sms``).
@@ -308,6 +311,7 @@ class Buffer:
         *,
         enable_shrink: bool = False,
         backend: str = "auto",
+        timeout_s: Optional[float] = None,
     ) -> None:
         self._destroyed = True  # until the backend exists (so __del__ of a half-built Buffer is quiet)
         if enable_shrink:
@@ -338,7 +342,7 @@ class Buffer:
         self.num_rdma_ranks = self.topology.num_nodes
         self.num_nvl_ranks = self.topology.ranks_per_node
         self.runtime = create_backend(backend, group, num_nvl_bytes, num_rdma_bytes, self.low_latency_mode, num_qps_per_rank,
-                                      self.num_rdma_ranks)
+                                      self.num_rdma_ranks, timeout_s)
         self._id = next(_buffer_ids)
         self._comm_streams: dict[int, torch.cuda.Stream] = {}
         self._next_combine_buffer: Optional[torch.Tensor] = None
@@ -416,6 +420,14 @@ class Buffer:
         self.runtime.destroy()
         self._destroyed = True
 
+    def reset(self) -> None:
+        """Collective (every rank calls it): after a device-detected error (a timeout, ranks in
+        different operations, bad expert ids or an overflow under ``num_worst_tokens``), wait for this
+        rank's kernels and clear every rank's signalling state, so the next operations run as on a new
+        Buffer. Handles made before the reset stay valid (they hold only layout tensors)."""
+        self._check_alive()
+        self.runtime.reset()
+
     def __del__(self) -> None:
         # Without explicitly_destroy the backend's own objects free their memory when collected
         # (nothing collective may run here); with it, forgetting destroy() is worth a warning.
@@ -471,7 +483,9 @@ class Buffer:
         """Run ``fn`` on the communication stream, ordered after ``previous_event`` (or the current
         stream). With ``async_finish`` return an event to wait on; otherwise the current stream waits."""
         _check_event(previous_event)
-        if device.type != "cuda":
+        if device.type != "cuda" or (previous_event is None and not async_finish):
+            # Nothing to overlap: the current stream would wait for the communication stream right
+            # after, so the call runs on the current stream itself (no events, no record_stream).
             return fn(), EventOverlap()
         compute = torch.cuda.current_stream(device)
         comm = self._comm_stream(device)
@@ -564,9 +578,13 @@ class Buffer:
         * Without ``topk_idx`` (and ``topk_weights``): a layout-only dispatch, tokens go to the ranks
           ``is_token_in_rank`` names and ``recv_topk_idx``/``recv_topk_weights`` are None.
         * ``num_worst_tokens`` > 0 (needs ``topk_idx``): every received tensor has exactly that many
-          rows, the real ones first; past them ``recv_topk_idx`` is -1 and ``recv_x`` and the weights
-          are 0; the per-expert list is empty (DeepEP's static-shape mode). A rank that receives more
-          rows raises RuntimeError naming ``num_worst_tokens``.
+          rows, the real ones first; past them ``recv_topk_idx`` is -1 and the weights are 0 (the
+          reference backend also zeroes ``recv_x`` there; the cuda backend leaves those rows as they
+          are, DeepEP's semantics: no expert reads them); the per-expert list is empty (DeepEP's
+          static-shape mode). On the cuda backend this makes no host sync and can be captured in a
+          CUDA graph; the real counts stay on the device (``handle.layout.num_recv_tokens_per_rank``).
+          A rank that receives more rows raises RuntimeError naming ``num_worst_tokens`` (on the cuda
+          backend: every rank, at its next call; then :meth:`reset`).
         * With ``handle`` (cached dispatch: the backward of combine) only ``x`` moves and the result is
           ``(recv_x, None, None, None, None, event)``, with the handle's row count.
         """
@@ -642,7 +660,7 @@ class Buffer:
             out, event = self._run(
                 lambda: self.runtime.dispatch(
                     data, scales, topk_idx, weights, num_tokens_per_rank, is_token_in_rank,
-                    num_tokens_per_expert, expert_alignment, config, None,
+                    num_tokens_per_expert, expert_alignment, config, None, num_worst_tokens=num_worst_tokens,
                 ),
                 [data, scales, topk_idx, weights, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert],
                 device, previous_event, async_finish,

@@ -5,24 +5,23 @@ peer) ring buffers in the NVLink buffer are chunked. The size hints turn a confi
 bytes a :class:`~deepep_megatron.Buffer` must be created with, so callers can size buffers up front
 and a too-small buffer is reported before any kernel runs.
 
-This module imports nothing of the package: it is pure arithmetic.
+This module is pure arithmetic over the kernels' layout (``layout.py``, read from their header).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: Largest top-k the normal kernels carry per token (DeepEP's limit is 9; DeepSeek-V3 uses 8).
-MAX_TOPK = 16
-#: Channels of the FP8 scales: one fp32 scale per this many hidden elements.
-FP8_BLOCK = 128
+from .layout import CONTROL_BYTES, FP8_BLOCK, MAX_TOPK, token_slot_bytes  # noqa: F401 - re-exported
+
+# FP8_BLOCK, MAX_TOPK and token_slot_bytes are re-exported: callers import them from here.
 #: Rank counts the intranode kernels accept (ranks of one NVLink domain).
 SUPPORTED_NVL_RANK_COUNTS = (2, 4, 8)
 #: GPUs of one node that DeepEP's size hints assume (its NUM_MAX_NVL_PEERS).
 RANKS_PER_NODE = 8
 #: Alignment (bytes) of every region in the communication buffers.
 BUFFER_ALIGN = 128
-#: Bytes of the control region at the start of every NVLink buffer (csrc/api.h kControlBytes).
-NVL_CONTROL_BYTES = 65536
+#: Bytes of the control region at the start of every NVLink buffer (the layout header's kControlBytes).
+NVL_CONTROL_BYTES = CONTROL_BYTES
 
 
 def align_up(value: int, alignment: int) -> int:
@@ -30,21 +29,8 @@ def align_up(value: int, alignment: int) -> int:
     return (value + alignment - 1) // alignment * alignment
 
 
-def token_slot_bytes(hidden_bytes: int) -> int:
-    """Bytes one token occupies in a ring-buffer slot of the NVLink buffer.
-
-    ``hidden_bytes`` is ``hidden * max(element_size, 2)`` (DeepEP's convention: FP8 tokens are
-    sized as if bf16, which leaves room for their scales). A slot holds the hidden row, the FP8
-    scales (``hidden / 128`` fp32), ``MAX_TOPK`` expert ids (int32) and weights (fp32) and the
-    source token index, each region 16-byte aligned.
-    """
-    hidden = hidden_bytes // 2
-    scales = (hidden + FP8_BLOCK - 1) // FP8_BLOCK * 4
-    return align_up(hidden_bytes, 16) + align_up(scales, 16) + align_up(MAX_TOPK * 8, 16) + 16
-
-
 def nvl_buffer_bytes(num_channels: int, num_ranks: int, num_slots: int, hidden_bytes: int) -> int:
-    """Bytes of one rank's NVLink buffer (csrc/runtime.cuh): the control region of
+    """Bytes of one rank's NVLink buffer (deepep_megatron_layout.h): the control region of
     :data:`NVL_CONTROL_BYTES`, then ``num_channels x num_ranks`` rings of ``num_slots`` slots of
     :func:`token_slot_bytes`."""
     return NVL_CONTROL_BYTES + num_channels * num_ranks * num_slots * token_slot_bytes(hidden_bytes)
@@ -90,7 +76,7 @@ class Config:
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
         """Bytes of NVLink buffer one rank needs for this config (the ``cuda`` backend's exact layout).
 
-        Layout per rank (csrc/runtime.cuh): a fixed control region of :data:`NVL_CONTROL_BYTES`
+        Layout per rank (include/deepep_megatron_layout.h): a fixed control region of :data:`NVL_CONTROL_BYTES`
         (barrier signals, notify counts, per channel/peer head and tail counters) followed by
         ``num_channels x num_ranks`` rings of ``num_max_nvl_chunked_recv_tokens`` slots of
         :func:`token_slot_bytes`. Combine reuses the same rings (its slots are smaller).

@@ -6,7 +6,7 @@
 Two ranks (one per GPU over NCCL, or two on one GPU over gloo under MPS). Per rank: GPU-paced time
 per call (events around back-to-back calls, as bench_intranode.py), the time the host spent
 spinning in wait_notify (≈ 0 means the host, not the GPU, paces the loop), then on rank 0 a
-cProfile of the same calls (top functions by own time). Full and cached dispatch, then combine.
+cProfile of the same calls (top functions by own time). Full, num_worst_tokens and cached dispatch, then combine.
 """
 from __future__ import annotations
 
@@ -71,6 +71,7 @@ def _worker(rank: int, world: int, sms: int, calls: int, fp8: bool) -> None:
     backend._runtime = timed
     lines = []
     for name, fn in (("full", lambda: buffer.dispatch(x_in, **args)),
+                     ("worst", lambda: buffer.dispatch(x_in, num_worst_tokens=T * world, **args)),
                      ("cached", lambda: buffer.dispatch(x_in, handle=handle, config=config)),
                      ("combine", lambda: buffer.combine(y, handle, config=config))):
         for _ in range(5):

@@ -1,6 +1,8 @@
 """The one place that decides which backend a ``Buffer`` runs on."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch.distributed as dist
 
 from ..config import SUPPORTED_NVL_RANK_COUNTS
@@ -27,12 +29,14 @@ def create_backend(
     low_latency_mode: bool,
     num_qps_per_rank: int,
     num_nodes: int = 1,
+    timeout_s: Optional[float] = None,
 ) -> Backend:
     """Build backend ``name``; ``"auto"`` is ``"cuda"`` when :func:`cuda_backend_available`, the buffer
     has NVLink bytes and the group is one node with a rank count the kernels support (2, 4, 8), else
     ``"reference"`` (so an EP1 group, e.g. a one-GPU run of the Megatron dispatcher, still works, and
     so does a group over ``num_nodes`` > 1 nodes, which only the reference backend serves so far).
-    Collective: every rank of ``group`` must call it."""
+    ``timeout_s`` bounds the cuda kernels' waits on peers (None: env or 100 s). Collective: every
+    rank of ``group`` must call it."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
     if name == "auto":
@@ -52,7 +56,7 @@ def create_backend(
             )
         from .cuda import CudaBackend
 
-        return CudaBackend(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank)
+        return CudaBackend(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank, timeout_s)
     return ReferenceBackend(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank)
 
 

@@ -158,6 +158,9 @@ class Backend(ABC):
     #: ``[-1, num_experts)`` itself, on the device, and raises the same ValueError as the Buffer's
     #: host check (which then skips its own host sync for that check).
     checks_topk_range_in_dispatch: bool = False
+    #: Whether ``dispatch(num_worst_tokens=N)`` returns N-row outputs itself with no host sync (the
+    #: Buffer pads the exact-size outputs of the others, which know their sizes on the host anyway).
+    native_worst_tokens: bool = False
 
     def __init__(
         self,
@@ -195,10 +198,12 @@ class Backend(ABC):
         expert_alignment: int,
         config: Config,
         cached_layout: Optional[DispatchLayout],
+        num_worst_tokens: int = 0,
     ) -> DispatchOutput:
         """Send each token [T, H] to the ranks that hold its experts.
 
         With ``cached_layout`` the layout arguments are None and only ``x`` (and its scales) move.
+        ``num_worst_tokens`` is honoured only by a backend with ``native_worst_tokens``.
         """
 
     @abstractmethod
@@ -240,6 +245,10 @@ class Backend(ABC):
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Reset low-latency signalling state (nothing to do for stateless backends)."""
+
+    def reset(self) -> None:
+        """Collective: bring the backend back to its initial state after an error (nothing to do for
+        a backend that keeps no state between calls)."""
 
     def destroy(self) -> None:
         """Release communication resources (collective: every rank calls it)."""

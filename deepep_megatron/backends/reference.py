@@ -158,6 +158,7 @@ class ReferenceBackend(Backend):
         expert_alignment,
         config: Config,
         cached_layout: Optional[DispatchLayout],
+        num_worst_tokens: int = 0,  # exact sizes here: the Buffer pads them (native_worst_tokens is False)
     ) -> DispatchOutput:
         payload = [x] if x_scales is None else [x, x_scales]
         if cached_layout is not None:

@@ -138,6 +138,9 @@ def _compare_cases(rank: int, world_size: int, ranks_per_gpu: int) -> int:
         _same(handle_fast.recv_src_idx, handle_ref.recv_src_idx, f"{tag}: recv_src_idx")
         _same(handle_fast.layout.num_recv_tokens_per_rank, handle_ref.layout.num_recv_tokens_per_rank, f"{tag}: recv per rank")
         _same(handle_fast.layout.num_tokens_per_rank.cpu(), handle_ref.layout.num_tokens_per_rank.cpu(), f"{tag}: send per rank")
+        for item, name in ((0, "rank_prefix_matrix"), (1, "channel_prefix_matrix"), (2, "recv_channel_prefix_matrix"),
+                           (3, "recv_src_idx"), (5, "send_head")):
+            _same(handle_fast[item], handle_ref[item], f"{tag}: handle[{item}] ({name})")
 
         # Cached dispatch (the backward of combine), async with a previous event.
         _poison(device)
@@ -175,10 +178,21 @@ def _compare_cases(rank: int, world_size: int, ranks_per_gpu: int) -> int:
         worst = sum(case.tokens)
         _poison(device)
         w_fast, w_ref = fast.dispatch(x_in, num_worst_tokens=worst, **args), ref.dispatch(x_in, num_worst_tokens=worst, **args)
-        _same(w_fast[0][0] if use_fp8 else w_fast[0], w_ref[0][0] if use_fp8 else w_ref[0], f"{tag}: worst-case recv_x")
+        # num_worst_tokens: `worst` rows; only the real ones carry x (the cuda backend leaves the
+        # padding rows of x as they are, DeepEP's semantics), top-k -1 / weight 0 / source -1 past them.
+        real = out_ref[4].num_recv_tokens
+        pairs = ([(w_fast[0][0], w_ref[0][0], "recv_x (e4m3)"), (w_fast[0][1], w_ref[0][1], "scales")] if use_fp8
+                 else [(w_fast[0], w_ref[0], "recv_x")])
+        for got, want, what in pairs:
+            assert got.size(0) == want.size(0) == worst, f"{tag}: worst-case {what} has {got.size(0)} rows"
+            _same(got[:real], want[:real], f"{tag}: worst-case {what}")
         _same(w_fast[1], w_ref[1], f"{tag}: worst-case recv_topk_idx")
         _same(w_fast[2], w_ref[2], f"{tag}: worst-case recv_topk_weights")
+        _same(w_fast[4][3], w_ref[4][3], f"{tag}: worst-case recv_src_idx (handle[3])")
         assert w_fast[3] == w_ref[3] == []
+        _poison(device)
+        y_worst = torch.cat([y, y.new_zeros(worst - real, y.size(1))])
+        _same(fast.combine(y_worst, w_fast[4])[0], comb_ref[0], f"{tag}: combine of a worst-case dispatch")
         g = torch.Generator(device=device).manual_seed(1000 + index * 8 + rank)
         bias = (torch.randn(x.shape, generator=g, device=device).to(y.dtype), torch.randn(x.shape, generator=g, device=device).to(y.dtype))
         _poison(device)
@@ -217,7 +231,7 @@ def _stall(rank: int, world_size: int) -> float:
                             topk_idx=topk_idx, topk_weights=topk_weights, config=config)
         elapsed = time.monotonic() - start
         assert "rank 1" in str(info.value), str(info.value)
-        with pytest.raises(RuntimeError, match="unusable"):
+        with pytest.raises(RuntimeError, match=r"reset\(\)"):
             buffer.get_dispatch_layout(topk_idx, case.num_experts)
     dist.barrier()  # rank 1 stays alive (its buffer mapped) until rank 0 has seen the timeout
     return elapsed

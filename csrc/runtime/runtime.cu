@@ -1,41 +1,21 @@
-// Runtime: one rank's NVLink buffer (cudaMalloc + CUDA IPC), the peers' mappings, the host-mapped
-// diagnostic word, and the cross-rank barrier kernel.
-//
-// Data layout: see runtime.cuh (control region + rings). This file only allocates and zeroes it.
-// Barrier: each rank r writes `epoch` into barrier_signal[r] of every peer's buffer (remote
-// st.release.sys), then waits until its own barrier_signal[s] reaches `epoch` for every s
-// (ld.acquire.sys, bounded by the timeout). Epochs are host counters that advance identically on
-// every rank because every rank issues the same sequence of collective calls.
+// Runtime (runtime.h): allocation, IPC mapping, reset and the host side of the notify handshake.
+// The buffer's layout is deepep_megatron_layout.h; this file only allocates and zeroes it.
+#include "runtime.h"
+
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
 #include <stdexcept>
 #include <string>
 
-#include "api.h"
-#include "runtime.cuh"
+#include "launch.h"
 
 namespace deepep_megatron {
 
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("deepep_megatron._C: ") + what + " failed: " + cudaGetErrorName(err) + " (" +
-                             cudaGetErrorString(err) + ")");
-  }
-}
-
-__global__ void barrier_kernel(PeerContext ctx, uint32_t epoch) {
-  __syncthreads();
-  cross_rank_barrier(ctx, epoch);
-}
-
-void launch_barrier(const PeerContext& ctx, uint32_t epoch, cudaStream_t stream) {
-  barrier_kernel<<<1, 32, 0, stream>>>(ctx, epoch);
-  check_cuda(cudaGetLastError(), "barrier kernel launch");
-}
-
-Runtime::Runtime(int rank, int num_ranks, int64_t num_nvl_bytes, int device)
-    : rank_(rank), num_ranks_(num_ranks), num_nvl_bytes_(num_nvl_bytes), device_(device) {
+Runtime::Runtime(int rank, int num_ranks, int64_t num_nvl_bytes, int device, double timeout_s)
+    : rank_(rank), num_ranks_(num_ranks), num_nvl_bytes_(num_nvl_bytes), device_(device), timeout_s_(0) {
+  set_timeout_s(timeout_s);
   if (num_ranks < 1 || num_ranks > kMaxRanks || rank < 0 || rank >= num_ranks) {
     throw std::invalid_argument("Runtime: rank " + std::to_string(rank) + " of " + std::to_string(num_ranks) +
                                 " is out of range (at most " + std::to_string(kMaxRanks) + " ranks)");
@@ -73,6 +53,25 @@ Runtime::~Runtime() {
   if (host_notify_ != nullptr) cudaFreeHost(host_notify_);
 }
 
+void Runtime::set_timeout_s(double timeout_s) {
+  if (!(timeout_s > 0) || timeout_s > 1e6) {
+    throw std::invalid_argument("timeout_s must be in (0, 1e6] seconds, got " + std::to_string(timeout_s));
+  }
+  timeout_s_ = timeout_s;
+}
+
+void Runtime::reset() {
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize before reset");
+  if (local_ == nullptr) throw std::runtime_error("Runtime.reset: the NVLink buffer was already freed");
+  check_cuda(cudaMemset(local_, 0, kControlBytes), "cudaMemset of the control region");
+  check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize after reset");
+  std::memset(host_diagnostic_, 0, sizeof(Diagnostic));
+  std::memset(host_notify_, 0, sizeof(NotifyResult));
+  ticket_ = 0;
+  ++generation_;
+}
+
 bool Runtime::wait_notify(uint32_t sequence, double host_timeout_s) const {
   const volatile uint32_t* seen = &host_notify_->sequence;
   const volatile int* flag = &host_diagnostic_->flag;
@@ -100,12 +99,14 @@ std::string Runtime::ipc_handle() const {
   return std::string(reinterpret_cast<const char*>(&handle), sizeof(handle));
 }
 
-void Runtime::open_peers(const std::vector<std::string>& handles) {
+void Runtime::open_peers(const std::vector<std::string>& handles, const std::vector<int64_t>& sizes) {
   if (peers_open_) throw std::runtime_error("Runtime: peers are already open");
-  if (static_cast<int>(handles.size()) != num_ranks_) {
-    throw std::invalid_argument("Runtime.open_peers: expected " + std::to_string(num_ranks_) + " handles, got " +
-                                std::to_string(handles.size()));
+  if (static_cast<int>(handles.size()) != num_ranks_ || static_cast<int>(sizes.size()) != num_ranks_) {
+    throw std::invalid_argument("Runtime.open_peers: expected " + std::to_string(num_ranks_) + " handles and sizes, got " +
+                                std::to_string(handles.size()) + " and " + std::to_string(sizes.size()));
   }
+  min_buffer_bytes_ = num_nvl_bytes_;
+  for (int64_t size : sizes) min_buffer_bytes_ = std::min(min_buffer_bytes_, size);
   check_cuda(cudaSetDevice(device_), "cudaSetDevice");
   for (int r = 0; r < num_ranks_; ++r) {
     if (handles[r].size() != sizeof(cudaIpcMemHandle_t)) {
@@ -148,15 +149,18 @@ void Runtime::free_local() {
 
 std::vector<int64_t> Runtime::diagnostic() const {
   const volatile Diagnostic* d = host_diagnostic_;
-  return {d->flag, d->code, d->rank, d->peer, d->channel, d->block, d->expected, d->seen};
+  std::vector<int64_t> out = {d->flag, d->code, d->rank, d->peer, d->channel, d->block, d->expected, d->seen};
+  for (int i = 0; i < kFingerprintWords; ++i) out.push_back(d->mine[i]);
+  for (int i = 0; i < kFingerprintWords; ++i) out.push_back(d->theirs[i]);
+  return out;
 }
 
-PeerContext Runtime::context(double timeout_s) const {
+PeerContext Runtime::context() const {
   if (!peers_open_ || local_ == nullptr) throw std::runtime_error("Runtime: the peers' buffers are not open");
   PeerContext ctx{};
   for (int r = 0; r < kMaxRanks; ++r) ctx.buffers[r] = r < num_ranks_ ? peers_[r] : nullptr;
   ctx.diagnostic = device_diagnostic_;
-  ctx.timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
+  ctx.timeout_ns = static_cast<uint64_t>(timeout_s_ * 1e9);
   ctx.rank = rank_;
   ctx.num_ranks = num_ranks_;
   return ctx;

@@ -3,22 +3,24 @@
 //
 // ---------------------------------------------------------------------------------------------
 // notify (1 block)                           who signals whom
-//   barrier(epoch)                           every rank <-> every rank (kOffBarrier)
-//   rank s writes into rank d's buffer:      notify_channel_count[s][c] = channel_count[d][c]
-//                                            notify_expert_count[s][e]  = num_tokens_per_expert[d*E_l + e]
+//   barrier(fingerprint of the dispatch)     every rank <-> every rank (kOffBarrier); a peer in
+//                                            another operation or geometry aborts every rank here
+//   rank s writes into rank d's buffer:      notify_channel[s][c] = channel_count[d][c]
+//                                            notify_expert[s][e]  = num_tokens_per_expert[d*E_l + e]
+//                                            notify_send[s][*]    = s's rows to every rank
 //                                            notify_flags[s] = 1 if s's topk_idx has ids outside
 //                                            [-1, E) (min/max from channel_layout), else 0
-//   barrier(epoch + 1)
+//   barrier
 //   rank d reads its own region and writes (device memory):
 //     recv_channel_offset [R, C+1] int32     first output row of (source s, channel c); rows are
 //                                            ordered by (source rank, source token) because channels
 //                                            are contiguous token slices taken in order
-//     send_counts [R] int32                  rows this rank sends to each rank
-//   and into host-mapped memory (NotifyResult, api.h; the host spins on its sequence word, which
-//   thread 0 writes last, instead of a stream sync + copy):
-//     counts [R + E_l]                       rows from each source, then per-local-expert counts
-//                                            rounded up to expert_alignment
-//     bad_ranks, low, high                   which ranks' topk_idx failed the range check; own min/max
+//     send_counts [R], rank_prefix_matrix [R, R], recv_counts [R + E_l] int32 (rows from each
+//                                            source, then per local expert rounded up to the alignment)
+//   then either (num_worst_tokens == 0) publishes counts and the range verdicts to the host-mapped
+//   NotifyResult (the host spins on its sequence word, written last: no stream sync, no copy), or
+//   (num_worst_tokens > 0, nothing on the host waits) turns bad ids on any rank, or any rank
+//   receiving more than num_worst_tokens rows, into the same abort on every rank.
 //
 // dispatch (2*C blocks of 24 warps; block 2c sends channel c, block 2c+1 receives channel c)
 //   sender block: the warps split evenly over the R-1 peers (for R=2 all 24 push to the one peer);
@@ -49,100 +51,132 @@
 //     highest position consumed from d. Rows a rank holds of its own tokens never enter a ring:
 //     the receiver reads them straight from x (row recv_channel_offset[me][c] + position).
 //
-// Every wait is bounded by ctx.timeout_ns; a timeout fills the diagnostic and the kernel exits.
+// Every wait is bounded by ctx.timeout_ns; a timeout fills the diagnostic, raises this rank's abort
+// word and the kernel exits. Dispatch and combine start only if this rank is not aborted (the
+// barrier or notify before them passed); the poison pass after them marks the outputs otherwise.
 // ---------------------------------------------------------------------------------------------
+#include <cuda_bf16.h>
+
 #include <stdexcept>
 #include <string>
 
-#include "api.h"
-#include "runtime.cuh"
+#include "launch.h"
+#include "wait.cuh"
 
 namespace deepep_megatron {
 
 namespace {
 
+constexpr int kNotifyThreads = 256;
+
 // ------------------------------------------------------------------------------------- notify
-__global__ void notify_kernel(PeerContext ctx, uint32_t epoch, const int* __restrict__ channel_count,
-                              const int* __restrict__ num_tokens_per_expert, int num_channels, int num_local_experts,
-                              int expert_alignment, const int64_t* __restrict__ channel_topk_range,
-                              int64_t num_experts, int* __restrict__ recv_channel_offset,
-                              int* __restrict__ send_counts, NotifyResult* __restrict__ result) {
-  __shared__ int ok;
-  __shared__ int totals[kMaxRanks];
-  const int num_ranks = ctx.num_ranks, me = ctx.rank;
-  if (threadIdx.x == 0) ok = 1;
-  __syncthreads();
-  if (!cross_rank_barrier(ctx, epoch)) ok = 0;
-  __syncthreads();
-  if (!ok) return;
+__global__ void notify_kernel(PeerContext ctx, Fingerprint fp, NotifyArgs a) {
+  __shared__ int totals[kMaxRanks];          // rows this rank receives from each source
+  __shared__ int recv_totals[kMaxRanks];     // rows every rank receives (from the send matrix)
+  const int num_ranks = ctx.num_ranks, me = ctx.rank, num_channels = a.num_channels;
+  if (!cross_rank_barrier(ctx, fp)) return;
 
   for (int i = threadIdx.x; i < num_ranks * num_channels; i += blockDim.x) {
     const int d = i / num_channels, c = i % num_channels;
-    at<int>(ctx.buffers[d], kOffNotifyChannel)[me * kMaxChannels + c] = channel_count[d * num_channels + c];
+    at<int>(ctx.buffers[d], kOffNotifyChannel)[me * kMaxChannels + c] = a.channel_count[d * num_channels + c];
   }
-  for (int i = threadIdx.x; i < num_ranks * num_local_experts; i += blockDim.x) {
-    const int d = i / num_local_experts, e = i % num_local_experts;
-    at<int>(ctx.buffers[d], kOffNotifyExpert)[me * kMaxLocalExperts + e] = num_tokens_per_expert[i];
+  for (int i = threadIdx.x; i < num_ranks * a.num_local_experts; i += blockDim.x) {
+    const int d = i / a.num_local_experts, e = i % a.num_local_experts;
+    at<int>(ctx.buffers[d], kOffNotifyExpert)[me * kMaxLocalExperts + e] = a.num_tokens_per_expert[i];
   }
   for (int d = threadIdx.x; d < num_ranks; d += blockDim.x) {
     int sum = 0;
-    for (int c = 0; c < num_channels; ++c) sum += channel_count[d * num_channels + c];
-    send_counts[d] = sum;
+    for (int c = 0; c < num_channels; ++c) sum += a.channel_count[d * num_channels + c];
+    a.send_counts[d] = sum;
+    // this rank's row of the send matrix goes to every rank, so each knows every rank's total
+    for (int r = 0; r < num_ranks; ++r) at<int>(ctx.buffers[r], kOffNotifySend)[me * kMaxRanks + d] = sum;
   }
   if (threadIdx.x == 0) {  // the topk_idx range check: this rank's verdict goes to every rank
     long long low = INT64_MAX, high = INT64_MIN;
     for (int c = 0; c < num_channels; ++c) {
-      low = min(low, static_cast<long long>(channel_topk_range[2 * c]));
-      high = max(high, static_cast<long long>(channel_topk_range[2 * c + 1]));
+      low = min(low, static_cast<long long>(a.channel_topk_range[2 * c]));
+      high = max(high, static_cast<long long>(a.channel_topk_range[2 * c + 1]));
     }
-    const int bad = (low <= high && (low < -1 || high >= num_experts)) ? 1 : 0;
+    const int bad = (low <= high && (low < -1 || high >= a.num_experts)) ? 1 : 0;
     for (int d = 0; d < num_ranks; ++d) at<int>(ctx.buffers[d], kOffNotifyFlags)[me] = bad;
-    result->low = low;
-    result->high = high;
+    if (a.num_worst_tokens == 0) {
+      a.result->low = low;
+      a.result->high = high;
+    }
   }
-  __threadfence_system();
-  __syncthreads();
-  if (!cross_rank_barrier(ctx, epoch + 1)) ok = 0;
-  __syncthreads();
-  if (!ok) return;
+  Fingerprint second = fp;
+  second.words[kFpOperation] = kOpBarrier;
+  if (!cross_rank_barrier(ctx, second)) return;
 
   const volatile int* notify_channel = at<int>(ctx.buffers[me], kOffNotifyChannel);
   const volatile int* notify_expert = at<int>(ctx.buffers[me], kOffNotifyExpert);
-  volatile int* recv_counts = result->counts;  // host-mapped
-  if (threadIdx.x == 0) {
-    const volatile int* flags = at<int>(ctx.buffers[me], kOffNotifyFlags);
-    int mask = 0;
-    for (int s = 0; s < num_ranks; ++s) mask |= (flags[s] != 0 ? 1 : 0) << s;
-    result->bad_ranks = mask;
-  }
+  const volatile int* notify_send = at<int>(ctx.buffers[me], kOffNotifySend);
+  const volatile int* flags = at<int>(ctx.buffers[me], kOffNotifyFlags);
   for (int s = threadIdx.x; s < num_ranks; s += blockDim.x) {
     int sum = 0;
     for (int c = 0; c < num_channels; ++c) sum += notify_channel[s * kMaxChannels + c];
     totals[s] = sum;
-    recv_counts[s] = sum;
+    a.recv_counts[s] = sum;
+    int received = 0;
+    for (int r = 0; r < num_ranks; ++r) received += notify_send[r * kMaxRanks + s];
+    recv_totals[s] = received;
+  }
+  for (int i = threadIdx.x; i < num_ranks * num_ranks; i += blockDim.x) {
+    const int row = i / num_ranks, col = i % num_ranks;
+    int prefix = 0;
+    for (int r = 0; r <= row; ++r) prefix += notify_send[r * kMaxRanks + col];
+    a.rank_prefix_matrix[i] = prefix;
   }
   __syncthreads();
   for (int s = threadIdx.x; s < num_ranks; s += blockDim.x) {
     int offset = 0;
     for (int r = 0; r < s; ++r) offset += totals[r];
     for (int c = 0; c < num_channels; ++c) {
-      recv_channel_offset[s * (num_channels + 1) + c] = offset;
+      a.recv_channel_offset[s * (num_channels + 1) + c] = offset;
       offset += notify_channel[s * kMaxChannels + c];
     }
-    recv_channel_offset[s * (num_channels + 1) + num_channels] = offset;
+    a.recv_channel_offset[s * (num_channels + 1) + num_channels] = offset;
   }
-  for (int e = threadIdx.x; e < num_local_experts; e += blockDim.x) {
+  for (int e = threadIdx.x; e < a.num_local_experts; e += blockDim.x) {
     int sum = 0;
     for (int s = 0; s < num_ranks; ++s) sum += notify_expert[s * kMaxLocalExperts + e];
-    recv_counts[num_ranks + e] = (sum + expert_alignment - 1) / expert_alignment * expert_alignment;
+    a.recv_counts[num_ranks + e] = (sum + a.expert_alignment - 1) / a.expert_alignment * a.expert_alignment;
   }
-  // Publish to the host: every thread's result writes (host-mapped and recv_channel_offset) are
-  // made visible system-wide before thread 0 raises the sequence the host spins on.
+  __syncthreads();
+  if (a.num_worst_tokens > 0) {
+    // No host looks at this dispatch's sizes: what the host would have refused becomes this rank's
+    // abort (every rank sees the same flags and send matrix, so every rank aborts alike and no
+    // sender is left waiting on a receiver that stopped). The dispatch kernel then does nothing,
+    // the poison pass marks its outputs, and the next host-visible point raises.
+    if (threadIdx.x == 0) {
+      int mask = 0;
+      for (int s = 0; s < num_ranks; ++s) mask |= (flags[s] != 0 ? 1 : 0) << s;
+      if (mask != 0) {
+        report_error(ctx, kBadExpertIds, -1, -1, mask, a.num_experts);
+      } else {
+        for (int d = 0; d < num_ranks; ++d) {
+          if (recv_totals[d] > a.num_worst_tokens) {
+            report_error(ctx, kWorstTokensExceeded, d, -1, a.num_worst_tokens, recv_totals[d]);
+            break;
+          }
+        }
+      }
+    }
+    return;
+  }
+  // Publish to the host (host-mapped NotifyResult): every field first, the sequence word last.
+  volatile int* host_counts = a.result->counts;
+  for (int i = threadIdx.x; i < num_ranks + a.num_local_experts; i += blockDim.x) host_counts[i] = a.recv_counts[i];
+  if (threadIdx.x == 0) {
+    int mask = 0;
+    for (int s = 0; s < num_ranks; ++s) mask |= (flags[s] != 0 ? 1 : 0) << s;
+    a.result->bad_ranks = mask;
+  }
   __threadfence_system();
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence_system();
-    *reinterpret_cast<volatile uint32_t*>(&result->sequence) = epoch + 1;
+    *reinterpret_cast<volatile uint32_t*>(&a.result->sequence) = a.ticket;
   }
 }
 
@@ -278,6 +312,23 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   channel_range(a.num_tokens, ring.num_channels, channel, begin, end);
   // Position p of stream (channel, me -> r) holds token send_tokens[r][begin + p] (channel_layout).
   auto stream_tokens = [&](int r) { return a.send_tokens + static_cast<int64_t>(r) * a.num_tokens + begin; };
+  if (aborted(ctx)) return;  // the barrier / notify before failed: the poison pass marks the outputs
+
+  if (!is_sender && a.pad_rows) {
+    // num_worst_tokens: rows past the received ones (their count is on the device only) get
+    // top-k -1 / weight 0 / source -1, split over the receiver blocks; x and scales stay as they are
+    // (DeepEP's semantics: no expert reads a row whose top-k is all -1).
+    const int num_received = a.recv_channel_offset[(ctx.num_ranks - 1) * (ring.num_channels + 1) + ring.num_channels];
+    int pad_begin, pad_end;
+    channel_range(a.num_recv_rows - num_received, ring.num_channels, channel, pad_begin, pad_end);
+    for (int64_t row = num_received + pad_begin + threadIdx.x / 32; row < num_received + pad_end; row += kWarpsPerBlock) {
+      if (lane < a.num_topk) {
+        a.recv_topk_idx[row * a.num_topk + lane] = -1;
+        a.recv_topk_weights[row * a.num_topk + lane] = 0.0f;
+      }
+      if (lane == 0 && a.recv_src_idx != nullptr) a.recv_src_idx[row] = -1;
+    }
+  }
 
   if (is_sender) {
     // Every warp pushes to a peer (for 2 ranks: all 24 to the one peer); own tokens never enter a
@@ -289,18 +340,18 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
         ctx, ring, channel, peer, a.channel_count[peer * ring.num_channels + channel], warp_in_group, group_warps, lane,
         kWaitDispatchSpace, &step[peer], [&](int position, uint8_t* slot) {
           const int token = __ldg(tokens + position);
-          warp_copy<8, LoadInput, StoreRing>(slot, a.x + static_cast<int64_t>(token) * a.x_row_bytes, a.x_row_bytes,
+          warp_copy<8, LoadInput, StoreRing>(slot, a.x + static_cast<int64_t>(token) * a.slot.row_bytes, a.slot.row_bytes,
                                              lane);
           for (int j = lane; j < a.num_scales; j += 32) {
-            reinterpret_cast<float*>(slot + a.off_scales)[j] =
+            reinterpret_cast<float*>(slot + a.slot.off_scales)[j] =
                 __ldg(a.x_scales + static_cast<int64_t>(token) * a.num_scales + j);
           }
           if (lane < a.num_topk) {
             const int64_t k = static_cast<int64_t>(token) * a.num_topk + lane;
-            reinterpret_cast<int*>(slot + a.off_topk_idx)[lane] = static_cast<int>(__ldg(a.topk_idx + k));
-            reinterpret_cast<float*>(slot + a.off_topk_weights)[lane] = __ldg(a.topk_weights + k);
+            reinterpret_cast<int*>(slot + a.slot.off_topk_idx)[lane] = static_cast<int>(__ldg(a.topk_idx + k));
+            reinterpret_cast<float*>(slot + a.slot.off_topk_weights)[lane] = __ldg(a.topk_weights + k);
           }
-          if (lane == 0) *reinterpret_cast<int*>(slot + a.off_src_idx) = token;
+          if (lane == 0) *reinterpret_cast<int*>(slot + a.slot.off_src_idx) = token;
         });
     return;
   }
@@ -317,8 +368,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     for (int i = warp_in_group; i < total; i += group_warps) {
       const int token = __ldg(tokens + i);
       const int64_t row = out_begin + i;
-      warp_copy<8, LoadInput, StoreOutput>(a.recv_x + row * a.x_row_bytes,
-                                           a.x + static_cast<int64_t>(token) * a.x_row_bytes, a.x_row_bytes, lane);
+      warp_copy<8, LoadInput, StoreOutput>(a.recv_x + row * a.slot.row_bytes,
+                                           a.x + static_cast<int64_t>(token) * a.slot.row_bytes, a.slot.row_bytes, lane);
       for (int j = lane; j < a.num_scales; j += 32) {
         a.recv_x_scales[row * a.num_scales + j] = __ldg(a.x_scales + static_cast<int64_t>(token) * a.num_scales + j);
       }
@@ -354,16 +405,16 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     for (int i = consumed + warp_in_group; i < available; i += group_warps) {
       const uint8_t* slot = ring_slot(own, ring, kNumRanks, channel, source, static_cast<uint32_t>(i));
       const int64_t row = out_begin + i;
-      warp_copy<4, LoadRing, StoreOutput>(a.recv_x + row * a.x_row_bytes, slot, a.x_row_bytes, lane);
+      warp_copy<4, LoadRing, StoreOutput>(a.recv_x + row * a.slot.row_bytes, slot, a.slot.row_bytes, lane);
       for (int j = lane; j < a.num_scales; j += 32) {
-        a.recv_x_scales[row * a.num_scales + j] = __ldcg(reinterpret_cast<const float*>(slot + a.off_scales) + j);
+        a.recv_x_scales[row * a.num_scales + j] = __ldcg(reinterpret_cast<const float*>(slot + a.slot.off_scales) + j);
       }
       if (lane < a.num_topk) {
-        write_local_topk(a, row, lane, __ldcg(reinterpret_cast<const int*>(slot + a.off_topk_idx) + lane),
-                         __ldcg(reinterpret_cast<const float*>(slot + a.off_topk_weights) + lane), me);
+        write_local_topk(a, row, lane, __ldcg(reinterpret_cast<const int*>(slot + a.slot.off_topk_idx) + lane),
+                         __ldcg(reinterpret_cast<const float*>(slot + a.slot.off_topk_weights) + lane), me);
       }
       if (lane == 0 && a.recv_src_idx != nullptr) {
-        a.recv_src_idx[row] = __ldcg(reinterpret_cast<const int*>(slot + a.off_src_idx));
+        a.recv_src_idx[row] = __ldcg(reinterpret_cast<const int*>(slot + a.slot.off_src_idx));
       }
     }
     group_barrier(barrier_id, group_threads);
@@ -423,6 +474,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int me = ctx.rank;
   uint8_t* own = ctx.buffers[me];
+  if (aborted(ctx)) return;  // the barrier before failed: the poison pass marks the outputs
 
   if (is_sender) {
     // Own rows are read by the receiver straight from x: all warps serve the peers.
@@ -572,24 +624,22 @@ void check_ring(const PeerContext& ctx, const RingGeometry& ring) {
 
 }  // namespace
 
-void launch_notify(const PeerContext& ctx, uint32_t epoch, const int* channel_count, const int* num_tokens_per_expert,
-                   int num_channels, int num_local_experts, int expert_alignment, const int64_t* channel_topk_range,
-                   int64_t num_experts, int* recv_channel_offset, int* send_counts, NotifyResult* result,
-                   cudaStream_t stream) {
-  if (num_channels < 1 || num_channels > kMaxChannels) throw std::invalid_argument("notify: num_channels out of range");
-  if (num_local_experts < 0 || num_local_experts > kMaxLocalExperts) {
-    throw std::invalid_argument("notify: at most " + std::to_string(kMaxLocalExperts) + " experts per rank, got " +
-                                std::to_string(num_local_experts));
+void launch_notify(const PeerContext& ctx, const Fingerprint& fp, const NotifyArgs& args, cudaStream_t stream) {
+  if (args.num_channels < 1 || args.num_channels > kMaxChannels) {
+    throw std::invalid_argument("notify: num_channels out of range");
   }
-  notify_kernel<<<1, 256, 0, stream>>>(ctx, epoch, channel_count, num_tokens_per_expert, num_channels,
-                                       num_local_experts, expert_alignment, channel_topk_range, num_experts,
-                                       recv_channel_offset, send_counts, result);
+  if (args.num_local_experts < 0 || args.num_local_experts > kMaxLocalExperts) {
+    throw std::invalid_argument("notify: at most " + std::to_string(kMaxLocalExperts) + " experts per rank, got " +
+                                std::to_string(args.num_local_experts));
+  }
+  notify_kernel<<<1, kNotifyThreads, 0, stream>>>(ctx, fp, args);
   check_cuda(cudaGetLastError(), "notify kernel launch");
 }
 
 void launch_dispatch(const PeerContext& ctx, const RingGeometry& ring, const DispatchArgs& args, cudaStream_t stream) {
   check_ring(ctx, ring);
-  if (args.x_row_bytes % 16 != 0) throw std::invalid_argument("dispatch: the x row must be a multiple of 16 bytes");
+  if (args.slot.row_bytes % kSlotAlign != 0) throw std::invalid_argument("dispatch: the x row must be a multiple of 16 bytes");
+  if (args.slot.off_src_idx + kSourceIndexBytes > ring.slot_bytes) throw std::invalid_argument("dispatch: slot overflow");
   if (args.num_topk > kMaxTopk) throw std::invalid_argument("dispatch: top-k above " + std::to_string(kMaxTopk));
   switch (ctx.num_ranks) {
     case 2: launch_dispatch_for<2>(ctx, ring, args, stream); break;
@@ -602,7 +652,7 @@ void launch_dispatch(const PeerContext& ctx, const RingGeometry& ring, const Dis
 void launch_combine(const PeerContext& ctx, const RingGeometry& ring, const CombineArgs& args, cudaStream_t stream) {
   check_ring(ctx, ring);
   if (args.row_bytes % 16 != 0) throw std::invalid_argument("combine: the x row must be a multiple of 16 bytes");
-  if (args.num_topk > 32) throw std::invalid_argument("combine: topk_weights has more than 32 columns");
+  if (args.num_topk > kMaxCombineTopk) throw std::invalid_argument("combine: topk_weights has too many columns");
   switch (ctx.num_ranks) {
     case 2: launch_combine_for<2>(ctx, ring, args, stream); break;
     case 4: launch_combine_for<4>(ctx, ring, args, stream); break;

@@ -22,8 +22,8 @@
 //                                          reduces it and reports bad ids to every rank, so the
 //                                          dispatch needs no host sync of its own for that check
 //   One block per channel, block-wide exclusive scans over tiles of 256 tokens, one per rank.
-#include "api.h"
-#include "runtime.cuh"
+#include "launch.h"
+#include "wait.cuh"
 
 namespace deepep_megatron {
 

@@ -1,0 +1,96 @@
+// pybind11 module deepep_megatron._C: the Runtime and one entry per operation (intranode_ops.h).
+// Thin on purpose: tensors in and out, the GIL released around each operation, the layout's
+// limits exported so Python checks against the kernels' own numbers.
+#include <torch/extension.h>
+
+#include "intranode_ops.h"
+
+namespace py = pybind11;
+using namespace deepep_megatron;
+
+namespace {
+
+RingConfig ring_config(int num_channels, int num_slots, int send_chunk) { return {num_channels, num_slots, send_chunk}; }
+
+py::object maybe(const std::optional<at::Tensor>& t) { return t.has_value() ? py::cast(*t) : py::none(); }
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "deepep_megatron CUDA kernels: intranode dispatch/combine over CUDA IPC";
+  m.attr("CONTROL_BYTES") = static_cast<int64_t>(kControlBytes);
+  m.attr("MAX_CHANNELS") = kMaxChannels;
+  m.attr("MAX_LOCAL_EXPERTS") = kMaxLocalExperts;
+  m.attr("MAX_SEND_CHUNK") = kMaxSendChunk;
+  m.attr("MAX_TOPK") = kMaxTopk;
+  m.attr("WARPS_PER_BLOCK") = kWarpsPerBlock;
+  m.attr("FINGERPRINT_WORDS") = kFingerprintWords;
+  m.def("slot_bytes", &slot_bytes, py::arg("hidden_bytes"), "Bytes of one ring slot for rows of hidden_bytes.");
+  py::register_exception<DeviceError>(m, "DeviceError", PyExc_RuntimeError);
+
+  py::class_<Runtime>(m, "Runtime")
+      .def(py::init<int, int, int64_t, int, double>(), py::arg("rank"), py::arg("num_ranks"), py::arg("num_nvl_bytes"),
+           py::arg("device"), py::arg("timeout_s"))
+      .def("ipc_handle", [](const Runtime& rt) { return py::bytes(rt.ipc_handle()); })
+      .def("open_peers",
+           [](Runtime& rt, const std::vector<py::bytes>& handles, const std::vector<int64_t>& sizes) {
+             std::vector<std::string> raw;
+             for (const auto& h : handles) raw.emplace_back(h);
+             rt.open_peers(raw, sizes);
+           })
+      .def("close_peers", &Runtime::close_peers)
+      .def("free_local", &Runtime::free_local)
+      .def("is_open", &Runtime::is_open)
+      .def("has_error", &Runtime::has_error)
+      .def("diagnostic", &Runtime::diagnostic,
+           "[flag, code, rank, peer, channel, block, expected, seen, mine[8], theirs[8]] of the first device error")
+      .def("reset", &Runtime::reset, py::call_guard<py::gil_scoped_release>())
+      .def_property("timeout_s", &Runtime::timeout_s, &Runtime::set_timeout_s)
+      .def_property_readonly("generation", &Runtime::generation)
+      .def("barrier", [](Runtime& rt) { barrier(rt); })
+      .def(
+          "get_dispatch_layout",
+          [](Runtime& rt, const at::Tensor& topk_idx, int64_t num_experts) {
+            return get_dispatch_layout(rt, topk_idx, num_experts);
+          },
+          "topk_idx [T, K] int64 -> (num_tokens_per_rank [R], num_tokens_per_expert [E] int32, is_token_in_rank [T, R] bool)")
+      .def(
+          "dispatch",
+          [](Runtime& rt, const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
+             const std::optional<at::Tensor>& topk_idx, const std::optional<at::Tensor>& topk_weights,
+             const at::Tensor& is_token_in_rank, const at::Tensor& num_tokens_per_expert, int expert_alignment,
+             int num_channels, int num_slots, int send_chunk, int num_worst_tokens) {
+            DispatchResult r;
+            {
+              py::gil_scoped_release release;
+              r = dispatch(rt, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert,
+                           expert_alignment, ring_config(num_channels, num_slots, send_chunk), num_worst_tokens);
+            }
+            if (r.bad_ranks != 0) return py::object(py::make_tuple(r.bad_ranks, r.low, r.high));
+            return py::object(py::make_tuple(r.recv_x, maybe(r.recv_x_scales), maybe(r.recv_topk_idx), maybe(r.recv_topk_weights),
+                                  r.recv_src_idx, r.send_position, r.send_tokens, r.channel_count,
+                                  r.recv_channel_offset, r.send_counts, r.rank_prefix_matrix, r.recv_counts,
+                                  r.host_counts));
+          },
+          "Full dispatch. Returns (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, "
+          "send_position, send_tokens, channel_count, recv_channel_offset, send_counts, rank_prefix_matrix, "
+          "recv_counts, host_counts), or (bad_ranks, low, high) when some rank's topk_idx is out of range.")
+      .def(
+          "cached_dispatch",
+          [](Runtime& rt, const at::Tensor& x, const std::optional<at::Tensor>& x_scales, const at::Tensor& send_tokens,
+             const at::Tensor& channel_count, const at::Tensor& recv_channel_offset, const at::Tensor& recv_src_idx,
+             int num_channels, int num_slots, int send_chunk) {
+            return cached_dispatch(rt, x, x_scales, send_tokens, channel_count, recv_channel_offset, recv_src_idx,
+                                   ring_config(num_channels, num_slots, send_chunk));
+          },
+          py::call_guard<py::gil_scoped_release>(), "Cached dispatch -> (recv_x, recv_x_scales or None).")
+      .def(
+          "combine",
+          [](Runtime& rt, const at::Tensor& x, const std::optional<at::Tensor>& topk_weights,
+             const at::Tensor& recv_channel_offset, const at::Tensor& send_position, const at::Tensor& recv_src_idx,
+             int num_channels, int num_slots, int send_chunk) {
+            return combine(rt, x, topk_weights, recv_channel_offset, send_position, recv_src_idx,
+                           ring_config(num_channels, num_slots, send_chunk));
+          },
+          py::call_guard<py::gil_scoped_release>(), "Combine -> (combined_x [T, H], combined_topk_weights or None).");
+}

@@ -1,0 +1,56 @@
+// Memory-ordering and copy primitives of the kernels (PTX), nothing project-specific.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace deepep_megatron {
+
+template <typename T>
+__device__ __forceinline__ T* at(uint8_t* base, size_t offset) {
+  return reinterpret_cast<T*>(base + offset);
+}
+
+__device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ uint32_t ld_volatile(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.volatile.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Read-only input (never written during the kernel): non-coherent path, no L1 allocation.
+__device__ __forceinline__ int4 ld_input_int4(const int4* p) {
+  int4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// Ring slots are rewritten by peers from lap to lap: read them at L2 (never a stale L1 line).
+__device__ __forceinline__ int4 ld_ring_int4(const int4* p) { return __ldcg(p); }
+
+__device__ __forceinline__ void st_ring_int4(int4* p, const int4& v) { __stcg(p, v); }
+
+// Named barrier for a group of warps of one block (id 1..15; 0 is __syncthreads).
+__device__ __forceinline__ void group_barrier(int id, int num_threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
+}
+
+}  // namespace deepep_megatron

@@ -1,0 +1,112 @@
+// Bounded waits on peers and the cross-rank barrier. A wait that runs past ctx.timeout_ns, or a
+// barrier whose peer is in another operation, records a Diagnostic (host-mapped) and raises this
+// rank's abort word; every later wait and kernel of this rank sees the abort and stops, so one
+// error never becomes a hang. The host reads the diagnostic; reset() clears both.
+#pragma once
+
+#include "context.h"
+#include "ptx.cuh"
+
+namespace deepep_megatron {
+
+// Record the first device-detected error of this rank: the abort word elects one reporter, which
+// fills the diagnostic and raises its flag last.
+static __device__ __noinline__ void report_error(const PeerContext& ctx, int code, int peer, int channel,
+                                                 int64_t expected, int64_t seen, const int32_t* mine = nullptr,
+                                                 const volatile int32_t* theirs = nullptr) {
+  uint32_t* abort_word = at<uint32_t>(ctx.buffers[ctx.rank], kOffAbort);
+  if (atomicCAS(abort_word, 0u, static_cast<uint32_t>(code)) == 0u) {
+    volatile Diagnostic* d = ctx.diagnostic;
+    d->code = code;
+    d->rank = ctx.rank;
+    d->peer = peer;
+    d->channel = channel;
+    d->expected = expected;
+    d->seen = seen;
+    d->block = static_cast<int>(blockIdx.x);
+    for (int i = 0; i < kFingerprintWords; ++i) {
+      d->mine[i] = mine != nullptr ? mine[i] : 0;
+      d->theirs[i] = theirs != nullptr ? theirs[i] : 0;
+    }
+    __threadfence_system();
+    d->flag = 1;
+    __threadfence_system();
+  }
+}
+
+__device__ __forceinline__ bool aborted(const PeerContext& ctx) {
+  return ld_volatile(at<uint32_t>(ctx.buffers[ctx.rank], kOffAbort)) != 0u;
+}
+
+// Spin until the counter at `p` reaches `target` (wrap-safe: (int)(value - target) >= 0).
+// Returns false after reporting a timeout, or on seeing this rank's abort.
+__device__ __forceinline__ bool wait_counter(const PeerContext& ctx, const uint32_t* p, uint32_t target, int code,
+                                             int peer, int channel, uint32_t& value) {
+  value = ld_acquire_sys(p);
+  if (static_cast<int32_t>(value - target) >= 0) return true;
+  const uint64_t start = global_timer_ns();
+  for (uint32_t iter = 1;; ++iter) {
+    value = ld_acquire_sys(p);
+    if (static_cast<int32_t>(value - target) >= 0) return true;
+    if ((iter & 63u) == 0u) {
+      if (aborted(ctx)) return false;
+      if (global_timer_ns() - start > ctx.timeout_ns) {
+        report_error(ctx, code, peer, channel, target, value);
+        return false;
+      }
+    }
+  }
+}
+
+// Channel c owns tokens [begin, end) of a rank's T tokens (contiguous slices).
+__device__ __forceinline__ void channel_range(int num_tokens, int num_channels, int channel, int& begin, int& end) {
+  const int per = (num_tokens + num_channels - 1) / num_channels;
+  begin = min(channel * per, num_tokens);
+  end = min(begin + per, num_tokens);
+}
+
+// Cross-rank barrier with the operation's fingerprint, called by EVERY thread of one block.
+// The epoch is this rank's device word (bumped here), so graph replays need no host counter.
+// Thread s < R writes its signal {fingerprint, epoch} into slot [epoch & 1][me] of peer s's buffer
+// and waits for peer s's signal in its own slot [epoch & 1][s]; two parities, because a fast peer
+// may already signal the next barrier before this rank has read the current one. Returns false
+// (on every thread) after a timeout, a fingerprint mismatch, or when this rank was aborted.
+__device__ __forceinline__ bool cross_rank_barrier(const PeerContext& ctx, const Fingerprint& fp) {
+  __shared__ uint32_t epoch;
+  __shared__ int ok;
+  uint32_t* epoch_word = at<uint32_t>(ctx.buffers[ctx.rank], kOffEpoch);
+  if (threadIdx.x == 0) {
+    epoch = ld_volatile(epoch_word) + 1u;
+    ok = aborted(ctx) ? 0 : 1;
+  }
+  __syncthreads();
+  const int peer = static_cast<int>(threadIdx.x);
+  if (ok && peer < ctx.num_ranks) {
+    const size_t parity = (epoch & 1u) * kMaxRanks;
+    BarrierSignal* out = at<BarrierSignal>(ctx.buffers[peer], kOffBarrier) + parity + ctx.rank;
+    for (int i = 0; i < kFingerprintWords; ++i) reinterpret_cast<volatile int32_t*>(out->fingerprint)[i] = fp.words[i];
+    __threadfence_system();  // everything this block wrote before the barrier is visible first
+    st_release_sys(&out->epoch, epoch);
+    BarrierSignal* in = at<BarrierSignal>(ctx.buffers[ctx.rank], kOffBarrier) + parity + peer;
+    uint32_t seen;
+    if (!wait_counter(ctx, &in->epoch, epoch, kWaitBarrier, peer, -1, seen)) {
+      ok = 0;
+    } else {
+      const volatile int32_t* theirs = in->fingerprint;
+      for (int i = 0; i < kFingerprintWords; ++i) {
+        if (theirs[i] != fp.words[i]) {
+          report_error(ctx, kFingerprintMismatch, peer, -1, fp.words[i], theirs[i], fp.words, theirs);
+          ok = 0;
+          break;
+        }
+      }
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0 && ok) *reinterpret_cast<volatile uint32_t*>(epoch_word) = epoch;
+  const bool passed = ok != 0;
+  __syncthreads();  // `ok` and `epoch` are rewritten by the next barrier of this block
+  return passed;
+}
+
+}  // namespace deepep_megatron

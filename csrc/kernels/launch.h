@@ -1,0 +1,104 @@
+// Argument structs and launchers of the kernels: the interface between the runtime (host C++)
+// and the kernel files. Plain C++ (no device code). Launchers are stream-ordered, check their
+// launch and never synchronize.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "context.h"
+
+namespace deepep_megatron {
+
+// Geometry of the per-(channel, peer) rings for one call.
+struct RingGeometry {
+  int num_channels;
+  int num_slots;     // slots per ring
+  int send_chunk;    // tokens a sender publishes per step
+  int slot_bytes;    // bytes per slot (kSlotAlign-aligned)
+};
+
+struct NotifyArgs {
+  const int* channel_count;          // [R, C] tokens of channel c this rank sends to rank r
+  const int* num_tokens_per_expert;  // [E] top-k hits of this rank's tokens per expert
+  const int64_t* channel_topk_range; // [C, 2] min / max topk_idx per channel
+  int64_t num_experts;
+  int num_channels;
+  int num_local_experts;
+  int expert_alignment;
+  int num_worst_tokens;              // 0: publish the sizes to the host (NotifyResult); else the bound
+  uint32_t ticket;                   // NotifyResult::sequence to publish (host-side count, host mode only)
+  // outputs (device)
+  int* recv_channel_offset;          // [R, C + 1] first output row of (source rank, channel)
+  int* send_counts;                  // [R] rows this rank sends to each rank
+  int* rank_prefix_matrix;           // [R, R] rows ranks 0..i send to rank j
+  int* recv_counts;                  // [R + E_l] rows per source rank, then per local expert (aligned)
+  NotifyResult* result;              // host-mapped, written only when num_worst_tokens == 0
+};
+
+struct DispatchArgs {
+  // sender side (this rank's tokens)
+  const uint8_t* x;               // [T, row_bytes]
+  const float* x_scales;          // [T, num_scales] or null
+  const int64_t* topk_idx;        // [T, num_topk] or null (cached dispatch)
+  const float* topk_weights;      // [T, num_topk] or null
+  const int* send_tokens;         // [R, T] token at each position of stream (channel, me -> r)
+  const int* channel_count;       // [R, C] length of stream (channel c, me -> r)
+  int num_tokens;
+  int num_scales;                 // 0 without FP8
+  int num_topk;                   // 0 for cached dispatch
+  // receiver side
+  const int* recv_channel_offset;  // [R, C + 1] first output row of (source rank, channel)
+  int num_recv_rows;               // rows of the outputs (num_worst_tokens, or the exact count)
+  bool pad_rows;                   // fill rows past the received ones (num_worst_tokens): topk -1
+  uint8_t* recv_x;                 // [N, row_bytes]
+  float* recv_x_scales;            // [N, num_scales] or null
+  int64_t* recv_topk_idx;          // [N, num_topk] or null
+  float* recv_topk_weights;        // [N, num_topk] or null
+  int* recv_src_idx;               // [N] or null
+  int num_local_experts;
+  SlotLayout slot;
+};
+
+struct CombineArgs {
+  // sender side (rows this rank received in the dispatch)
+  const uint8_t* x;               // [N, row_bytes] bf16 or fp32
+  const float* topk_weights;      // [N, num_topk] or null
+  const int* recv_channel_offset; // [R, C + 1]
+  // receiver side (this rank's original tokens)
+  const int* send_position;       // [T, R] position of token t in stream (channel of t, me -> r), -1 if not sent
+  int num_tokens;
+  uint8_t* combined_x;            // [T, row_bytes]
+  float* combined_topk_weights;   // [T, num_topk] or null
+  int row_bytes;
+  int num_topk;                   // 0 without weights
+  bool is_bf16;                   // else fp32
+  int off_weights;
+};
+
+// One output region a kernel writes; after an abort (this rank's abort word set) the poison
+// launcher fills it with `fill` bytes, so a failed operation never leaves plausible data.
+struct PoisonRegion {
+  void* data;
+  int64_t bytes;
+  int fill;  // byte value: 0xFF is NaN for floats and -1 for ints
+};
+constexpr int kMaxPoisonRegions = 6;
+
+void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts, int num_ranks,
+                                int* num_tokens_per_rank, int* num_tokens_per_expert, bool* is_token_in_rank,
+                                cudaStream_t stream);
+void launch_channel_layout(const bool* is_token_in_rank, int num_tokens, int num_ranks, int num_channels,
+                           int* channel_count, int* send_position, int* send_tokens, const int64_t* topk_idx,
+                           int num_topk, int64_t* channel_topk_range, cudaStream_t stream);
+void launch_barrier(const PeerContext& ctx, const Fingerprint& fp, cudaStream_t stream);
+void launch_notify(const PeerContext& ctx, const Fingerprint& fp, const NotifyArgs& args, cudaStream_t stream);
+void launch_dispatch(const PeerContext& ctx, const RingGeometry& ring, const DispatchArgs& args, cudaStream_t stream);
+void launch_combine(const PeerContext& ctx, const RingGeometry& ring, const CombineArgs& args, cudaStream_t stream);
+void launch_poison_if_aborted(const PeerContext& ctx, const PoisonRegion* regions, int num_regions,
+                              cudaStream_t stream);
+
+void check_cuda(cudaError_t err, const char* what);
+
+}  // namespace deepep_megatron

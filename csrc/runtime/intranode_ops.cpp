@@ -1,0 +1,366 @@
+// The intranode operations (intranode_ops.h): checks, allocation and launches for one call each.
+#include "intranode_ops.h"
+
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <string>
+
+#include "launch.h"
+
+namespace deepep_megatron {
+
+namespace {
+
+constexpr double kMinHostWaitS = 60.0;  // the host's bound on notify (the kernels' own waits are shorter)
+constexpr int kHostWaitTimeouts = 6;    // ... or this many kernel timeouts, whichever is longer
+
+[[noreturn]] void fail(const std::string& what) { throw std::invalid_argument("deepep_megatron._C: " + what); }
+
+std::string shape_of(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+// `t` must be a contiguous tensor on the buffer's device with this dtype and shape (-1: any size).
+void expect(const at::Tensor& t, const char* name, at::ScalarType dtype, std::initializer_list<int64_t> shape,
+            const Runtime& rt) {
+  if (!t.is_cuda() || t.get_device() != rt.device()) {
+    fail(std::string(name) + " must be on cuda:" + std::to_string(rt.device()) + ", got " + t.device().str());
+  }
+  if (t.scalar_type() != dtype) fail(std::string(name) + " has dtype " + std::string(at::toString(t.scalar_type())));
+  if (!t.is_contiguous()) fail(std::string(name) + " must be contiguous");
+  if (t.dim() != static_cast<int64_t>(shape.size())) fail(std::string(name) + " has shape " + shape_of(t));
+  int i = 0;
+  for (int64_t size : shape) {
+    if (size >= 0 && t.size(i) != size) fail(std::string(name) + " has shape " + shape_of(t));
+    ++i;
+  }
+}
+
+void* ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
+
+void check_healthy(const Runtime& rt) {
+  if (!rt.is_open()) throw std::runtime_error("deepep_megatron._C: the buffer was destroyed");
+  if (rt.has_error()) throw DeviceError("a kernel of this rank recorded an error");
+}
+
+cudaStream_t current_stream(const Runtime& rt) { return c10::cuda::getCurrentCUDAStream(rt.device()).stream(); }
+
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  check_cuda(cudaStreamIsCapturing(stream, &status), "cudaStreamIsCapturing");
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// The ring geometry for rows of `hidden_bytes` (hidden * max(element size, 2)), checked against the
+// kernel limits and the smallest NVLink buffer of the group (every peer's rings are written).
+RingGeometry ring_for(const Runtime& rt, const RingConfig& config, int hidden_bytes) {
+  if (config.num_channels < 1 || config.num_channels > kMaxChannels) {
+    fail("num_channels must be in 1.." + std::to_string(kMaxChannels) + ", got " + std::to_string(config.num_channels));
+  }
+  if (config.send_chunk < 1 || config.send_chunk > kMaxSendChunk || config.send_chunk + kWarpsPerBlock > config.num_slots) {
+    fail("send chunk " + std::to_string(config.send_chunk) + " must be in 1.." + std::to_string(kMaxSendChunk) +
+         " and at most num_slots - " + std::to_string(kWarpsPerBlock) + " (num_slots=" + std::to_string(config.num_slots) + ")");
+  }
+  RingGeometry ring{config.num_channels, config.num_slots, config.send_chunk, slot_bytes(hidden_bytes)};
+  const int64_t needed = static_cast<int64_t>(kControlBytes) +
+                         static_cast<int64_t>(ring.num_channels) * rt.num_ranks() * ring.num_slots * ring.slot_bytes;
+  if (needed > rt.min_buffer_bytes()) {
+    fail("this call needs " + std::to_string(needed) + " bytes of NVLink buffer on every rank, the smallest has " +
+         std::to_string(rt.min_buffer_bytes()));
+  }
+  return ring;
+}
+
+Fingerprint fingerprint(const Runtime& rt, Operation op, int row_bytes, int num_scales, int num_topk,
+                        const RingGeometry& ring) {
+  Fingerprint fp{};
+  fp.words[kFpOperation] = op;
+  fp.words[kFpRowBytes] = row_bytes;
+  fp.words[kFpScales] = num_scales;
+  fp.words[kFpTopk] = num_topk;
+  fp.words[kFpChannels] = ring.num_channels;
+  fp.words[kFpSlots] = ring.num_slots;
+  fp.words[kFpChunk] = ring.send_chunk;
+  fp.words[kFpGeneration] = rt.generation();
+  return fp;
+}
+
+// What a slot is sized for: hidden * max(element size, 2) (FP8 rows are sized as bf16).
+int hidden_bytes_of(const at::Tensor& x) {
+  return static_cast<int>(x.size(1) * std::max<int64_t>(x.element_size(), 2));
+}
+
+int row_bytes_of(const at::Tensor& x) {
+  const int64_t bytes = x.size(1) * static_cast<int64_t>(x.element_size());
+  if (bytes % kSlotAlign != 0) fail("an x row must be a multiple of 16 bytes, got " + std::to_string(bytes));
+  return static_cast<int>(bytes);
+}
+
+// Scales of an FP8 x: [T, H / 128] fp32. Returns their count per row (0 without).
+int check_scales(const Runtime& rt, const at::Tensor& x, const std::optional<at::Tensor>& x_scales) {
+  if (!x_scales.has_value()) return 0;
+  if (x.element_size() != 1) fail("x_scales given but x is not FP8");
+  const int num_scales = static_cast<int>(x.size(1) / kFp8Block);
+  expect(*x_scales, "x_scales", at::kFloat, {x.size(0), num_scales}, rt);
+  return num_scales;
+}
+
+// Launch the poison pass over the outputs of the operation just enqueued.
+void poison_outputs(const Runtime& rt, std::initializer_list<std::optional<at::Tensor>> outputs, cudaStream_t stream) {
+  PoisonRegion regions[kMaxPoisonRegions];
+  int count = 0;
+  for (const auto& t : outputs) {
+    if (!t.has_value() || t->numel() == 0) continue;
+    regions[count++] = PoisonRegion{t->data_ptr(), static_cast<int64_t>(t->numel()) * t->element_size(), 0xFF};
+  }
+  launch_poison_if_aborted(rt.context(), regions, count, stream);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> get_dispatch_layout(Runtime& rt, const at::Tensor& topk_idx,
+                                                                   int64_t num_experts) {
+  check_healthy(rt);
+  const int R = rt.num_ranks();
+  expect(topk_idx, "topk_idx", at::kLong, {-1, -1}, rt);
+  if (num_experts < R || num_experts % R != 0 || num_experts / R > kMaxLocalExperts) {
+    fail("num_experts=" + std::to_string(num_experts) + " must be a multiple of " + std::to_string(R) +
+         " with at most " + std::to_string(kMaxLocalExperts) + " per rank");
+  }
+  const auto opts = topk_idx.options();
+  at::Tensor per_rank = at::empty({R}, opts.dtype(at::kInt));
+  at::Tensor per_expert = at::empty({num_experts}, opts.dtype(at::kInt));
+  at::Tensor in_rank = at::empty({topk_idx.size(0), R}, opts.dtype(at::kBool));
+  launch_get_dispatch_layout(topk_idx.data_ptr<int64_t>(), static_cast<int>(topk_idx.size(0)),
+                             static_cast<int>(topk_idx.size(1)), static_cast<int>(num_experts), R,
+                             per_rank.data_ptr<int>(), per_expert.data_ptr<int>(), in_rank.data_ptr<bool>(),
+                             current_stream(rt));
+  return {per_rank, per_expert, in_rank};
+}
+
+DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
+                        const std::optional<at::Tensor>& topk_idx_in, const std::optional<at::Tensor>& topk_weights_in,
+                        const at::Tensor& is_token_in_rank, const at::Tensor& num_tokens_per_expert,
+                        int expert_alignment, const RingConfig& config, int num_worst_tokens) {
+  check_healthy(rt);
+  const int R = rt.num_ranks();
+  const cudaStream_t stream = current_stream(rt);
+  if (num_worst_tokens == 0 && capturing(stream)) {
+    fail("a dispatch inside CUDA graph capture needs num_worst_tokens > 0: without it the host must read the "
+         "receive sizes, which a graph cannot replay (pass num_worst_tokens, e.g. num_tokens * num_ranks)");
+  }
+  if (num_worst_tokens < 0) fail("num_worst_tokens must be >= 0");
+  if (expert_alignment < 1) fail("expert_alignment must be >= 1");
+  expect(x, "x", x.scalar_type(), {-1, -1}, rt);
+  const int64_t T = x.size(0);
+  const int row_bytes = row_bytes_of(x);
+  const int num_scales = check_scales(rt, x, x_scales);
+  expect(is_token_in_rank, "is_token_in_rank", at::kBool, {T, R}, rt);
+  expect(num_tokens_per_expert, "num_tokens_per_expert", at::kInt, {-1}, rt);
+  const int64_t num_experts = num_tokens_per_expert.size(0);
+  if (num_experts % R != 0 || num_experts / R > kMaxLocalExperts) fail("num_tokens_per_expert has a bad size");
+  const int num_local_experts = static_cast<int>(num_experts / R);
+  const bool layout_only = !topk_idx_in.has_value();
+  // A layout-only dispatch still carries one top-k column ("no expert") that is dropped on arrival.
+  const at::Tensor topk_idx = layout_only ? at::full({T, 1}, -1, x.options().dtype(at::kLong)) : *topk_idx_in;
+  const at::Tensor topk_weights = layout_only ? at::zeros({T, 1}, x.options().dtype(at::kFloat))
+                                              : topk_weights_in.value_or(at::Tensor());
+  const int num_topk = static_cast<int>(topk_idx.size(1));
+  expect(topk_idx, "topk_idx", at::kLong, {T, -1}, rt);
+  expect(topk_weights, "topk_weights", at::kFloat, {T, num_topk}, rt);
+  if (num_topk < 1 || num_topk > kMaxTopk) fail("top-k must be in 1.." + std::to_string(kMaxTopk));
+  const int hidden_bytes = hidden_bytes_of(x);
+  const RingGeometry ring = ring_for(rt, config, hidden_bytes);
+  const int C = ring.num_channels;
+
+  const auto int_opts = x.options().dtype(at::kInt);
+  DispatchResult out;
+  // The layout tensors share one allocation (a host cost per tensor saved on every MoE layer).
+  const int64_t sizes[] = {R * C, T * R, R * T, R * (C + 1), R, R * R, R + num_local_experts};
+  int64_t total = 0;
+  for (int64_t size : sizes) total += size;
+  at::Tensor workspace = at::empty({total}, int_opts);
+  int64_t offset = 0;
+  auto take = [&](int64_t rows, int64_t cols) {
+    at::Tensor part = workspace.narrow(0, offset, rows * cols).view({rows, cols});
+    offset += rows * cols;
+    return part;
+  };
+  out.channel_count = take(R, C);
+  out.send_position = take(T, R);
+  out.send_tokens = take(R, T);
+  out.recv_channel_offset = take(R, C + 1);
+  out.send_counts = take(1, R).view({R});
+  out.rank_prefix_matrix = take(R, R);
+  out.recv_counts = take(1, R + num_local_experts).view({R + num_local_experts});
+  at::Tensor channel_topk_range = at::empty({C, 2}, x.options().dtype(at::kLong));
+  launch_channel_layout(is_token_in_rank.data_ptr<bool>(), static_cast<int>(T), R, C, out.channel_count.data_ptr<int>(),
+                        out.send_position.data_ptr<int>(), out.send_tokens.data_ptr<int>(), topk_idx.data_ptr<int64_t>(),
+                        num_topk, channel_topk_range.data_ptr<int64_t>(), stream);
+  NotifyArgs notify{};
+  notify.channel_count = out.channel_count.data_ptr<int>();
+  notify.num_tokens_per_expert = num_tokens_per_expert.data_ptr<int>();
+  notify.channel_topk_range = channel_topk_range.data_ptr<int64_t>();
+  notify.num_experts = num_experts;
+  notify.num_channels = C;
+  notify.num_local_experts = num_local_experts;
+  notify.expert_alignment = expert_alignment;
+  notify.num_worst_tokens = num_worst_tokens;
+  notify.ticket = num_worst_tokens == 0 ? rt.next_ticket() : 0;
+  notify.recv_channel_offset = out.recv_channel_offset.data_ptr<int>();
+  notify.send_counts = out.send_counts.data_ptr<int>();
+  notify.rank_prefix_matrix = out.rank_prefix_matrix.data_ptr<int>();
+  notify.recv_counts = out.recv_counts.data_ptr<int>();
+  notify.result = rt.notify_result_device();
+  const PeerContext ctx = rt.context();
+  launch_notify(ctx, fingerprint(rt, kOpDispatch, row_bytes, num_scales, num_topk, ring), notify, stream);
+
+  int64_t num_rows = num_worst_tokens;
+  if (num_worst_tokens == 0) {
+    // The one host wait: spin on the host-mapped result notify publishes (no stream sync, no copy).
+    if (!rt.wait_notify(notify.ticket, std::max(kMinHostWaitS, kHostWaitTimeouts * rt.timeout_s()))) {
+      throw DeviceError("notify did not finish on this rank");
+    }
+    const NotifyResult& result = rt.notify_result();
+    out.host_counts.assign(result.counts, result.counts + R + num_local_experts);
+    out.bad_ranks = result.bad_ranks;
+    out.low = result.low;
+    out.high = result.high;
+    if (out.bad_ranks != 0) return out;  // every rank refuses: no data moves
+    num_rows = 0;
+    for (int s = 0; s < R; ++s) num_rows += out.host_counts[s];
+  }
+  out.recv_x = at::empty({num_rows, x.size(1)}, x.options());
+  if (num_scales > 0) out.recv_x_scales = at::empty({num_rows, num_scales}, x.options().dtype(at::kFloat));
+  out.recv_topk_idx = at::empty({num_rows, num_topk}, x.options().dtype(at::kLong));
+  out.recv_topk_weights = at::empty({num_rows, num_topk}, x.options().dtype(at::kFloat));
+  out.recv_src_idx = at::empty({num_rows}, int_opts);
+
+  DispatchArgs a{};
+  a.x = static_cast<const uint8_t*>(x.data_ptr());
+  a.x_scales = static_cast<const float*>(ptr(x_scales));
+  a.topk_idx = topk_idx.data_ptr<int64_t>();
+  a.topk_weights = topk_weights.data_ptr<float>();
+  a.send_tokens = out.send_tokens.data_ptr<int>();
+  a.channel_count = out.channel_count.data_ptr<int>();
+  a.num_tokens = static_cast<int>(T);
+  a.num_scales = num_scales;
+  a.num_topk = num_topk;
+  a.recv_channel_offset = out.recv_channel_offset.data_ptr<int>();
+  a.num_recv_rows = static_cast<int>(num_rows);
+  a.pad_rows = num_worst_tokens > 0;
+  a.recv_x = static_cast<uint8_t*>(out.recv_x.data_ptr());
+  a.recv_x_scales = static_cast<float*>(ptr(out.recv_x_scales));
+  a.recv_topk_idx = out.recv_topk_idx->data_ptr<int64_t>();
+  a.recv_topk_weights = out.recv_topk_weights->data_ptr<float>();
+  a.recv_src_idx = out.recv_src_idx.data_ptr<int>();
+  a.num_local_experts = num_local_experts;
+  a.slot = dispatch_slot(row_bytes, num_scales, hidden_bytes);
+  launch_dispatch(ctx, ring, a, stream);
+  poison_outputs(rt, {out.recv_x, out.recv_x_scales, out.recv_topk_idx, out.recv_topk_weights, out.recv_src_idx}, stream);
+  if (layout_only) out.recv_topk_idx = out.recv_topk_weights = std::nullopt;
+  return out;
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>> cached_dispatch(
+    Runtime& rt, const at::Tensor& x, const std::optional<at::Tensor>& x_scales, const at::Tensor& send_tokens,
+    const at::Tensor& channel_count, const at::Tensor& recv_channel_offset, const at::Tensor& recv_src_idx,
+    const RingConfig& config) {
+  check_healthy(rt);
+  const int R = rt.num_ranks();
+  const cudaStream_t stream = current_stream(rt);
+  expect(x, "x", x.scalar_type(), {-1, -1}, rt);
+  const int64_t T = x.size(0);
+  const int row_bytes = row_bytes_of(x);
+  const int num_scales = check_scales(rt, x, x_scales);
+  const int hidden_bytes = hidden_bytes_of(x);
+  const RingGeometry ring = ring_for(rt, config, hidden_bytes);
+  const int C = ring.num_channels;
+  expect(send_tokens, "send_tokens", at::kInt, {R, T}, rt);
+  expect(channel_count, "channel_count", at::kInt, {R, C}, rt);
+  expect(recv_channel_offset, "recv_channel_offset", at::kInt, {R, C + 1}, rt);
+  expect(recv_src_idx, "recv_src_idx", at::kInt, {-1}, rt);
+  const int64_t num_recv_rows = recv_src_idx.size(0);  // the rows the dispatch that made the layout allocated
+
+  const PeerContext ctx = rt.context();
+  launch_barrier(ctx, fingerprint(rt, kOpCachedDispatch, row_bytes, num_scales, 0, ring), stream);
+  at::Tensor recv_x = at::empty({num_recv_rows, x.size(1)}, x.options());
+  std::optional<at::Tensor> recv_x_scales;
+  if (num_scales > 0) recv_x_scales = at::empty({num_recv_rows, num_scales}, x.options().dtype(at::kFloat));
+  DispatchArgs a{};
+  a.x = static_cast<const uint8_t*>(x.data_ptr());
+  a.x_scales = static_cast<const float*>(ptr(x_scales));
+  a.send_tokens = send_tokens.data_ptr<int>();
+  a.channel_count = channel_count.data_ptr<int>();
+  a.num_tokens = static_cast<int>(T);
+  a.num_scales = num_scales;
+  a.recv_channel_offset = recv_channel_offset.data_ptr<int>();
+  a.num_recv_rows = static_cast<int>(num_recv_rows);
+  a.recv_x = static_cast<uint8_t*>(recv_x.data_ptr());
+  a.recv_x_scales = static_cast<float*>(ptr(recv_x_scales));
+  a.slot = dispatch_slot(row_bytes, num_scales, hidden_bytes);
+  launch_dispatch(ctx, ring, a, stream);
+  poison_outputs(rt, {recv_x, recv_x_scales}, stream);
+  return {recv_x, recv_x_scales};
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>> combine(Runtime& rt, const at::Tensor& x,
+                                                          const std::optional<at::Tensor>& topk_weights,
+                                                          const at::Tensor& recv_channel_offset,
+                                                          const at::Tensor& send_position, const at::Tensor& recv_src_idx,
+                                                          const RingConfig& config) {
+  check_healthy(rt);
+  const int R = rt.num_ranks();
+  const cudaStream_t stream = current_stream(rt);
+  expect(x, "x", x.scalar_type(), {-1, -1}, rt);
+  if (x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kFloat) fail("combine supports bf16 and fp32 x");
+  const int row_bytes = row_bytes_of(x);
+  const RingGeometry ring = ring_for(rt, config, hidden_bytes_of(x));
+  const int C = ring.num_channels;
+  expect(recv_channel_offset, "recv_channel_offset", at::kInt, {R, C + 1}, rt);
+  expect(recv_src_idx, "recv_src_idx", at::kInt, {x.size(0)}, rt);  // x holds every row the dispatch allocated
+  expect(send_position, "send_position", at::kInt, {-1, R}, rt);
+  int num_topk = 0;
+  if (topk_weights.has_value()) {
+    expect(*topk_weights, "topk_weights", at::kFloat, {x.size(0), -1}, rt);
+    num_topk = static_cast<int>(topk_weights->size(1));
+    if (num_topk > kMaxCombineTopk) fail("combine's topk_weights may have at most " + std::to_string(kMaxCombineTopk) + " columns");
+  }
+  const int off_weights = align_slot(row_bytes);
+  if (off_weights + align_slot(num_topk * 4) > ring.slot_bytes) fail("combine row does not fit a slot");
+  const int64_t T = send_position.size(0);
+
+  const PeerContext ctx = rt.context();
+  launch_barrier(ctx, fingerprint(rt, kOpCombine, row_bytes, 0, num_topk, ring), stream);
+  at::Tensor combined = at::empty({T, x.size(1)}, x.options());
+  std::optional<at::Tensor> combined_weights;
+  if (topk_weights.has_value()) combined_weights = at::empty({T, num_topk}, x.options().dtype(at::kFloat));
+  CombineArgs a{};
+  a.x = static_cast<const uint8_t*>(x.data_ptr());
+  a.topk_weights = static_cast<const float*>(ptr(topk_weights));
+  a.recv_channel_offset = recv_channel_offset.data_ptr<int>();
+  a.send_position = send_position.data_ptr<int>();
+  a.num_tokens = static_cast<int>(T);
+  a.combined_x = static_cast<uint8_t*>(combined.data_ptr());
+  a.combined_topk_weights = static_cast<float*>(ptr(combined_weights));
+  a.row_bytes = row_bytes;
+  a.num_topk = num_topk;
+  a.is_bf16 = x.scalar_type() == at::kBFloat16;
+  a.off_weights = off_weights;
+  launch_combine(ctx, ring, a, stream);
+  poison_outputs(rt, {combined, combined_weights}, stream);
+  return {combined, combined_weights};
+}
+
+void barrier(Runtime& rt) {
+  check_healthy(rt);
+  Fingerprint fp{};
+  fp.words[kFpOperation] = kOpBarrier;
+  fp.words[kFpGeneration] = rt.generation();
+  launch_barrier(rt.context(), fp, current_stream(rt));
+}
+
+}  // namespace deepep_megatron

@@ -1,0 +1,171 @@
+// THE layout of the intranode communication buffer and the limits of the kernels: one definition,
+// read by every kernel (csrc/) and by Python (deepep_megatron/layout.py parses the
+// `constexpr ... kName = <integer>;` lines below, so a CPU-only install sizes buffers exactly as the
+// kernels use them). Plain C++17, no CUDA: host and device code include it alike.
+//
+// ---------------------------------------------------------------------------------------------
+// NVLink buffer of ONE rank (num_nvl_bytes, cudaMalloc'ed, zeroed at creation and on reset(),
+// mapped by every peer over CUDA IPC):
+//
+//   offset                 what                                        written by -> read by
+//   kOffEpoch              u32 epoch: barriers this rank passed        me (kernels) -> me
+//   kOffAbort              u32 abort word: nonzero after the first     me -> me
+//                          device-detected error of this rank
+//   kOffBarrier            BarrierSignal[2][kMaxRanks]: parity p of    peer s (remote) -> me
+//                          epoch, slot s = peer s's signal + the
+//                          fingerprint of the operation it is in
+//   kOffNotifyChannel      i32 [kMaxRanks][kMaxChannels]: tokens       peer s (remote) -> me
+//                          peer s sends me in channel c
+//   kOffNotifyExpert       i32 [kMaxRanks][kMaxLocalExperts]: top-k    peer s (remote) -> me
+//                          hits of peer s on each of my experts
+//   kOffNotifySend         i32 [kMaxRanks][kMaxRanks]: peer s's rows   peer s (remote) -> me
+//                          to every rank (so every rank knows every
+//                          rank's receive total: DeepEP's rank_prefix_matrix)
+//   kOffNotifyFlags        i32 [kMaxRanks]: 1 when peer s's topk_idx   peer s (remote) -> me
+//                          had ids outside [-1, num_experts)
+//   kOffRingTail           u32 [kMaxChannels][kMaxRanks]               sender s (remote) -> me
+//   kOffRingHead           u32 [kMaxChannels][kMaxRanks]               receiver d (remote) -> me
+//   kOffTailShadow         u32 [kMaxChannels][kMaxRanks]               me -> me (last tail I wrote to d)
+//   kOffHeadShadow         u32 [kMaxChannels][kMaxRanks]               me -> me (last head I wrote to s)
+//   kControlBytes ..       rings: ring(c, s) = kNumSlots slots of slot_bytes (see "slot" below)
+//                          for c < num_channels, s < num_ranks; ring (c, s) of rank d carries
+//                          channel c of sender s to receiver d.
+//
+// Epochs and counters are monotonic u32 compared wrap-safe. Every dispatch/combine starts with a
+// barrier, after which every ring is drained (head == tail), so sender and receiver agree on the
+// ring base: the sender takes it from tail_shadow, the receiver from head_shadow. The epoch lives
+// here, on the device, and each barrier bumps it: a CUDA graph that replays a barrier waits for
+// the right signal without any host counter baked into its launch arguments.
+//
+// A token slot (dispatch):  [x row | fp32 scales | int32 topk ids [kMaxTopk] | fp32 topk weights
+//                           [kMaxTopk] | int32 source index], each region kSlotAlign-aligned;
+//                           its size for a row of hidden_bytes (hidden * max(elem, 2)) is
+//                           slot_bytes(hidden_bytes) below (Python: layout.token_slot_bytes).
+// A row slot (combine):     [x row | fp32 topk weights], within the same slot size.
+// ---------------------------------------------------------------------------------------------
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace deepep_megatron {
+
+// ----------------------------------------------------------------------------- limits
+constexpr int kMaxRanks = 8;              // ranks of one NVLink domain
+constexpr int kMaxChannels = 128;         // num_sms <= 2 * kMaxChannels
+constexpr int kMaxLocalExperts = 1024;    // experts per rank
+constexpr int kMaxTopk = 16;              // top-k slots a token carries
+constexpr int kMaxCombineTopk = 32;       // topk_weights columns combine carries
+constexpr int kMaxSendChunk = 128;        // tokens a ring sender publishes per step
+constexpr int kWarpsPerBlock = 24;        // persistent blocks of 768 threads, one per SM
+constexpr int kThreadsPerBlock = kWarpsPerBlock * 32;
+constexpr int kFp8Block = 128;            // hidden elements per fp32 FP8 scale
+constexpr int kSlotAlign = 16;            // every slot region is aligned to this many bytes
+constexpr int kSourceIndexBytes = 16;     // the source-index region of a slot
+constexpr int kFingerprintWords = 8;      // int32 words of an operation's fingerprint
+
+// ----------------------------------------------------------------------------- control region
+constexpr size_t kControlBytes = 65536;   // bytes before the rings
+
+struct BarrierSignal {
+  uint32_t epoch;                          // written last (release): the signal itself
+  int32_t fingerprint[kFingerprintWords];  // the operation the signalling rank is in
+  uint32_t pad[7];                         // 64 bytes per signal
+};
+static_assert(sizeof(BarrierSignal) == 64, "BarrierSignal is one 64-byte record");
+
+constexpr size_t kOffEpoch = 0;
+constexpr size_t kOffAbort = 128;
+constexpr size_t kOffBarrier = 256;
+constexpr size_t kOffNotifyChannel = kOffBarrier + sizeof(BarrierSignal) * 2 * kMaxRanks;
+constexpr size_t kOffNotifyExpert = kOffNotifyChannel + sizeof(int32_t) * kMaxRanks * kMaxChannels;
+constexpr size_t kOffNotifySend = kOffNotifyExpert + sizeof(int32_t) * kMaxRanks * kMaxLocalExperts;
+constexpr size_t kOffNotifyFlags = kOffNotifySend + sizeof(int32_t) * kMaxRanks * kMaxRanks;
+constexpr size_t kOffRingTail = kOffNotifyFlags + sizeof(int32_t) * kMaxRanks;
+constexpr size_t kOffRingHead = kOffRingTail + sizeof(uint32_t) * kMaxChannels * kMaxRanks;
+constexpr size_t kOffTailShadow = kOffRingHead + sizeof(uint32_t) * kMaxChannels * kMaxRanks;
+constexpr size_t kOffHeadShadow = kOffTailShadow + sizeof(uint32_t) * kMaxChannels * kMaxRanks;
+constexpr size_t kControlEnd = kOffHeadShadow + sizeof(uint32_t) * kMaxChannels * kMaxRanks;
+static_assert(kControlEnd <= kControlBytes, "the control region overflows kControlBytes");
+
+// ----------------------------------------------------------------------------- slots
+constexpr int align_slot(int bytes) { return (bytes + kSlotAlign - 1) / kSlotAlign * kSlotAlign; }
+
+// Byte offsets inside one dispatch slot for a row of `row_bytes` (what the kernel moves) in a
+// slot sized for `hidden_bytes` (hidden * max(element size, 2): FP8 rows are sized as bf16).
+struct SlotLayout {
+  int row_bytes, off_scales, off_topk_idx, off_topk_weights, off_src_idx, slot_bytes;
+};
+
+constexpr int slot_bytes(int hidden_bytes) {
+  return align_slot(hidden_bytes) + align_slot((hidden_bytes / 2 + kFp8Block - 1) / kFp8Block * 4) +
+         2 * align_slot(kMaxTopk * 4) + kSourceIndexBytes;
+}
+
+constexpr SlotLayout dispatch_slot(int row_bytes, int num_scales, int hidden_bytes) {
+  SlotLayout s{};
+  s.row_bytes = row_bytes;
+  s.off_scales = align_slot(row_bytes);
+  s.off_topk_idx = s.off_scales + align_slot(num_scales * 4);
+  s.off_topk_weights = s.off_topk_idx + align_slot(kMaxTopk * 4);
+  s.off_src_idx = s.off_topk_weights + align_slot(kMaxTopk * 4);
+  s.slot_bytes = slot_bytes(hidden_bytes);
+  return s;
+}
+
+// ----------------------------------------------------------------------------- host-mapped words
+// What a device-detected error reports (Diagnostic::code).
+enum ErrorCode : int32_t {
+  kWaitBarrier = 1,          // barrier: waited for the peer's barrier signal
+  kWaitDispatchSpace = 2,    // dispatch sender: waited for free slots (peer's ring_head)
+  kWaitDispatchData = 3,     // dispatch receiver: waited for tokens (peer's ring_tail)
+  kWaitCombineSpace = 4,     // combine sender: waited for free slots
+  kWaitCombineData = 5,      // combine receiver: waited for rows
+  kFingerprintMismatch = 6,  // barrier: the peer is in another operation / geometry
+  kBadExpertIds = 7,         // notify (num_worst_tokens): some rank's topk_idx out of range
+  kWorstTokensExceeded = 8,  // notify (num_worst_tokens): a rank receives more rows than the bound
+};
+
+// Filled by the first device-detected error of this rank (host-mapped memory).
+struct Diagnostic {
+  int32_t flag;     // 1 once filled (written last)
+  int32_t code;     // ErrorCode
+  int32_t rank;     // the rank that detected it
+  int32_t peer;     // the rank it waited for / disagreed with / that overflowed (-1: none)
+  int32_t channel;  // channel (-1 for the barrier and notify)
+  int32_t block;    // blockIdx.x of the detector
+  int64_t expected; // counter target / own fingerprint word / num_worst_tokens / bad-rank mask
+  int64_t seen;     // counter seen / the peer's fingerprint word / rows received
+  int32_t mine[kFingerprintWords];    // fingerprints (kFingerprintMismatch only)
+  int32_t theirs[kFingerprintWords];
+};
+
+// Written by notify into host-mapped memory for a dispatch that waits for its sizes: the host
+// spins on `sequence` (written last), no stream sync and no copy.
+struct NotifyResult {
+  uint32_t sequence;   // the epoch of notify's second barrier once the rest is valid
+  int32_t bad_ranks;   // bit s: rank s's topk_idx held ids outside [-1, num_experts)
+  int64_t low, high;   // this rank's min / max topk_idx (INT64_MAX / INT64_MIN without tokens)
+  int32_t counts[kMaxRanks + kMaxLocalExperts];  // rows from each source rank, then per local expert (aligned)
+};
+
+// Words of an operation's fingerprint (BarrierSignal::fingerprint, Diagnostic::mine/theirs).
+enum FingerprintWord : int {
+  kFpOperation = 0,   // Operation below
+  kFpRowBytes = 1,    // bytes of one row moved
+  kFpScales = 2,      // FP8 scales per row (0 without)
+  kFpTopk = 3,        // top-k carried (0 for cached dispatch)
+  kFpChannels = 4,    // channels (num_sms / 2)
+  kFpSlots = 5,       // ring slots
+  kFpChunk = 6,       // send chunk
+  kFpGeneration = 7,  // buffer generation (bumped by reset)
+};
+
+enum Operation : int32_t {
+  kOpDispatch = 1,
+  kOpCachedDispatch = 2,
+  kOpCombine = 3,
+  kOpBarrier = 4,
+};
+
+}  // namespace deepep_megatron

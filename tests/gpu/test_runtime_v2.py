@@ -1,0 +1,271 @@
+"""Runtime v2 of the cuda backend on real GPUs: what issue 12 adds over test_intranode.py.
+
+* the layout header and the extension agree (slot sizes, limits);
+* CUDA graphs: get_dispatch_layout + dispatch(num_worst_tokens) + combine captured once, replayed
+  with new inputs, equal to the reference backend on the same inputs; capturing a dispatch without
+  num_worst_tokens raises ValueError;
+* ranks must agree: each kind of mismatch (dispatch vs combine, other SM counts, other hidden
+  sizes) raises on every rank, then reset() and a correct round;
+* num_worst_tokens errors on the device (bad expert ids, too small a bound): every rank raises,
+  then reset() and a correct round;
+* a stalled peer: timeout on the waiting rank (and on the late one), reset(), a correct round.
+
+Two ranks, one per GPU over NCCL or two on one GPU under MPS (gloo). Skipped without them.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from harness import GPU_MARKS, local_backend, mps_running, run_ranks
+from oracle import Case, expert_transform, make_inputs
+
+pytestmark = GPU_MARKS
+
+WORLD = 2
+CONFIG_SMS = 8
+
+
+def _launch() -> str:
+    backend, ranks_per_gpu = local_backend(WORLD)
+    if ranks_per_gpu > 1 and not mps_running():
+        pytest.skip(f"{WORLD} ranks on {torch.cuda.device_count()} GPU(s) need MPS")
+    return backend
+
+
+def _buffers(hidden: int, timeout_s: float = 100.0):
+    import torch.distributed as dist
+
+    from deepep_megatron import Buffer, Config
+
+    nvl = max(Config(s, 6, 256).get_nvl_buffer_size_hint(hidden * 4, WORLD) for s in (4, CONFIG_SMS))
+    fast = Buffer(dist.group.WORLD, num_nvl_bytes=nvl, explicitly_destroy=True, backend="cuda", timeout_s=timeout_s)
+    ref = Buffer(dist.group.WORLD, backend="reference")
+    return fast, ref
+
+
+def _round(fast, ref, case: Case, rank: int, tag: str, worst: int = 0) -> None:
+    """One dispatch + combine on both backends, asserting equality (real rows under num_worst_tokens)."""
+    from deepep_megatron import Config
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    x, topk_idx, topk_weights = make_inputs(case, rank, device=str(device))
+    config = Config(CONFIG_SMS, 6, 256)
+    outs = []
+    for buf in (fast, ref):
+        per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, case.num_experts)
+        outs.append(buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                                 topk_idx=topk_idx, topk_weights=topk_weights, config=config, num_worst_tokens=worst))
+    (rx_f, ti_f, tw_f, _, h_f, _), (rx_r, ti_r, tw_r, _, h_r, _) = outs
+    real = h_r.num_recv_tokens  # the reference knows its real count (it pads at the Buffer)
+    assert torch.equal(rx_f[:real], rx_r[:real]), f"{tag}: recv_x differs"
+    assert torch.equal(ti_f, ti_r) and torch.equal(tw_f, tw_r), f"{tag}: top-k differs"
+    y = expert_transform(rx_r, rank)
+    assert torch.equal(fast.combine(y, h_f, config=config)[0], ref.combine(y, h_r)[0]), f"{tag}: combine differs"
+
+
+# ------------------------------------------------------------------------------------------ layout
+def test_layout_header_matches_extension() -> None:
+    from deepep_megatron import _C, layout
+
+    assert _C.CONTROL_BYTES == layout.CONTROL_BYTES and _C.MAX_TOPK == layout.MAX_TOPK
+    assert _C.MAX_CHANNELS == layout.MAX_CHANNELS and _C.WARPS_PER_BLOCK == layout.WARPS_PER_BLOCK
+    for hidden_bytes in (256, 4096, 5120, 7168, 8192, 14336, 7168 * 4, 16 * 3):
+        assert _C.slot_bytes(hidden_bytes) == layout.token_slot_bytes(hidden_bytes), hidden_bytes
+
+
+# ------------------------------------------------------------------------------------------ graphs
+def _graph(rank: int, world_size: int) -> int:
+    from deepep_megatron import Config
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    hidden, experts = 2048, 16
+    fast, ref = _buffers(hidden)
+    config = Config(CONFIG_SMS, 6, 256)
+    tokens = 300
+    worst = tokens * world_size
+    static_x = torch.empty(tokens, hidden, dtype=torch.bfloat16, device=device)
+    static_idx = torch.empty(tokens, 4, dtype=torch.int64, device=device)
+    static_w = torch.empty(tokens, 4, dtype=torch.float32, device=device)
+
+    def step():
+        per_rank, _, per_expert, in_rank, _ = fast.get_dispatch_layout(static_idx, experts)
+        recv_x, recv_idx, recv_w, _, handle, _ = fast.dispatch(
+            static_x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+            topk_idx=static_idx, topk_weights=static_w, config=config, num_worst_tokens=worst)
+        y = (recv_x.float() * (rank + 1) + rank).to(torch.bfloat16)  # expert_transform, inside the graph
+        combined, _, _ = fast.combine(y, handle, config=config)
+        return recv_x, recv_idx, recv_w, combined
+
+    def load(seed: int) -> Case:
+        case = Case(world_size, tokens=(tokens,) * world_size, hidden=hidden, num_topk=4, num_experts=experts, seed=seed)
+        x, idx, w = make_inputs(case, rank, device=str(device))
+        static_x.copy_(x)
+        static_idx.copy_(idx)
+        static_w.copy_(w)
+        return case
+
+    load(100)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph, as torch.cuda.graph asks
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    replays = 0
+    for seed in (101, 102, 103):
+        case = load(seed)
+        graph.replay()
+        torch.cuda.synchronize()
+        fast.runtime.check_errors()
+        x, idx, w = make_inputs(case, rank, device=str(device))
+        per_rank, _, per_expert, in_rank, _ = ref.get_dispatch_layout(idx, experts)
+        rx, ri, rw, _, h, _ = ref.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                           num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w,
+                                           num_worst_tokens=worst)
+        real = h.num_recv_tokens
+        assert torch.equal(outputs[0][:real], rx[:real]), f"replay {seed}: recv_x"
+        assert torch.equal(outputs[1], ri) and torch.equal(outputs[2], rw), f"replay {seed}: top-k"
+        want = ref.combine(expert_transform(rx, rank), h)[0]
+        assert torch.equal(outputs[3], want), f"replay {seed}: combined"
+        replays += 1
+    # An eager call after the replays still works (the device epochs moved on alike on every rank).
+    _round(fast, ref, Case(world_size, tokens=(77, 91), hidden=hidden, num_topk=2, num_experts=experts, seed=104), rank, "eager after graph")
+    # A dispatch that needs the host cannot be captured.
+    per_rank, _, per_expert, in_rank, _ = fast.get_dispatch_layout(static_idx, experts)
+    torch.cuda.synchronize()
+    bad_graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match="num_worst_tokens"):
+        with torch.cuda.graph(bad_graph):
+            fast.dispatch(static_x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                          num_tokens_per_expert=per_expert, topk_idx=static_idx, topk_weights=static_w, config=config)
+    torch.cuda.synchronize()
+    fast.destroy()
+    return replays
+
+
+def test_graph_capture_and_replay() -> None:
+    results = run_ranks(_graph, WORLD, backend=_launch(), timeout_s=300)
+    assert results == [3, 3]
+
+
+# ------------------------------------------------------------------------------------------ agreement
+def _mismatch(rank: int, world_size: int) -> list[str]:
+    from deepep_megatron import Config
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    hidden = 2048
+    fast, ref = _buffers(2 * hidden)
+    case = Case(world_size, tokens=(200, 150), hidden=hidden, num_topk=4, num_experts=16, seed=31)
+    x, topk_idx, topk_weights = make_inputs(case, rank, device=str(device))
+    per_rank, _, per_expert, in_rank, _ = fast.get_dispatch_layout(topk_idx, case.num_experts)
+    args = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                topk_idx=topk_idx, topk_weights=topk_weights)
+    recv_x, _, _, _, handle, _ = fast.dispatch(x, config=Config(CONFIG_SMS, 6, 256), **args)
+    messages = []
+    kinds = {
+        # rank 0 dispatches while rank 1 combines
+        "operation": lambda: (fast.dispatch(x, config=Config(CONFIG_SMS, 6, 256), **args) if rank == 0
+                              else fast.combine(recv_x, handle, config=Config(CONFIG_SMS, 6, 256))),
+        # other SM counts
+        "channels": lambda: fast.dispatch(x, config=Config(CONFIG_SMS if rank == 0 else 4, 6, 256), **args),
+        # other hidden sizes in combine
+        "row bytes": lambda: fast.combine(recv_x if rank == 0 else torch.cat([recv_x, recv_x], dim=1), handle,
+                                          config=Config(CONFIG_SMS, 6, 256)),
+    }
+    for kind, call in kinds.items():
+        with pytest.raises(RuntimeError, match="disagree") as info:
+            call()
+            fast.runtime.synchronize()  # an async combine raises at the next host-visible point
+        assert f"first difference: {kind}" in str(info.value), f"{kind}: {info.value}"
+        with pytest.raises(RuntimeError, match=r"reset\(\)"):  # refused until reset
+            fast.get_dispatch_layout(topk_idx, case.num_experts)
+        messages.append(str(info.value))
+        fast.reset()
+        _round(fast, ref, case, rank, f"after the {kind} mismatch")
+    torch.cuda.synchronize()
+    fast.destroy()
+    return messages
+
+
+def test_fingerprint_mismatch_refused_on_every_rank() -> None:
+    results = run_ranks(_mismatch, WORLD, backend=_launch(), timeout_s=300)
+    assert all(len(r) == 3 for r in results)
+
+
+# ------------------------------------------------------------------------------------------ worst tokens
+def _worst_errors(rank: int, world_size: int) -> int:
+    from deepep_megatron import Config
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    fast, ref = _buffers(2048)
+    case = Case(world_size, tokens=(256, 256), hidden=2048, num_topk=4, num_experts=16, seed=41)
+    x, topk_idx, topk_weights = make_inputs(case, rank, device=str(device))
+    config = Config(CONFIG_SMS, 6, 256)
+    checked = 0
+    for what, idx, worst, error, pattern in (
+        ("bad id", topk_idx.masked_fill(torch.arange(topk_idx.numel(), device=device).view_as(topk_idx) == 7, 99)
+         if rank == 1 else topk_idx, 512, ValueError, r"rank\(s\) \[1\]"),
+        ("small bound", topk_idx, 8, RuntimeError, "num_worst_tokens=8"),
+    ):
+        per_rank, _, per_expert, in_rank, _ = fast.get_dispatch_layout(idx, case.num_experts)
+        out = fast.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                            topk_idx=idx, topk_weights=topk_weights, config=config, num_worst_tokens=worst)
+        torch.cuda.synchronize()
+        assert torch.isnan(out[0].float()).all(), f"{what}: the refused dispatch's recv_x is not poisoned"
+        with pytest.raises(error, match=pattern):
+            fast.get_dispatch_layout(topk_idx, case.num_experts)
+        fast.reset()
+        _round(fast, ref, case, rank, f"after {what}", worst=512)
+        checked += 1
+    fast.destroy()
+    return checked
+
+
+def test_worst_tokens_errors_reach_every_rank() -> None:
+    results = run_ranks(_worst_errors, WORLD, backend=_launch(), timeout_s=300)
+    assert results == [2, 2]
+
+
+# ------------------------------------------------------------------------------------------ timeout
+STALL_TIMEOUT_S = 2.0
+
+
+def _stall_reset(rank: int, world_size: int) -> float:
+    from deepep_megatron import Config
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    fast, ref = _buffers(2048, timeout_s=STALL_TIMEOUT_S)
+    case = Case(world_size, tokens=(512, 512), hidden=2048, num_topk=4, num_experts=16, seed=51)
+    x, topk_idx, topk_weights = make_inputs(case, rank, device=str(device))
+    config = Config(CONFIG_SMS, 6, 256)
+    per_rank, _, per_expert, in_rank, _ = fast.get_dispatch_layout(topk_idx, case.num_experts)
+    recv_x, _, _, _, handle, _ = fast.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                               num_tokens_per_expert=per_expert, topk_idx=topk_idx,
+                                               topk_weights=topk_weights, config=config)
+    torch.cuda.synchronize()
+    if rank == 1:
+        time.sleep(2 * STALL_TIMEOUT_S)  # the stalled peer: late for the combine
+    start = time.monotonic()
+    combined = fast.combine(recv_x, handle, config=config)[0]
+    with pytest.raises(RuntimeError, match="timed out") as info:
+        fast.runtime.synchronize()
+    elapsed = time.monotonic() - start
+    if rank == 0:
+        assert "rank 1" in str(info.value), str(info.value)
+    assert torch.isnan(combined.float()).all(), "the timed-out combine's output is not poisoned"
+    fast.reset()
+    _round(fast, ref, case, rank, "after the timeout")
+    _round(fast, ref, case, rank, "second round after the timeout", worst=1024)
+    fast.destroy()
+    return elapsed
+
+
+def test_stalled_peer_times_out_then_reset_recovers() -> None:
+    results = run_ranks(_stall_reset, WORLD, backend=_launch(), timeout_s=300)
+    assert STALL_TIMEOUT_S <= results[0] < 4 * STALL_TIMEOUT_S, results
