@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""compute-sanitizer (memcheck + racecheck) over a small EP2 dispatch/combine of the cuda backend.
+"""compute-sanitizer (memcheck + racecheck) over a small EP2 dispatch/combine of the cuda backend
+(bf16, FP8, cached, num_worst_tokens, combine with weights).
 
     python scripts/sanitize_intranode.py [--tools memcheck,racecheck]
 
@@ -55,6 +56,16 @@ def child(rank: int, world: int) -> None:
     comb_ref = ref.combine(y, handle_ref, topk_weights=recv_w)
     assert torch.equal(comb[0].cpu(), comb_ref[0].cpu()), "combine differs from the reference"
     assert torch.equal(comb[1].cpu(), comb_ref[1].cpu()), "combined weights differ from the reference"
+    # num_worst_tokens: no host sync, padding rows written by the receivers, combine of all the rows
+    worst = sum(case.tokens)
+    w_fast = fast.dispatch(x, num_worst_tokens=worst, **args)
+    w_ref = ref.dispatch(x, num_worst_tokens=worst, **args)
+    real = handle_ref.num_recv_tokens
+    assert torch.equal(w_fast[0][:real].cpu(), w_ref[0][:real].cpu()), "worst-case dispatch differs from the reference"
+    assert torch.equal(w_fast[1].cpu(), w_ref[1].cpu()), "worst-case top-k (padding -1) differs from the reference"
+    y_worst = expert_transform(w_ref[0], rank)
+    assert torch.equal(fast.combine(y_worst, w_fast[4], config=config)[0].cpu(), ref.combine(y_worst, w_ref[4])[0].cpu()), \
+        "combine of a worst-case dispatch differs from the reference"
     fast.runtime.synchronize()
     fast.destroy()
     dist.destroy_process_group()

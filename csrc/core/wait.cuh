@@ -110,3 +110,34 @@ __device__ __forceinline__ bool cross_rank_barrier(const PeerContext& ctx, const
 }
 
 }  // namespace deepep_megatron
+
+namespace deepep_megatron {
+
+// Called by EVERY thread of every block at the very end of a data kernel (dispatch, combine; their
+// bodies return into it). The last block to finish resets the done counter for the next kernel and,
+// when this rank was aborted before or during the operation, overwrites every output region with
+// 0xFF bytes (NaN for floats, -1 for ints), so no plausible data survives a failed operation.
+template <typename PoisonList>
+__device__ __forceinline__ void finish_block(const PeerContext& ctx, const PoisonList& poison) {
+  __shared__ int last;
+  __syncthreads();
+  uint32_t* done = at<uint32_t>(ctx.buffers[ctx.rank], kOffDoneCounter);
+  if (threadIdx.x == 0) {
+    __threadfence();  // this block's abort report (if any) before its count
+    last = atomicAdd(done, 1u) + 1u == gridDim.x ? 1 : 0;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  if (threadIdx.x == 0) *reinterpret_cast<volatile uint32_t*>(done) = 0u;
+  if (!aborted(ctx)) return;
+  const int4 fill = make_int4(-1, -1, -1, -1);
+  for (int r = 0; r < poison.count; ++r) {
+    uint8_t* data = poison.data[r];
+    const int64_t vectors = poison.bytes[r] / 16;  // torch allocations are 16-byte aligned
+    for (int64_t i = threadIdx.x; i < vectors; i += blockDim.x) reinterpret_cast<int4*>(data)[i] = fill;
+    for (int64_t i = vectors * 16 + threadIdx.x; i < poison.bytes[r]; i += blockDim.x) data[i] = 0xFF;
+  }
+}
+
+}  // namespace deepep_megatron

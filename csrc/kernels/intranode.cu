@@ -9,7 +9,7 @@
 //                                            notify_expert[s][e]  = num_tokens_per_expert[d*E_l + e]
 //                                            notify_send[s][*]    = s's rows to every rank
 //                                            notify_flags[s] = 1 if s's topk_idx has ids outside
-//                                            [-1, E) (min/max from channel_layout), else 0
+//                                            [-1, E) (its min/max, taken here), else 0
 //   barrier
 //   rank d reads its own region and writes (device memory):
 //     recv_channel_offset [R, C+1] int32     first output row of (source s, channel c); rows are
@@ -23,18 +23,19 @@
 //   receiving more than num_worst_tokens rows, into the same abort on every rank.
 //
 // dispatch (2*C blocks of 24 warps; block 2c sends channel c, block 2c+1 receives channel c)
-//   sender block: the warps split evenly over the R-1 peers (for R=2 all 24 push to the one peer);
-//     the group for d walks the stream (c, me -> d) by position: token = send_tokens[d][begin_c + p]
-//     (channel_layout wrote it, so nothing is scanned here). In steps of send_chunk tokens it waits
-//     until ring (c, me) of rank d has room (its own ring_head[c][d], written by d), writes each
-//     token's slot into d's buffer:
+//   sender block: in a full dispatch it first builds the channel's streams from is_token_in_rank
+//     (streams.cuh: send_position for the combine, send_tokens for a cached dispatch), so the
+//     streams cost no launch of their own. Then one warp group per destination (24/R warps each):
+//     the group for me copies this rank's own tokens straight from x into output rows
+//     recv_channel_offset[me][c] + p (own tokens never enter a ring, nothing to wait for); the group
+//     for d walks the stream (c, me -> d): token = send_tokens[d][begin_c + p]. In steps of
+//     send_chunk tokens it waits until ring (c, me) of rank d has room (its own ring_head[c][d],
+//     written by d), writes each token's slot into d's buffer:
 //        slot = [x row | fp32 scales | int32 global topk ids | fp32 topk weights | int32 source idx]
 //     then (after the group's named barrier) st.release.sys of ring_tail[c][me] in d's buffer; the
 //     release is cumulative over the group's slot writes ordered before it by the barrier.
-//   receiver block, one warp group per source rank (24/R warps each):
-//     the group for s == me copies this rank's own tokens of channel c straight from x into output
-//     rows recv_channel_offset[me][c] + p (own tokens never enter a ring, nothing to wait for);
-//     the group for s != me waits on its own ring_tail[c][s] (ld.acquire.sys), copies every
+//   receiver block (num_worst_tokens: first its share of the padding rows), one warp group per
+//     peer s (24/(R-1) warps): waits on its own ring_tail[c][s] (ld.acquire.sys), copies every
 //     available slot p to output row recv_channel_offset[s][c] + p (topk ids made local, -1 /
 //     weight 0 where not local), then st.release.sys of ring_head[c][me] in s's buffer (frees the
 //     slots).
@@ -53,7 +54,8 @@
 //
 // Every wait is bounded by ctx.timeout_ns; a timeout fills the diagnostic, raises this rank's abort
 // word and the kernel exits. Dispatch and combine start only if this rank is not aborted (the
-// barrier or notify before them passed); the poison pass after them marks the outputs otherwise.
+// barrier or notify before them passed); their last block to finish (finish_block) overwrites the
+// outputs when the rank was aborted before or during the operation.
 // ---------------------------------------------------------------------------------------------
 #include <cuda_bf16.h>
 
@@ -61,24 +63,64 @@
 #include <string>
 
 #include "launch.h"
+#include "streams.cuh"
 #include "wait.cuh"
 
 namespace deepep_megatron {
 
 namespace {
 
-constexpr int kNotifyThreads = 256;
+constexpr int kNotifyThreads = 512;
 
 // ------------------------------------------------------------------------------------- notify
-__global__ void notify_kernel(PeerContext ctx, Fingerprint fp, NotifyArgs a) {
+__global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(PeerContext ctx, Fingerprint fp, NotifyArgs a) {
   __shared__ int totals[kMaxRanks];          // rows this rank receives from each source
   __shared__ int recv_totals[kMaxRanks];     // rows every rank receives (from the send matrix)
+  __shared__ int channel_counts[kMaxRanks * kMaxChannels];  // [R, C] this rank's send streams
+  __shared__ long long warp_low[kNotifyThreads / 32], warp_high[kNotifyThreads / 32];
   const int num_ranks = ctx.num_ranks, me = ctx.rank, num_channels = a.num_channels;
+
+  // Local work first, while peers may still be on their way to the barrier: the tokens each
+  // channel (a contiguous slice) sends to each rank, and the min / max of topk_idx.
+  for (int i = threadIdx.x; i < num_ranks * num_channels; i += kNotifyThreads) channel_counts[i] = 0;
+  __syncthreads();
+  const int per_channel = (a.num_tokens + num_channels - 1) / max(num_channels, 1);
+  for (int t = threadIdx.x; t < a.num_tokens; t += kNotifyThreads) {
+    const int c = t / per_channel;
+    for (int r = 0; r < num_ranks; ++r) {
+      if (a.is_token_in_rank[static_cast<int64_t>(t) * num_ranks + r]) atomicAdd(&channel_counts[r * num_channels + c], 1);
+    }
+  }
+  long long low = INT64_MAX, high = INT64_MIN;
+  const int64_t entries = static_cast<int64_t>(a.num_tokens) * a.num_topk;
+  for (int64_t i = threadIdx.x; i < entries; i += kNotifyThreads) {
+    const long long v = __ldg(reinterpret_cast<const long long*>(a.topk_idx) + i);
+    low = min(low, v);
+    high = max(high, v);
+  }
+  for (int offset = 16; offset > 0; offset /= 2) {
+    low = min(low, __shfl_xor_sync(0xffffffffu, low, offset));
+    high = max(high, __shfl_xor_sync(0xffffffffu, high, offset));
+  }
+  if (threadIdx.x % 32 == 0) {
+    warp_low[threadIdx.x / 32] = low;
+    warp_high[threadIdx.x / 32] = high;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < num_ranks * num_channels; i += kNotifyThreads) a.channel_count[i] = channel_counts[i];
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kNotifyThreads / 32; ++w) {
+      low = min(low, warp_low[w]);
+      high = max(high, warp_high[w]);
+    }
+    warp_low[0] = low;
+    warp_high[0] = high;
+  }
   if (!cross_rank_barrier(ctx, fp)) return;
 
   for (int i = threadIdx.x; i < num_ranks * num_channels; i += blockDim.x) {
     const int d = i / num_channels, c = i % num_channels;
-    at<int>(ctx.buffers[d], kOffNotifyChannel)[me * kMaxChannels + c] = a.channel_count[d * num_channels + c];
+    at<int>(ctx.buffers[d], kOffNotifyChannel)[me * kMaxChannels + c] = channel_counts[d * num_channels + c];
   }
   for (int i = threadIdx.x; i < num_ranks * a.num_local_experts; i += blockDim.x) {
     const int d = i / a.num_local_experts, e = i % a.num_local_experts;
@@ -86,17 +128,14 @@ __global__ void notify_kernel(PeerContext ctx, Fingerprint fp, NotifyArgs a) {
   }
   for (int d = threadIdx.x; d < num_ranks; d += blockDim.x) {
     int sum = 0;
-    for (int c = 0; c < num_channels; ++c) sum += a.channel_count[d * num_channels + c];
+    for (int c = 0; c < num_channels; ++c) sum += channel_counts[d * num_channels + c];
     a.send_counts[d] = sum;
     // this rank's row of the send matrix goes to every rank, so each knows every rank's total
     for (int r = 0; r < num_ranks; ++r) at<int>(ctx.buffers[r], kOffNotifySend)[me * kMaxRanks + d] = sum;
   }
   if (threadIdx.x == 0) {  // the topk_idx range check: this rank's verdict goes to every rank
-    long long low = INT64_MAX, high = INT64_MIN;
-    for (int c = 0; c < num_channels; ++c) {
-      low = min(low, static_cast<long long>(a.channel_topk_range[2 * c]));
-      high = max(high, static_cast<long long>(a.channel_topk_range[2 * c + 1]));
-    }
+    low = warp_low[0];
+    high = warp_high[0];
     const int bad = (low <= high && (low < -1 || high >= a.num_experts)) ? 1 : 0;
     for (int d = 0; d < num_ranks; ++d) at<int>(ctx.buffers[d], kOffNotifyFlags)[me] = bad;
     if (a.num_worst_tokens == 0) {
@@ -299,74 +338,32 @@ __device__ __forceinline__ bool send_stream(const PeerContext& ctx, const RingGe
 }
 
 // ------------------------------------------------------------------------------------- dispatch
+// A sender block: (full dispatch) build this channel's streams, then the own-rank group copies this
+// rank's tokens of the channel straight from x into its output rows (no ring, nothing to wait for)
+// while the other groups push to the peers' rings.
 template <int kNumRanks>
-__global__ void __launch_bounds__(kThreadsPerBlock, 1)
-    dispatch_kernel(PeerContext ctx, RingGeometry ring, DispatchArgs a) {
-  __shared__ int step[kNumRanks];  // per warp group: rows in this step (sender) / rows available (receiver); -1 = timed out
-
-  const int channel = blockIdx.x / 2;
-  const bool is_sender = (blockIdx.x % 2) == 0;
+__device__ __forceinline__ void dispatch_sender(const PeerContext& ctx, const RingGeometry& ring, const DispatchArgs& a,
+                                                int channel, int begin, int* step) {
+  __shared__ int lengths[kMaxRanks];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int me = ctx.rank;
-  int begin, end;
-  channel_range(a.num_tokens, ring.num_channels, channel, begin, end);
-  // Position p of stream (channel, me -> r) holds token send_tokens[r][begin + p] (channel_layout).
+  if (a.is_token_in_rank != nullptr) {
+    build_channel_streams<kThreadsPerBlock>(a.is_token_in_rank, a.num_tokens, kNumRanks, begin,
+                                            min(begin + (a.num_tokens + ring.num_channels - 1) / ring.num_channels,
+                                                a.num_tokens),
+                                            a.send_position, a.send_tokens, lengths);
+  }
+  // Position p of stream (channel, me -> r) holds token send_tokens[r][begin + p]. Plain loads: in a
+  // full dispatch this block has just written them.
   auto stream_tokens = [&](int r) { return a.send_tokens + static_cast<int64_t>(r) * a.num_tokens + begin; };
-  if (aborted(ctx)) return;  // the barrier / notify before failed: the poison pass marks the outputs
-
-  if (!is_sender && a.pad_rows) {
-    // num_worst_tokens: rows past the received ones (their count is on the device only) get
-    // top-k -1 / weight 0 / source -1, split over the receiver blocks; x and scales stay as they are
-    // (DeepEP's semantics: no expert reads a row whose top-k is all -1).
-    const int num_received = a.recv_channel_offset[(ctx.num_ranks - 1) * (ring.num_channels + 1) + ring.num_channels];
-    int pad_begin, pad_end;
-    channel_range(a.num_recv_rows - num_received, ring.num_channels, channel, pad_begin, pad_end);
-    for (int64_t row = num_received + pad_begin + threadIdx.x / 32; row < num_received + pad_end; row += kWarpsPerBlock) {
-      if (lane < a.num_topk) {
-        a.recv_topk_idx[row * a.num_topk + lane] = -1;
-        a.recv_topk_weights[row * a.num_topk + lane] = 0.0f;
-      }
-      if (lane == 0 && a.recv_src_idx != nullptr) a.recv_src_idx[row] = -1;
-    }
-  }
-
-  if (is_sender) {
-    // Every warp pushes to a peer (for 2 ranks: all 24 to the one peer); own tokens never enter a
-    // ring, the receiver block copies them.
-    int peer, warp_in_group, group_warps;
-    if (!WarpGroups<kNumRanks, 0>::assign(warp, me, peer, warp_in_group, group_warps)) return;
-    const int* tokens = stream_tokens(peer);
-    send_stream<kNumRanks>(
-        ctx, ring, channel, peer, a.channel_count[peer * ring.num_channels + channel], warp_in_group, group_warps, lane,
-        kWaitDispatchSpace, &step[peer], [&](int position, uint8_t* slot) {
-          const int token = __ldg(tokens + position);
-          warp_copy<8, LoadInput, StoreRing>(slot, a.x + static_cast<int64_t>(token) * a.slot.row_bytes, a.slot.row_bytes,
-                                             lane);
-          for (int j = lane; j < a.num_scales; j += 32) {
-            reinterpret_cast<float*>(slot + a.slot.off_scales)[j] =
-                __ldg(a.x_scales + static_cast<int64_t>(token) * a.num_scales + j);
-          }
-          if (lane < a.num_topk) {
-            const int64_t k = static_cast<int64_t>(token) * a.num_topk + lane;
-            reinterpret_cast<int*>(slot + a.slot.off_topk_idx)[lane] = static_cast<int>(__ldg(a.topk_idx + k));
-            reinterpret_cast<float*>(slot + a.slot.off_topk_weights)[lane] = __ldg(a.topk_weights + k);
-          }
-          if (lane == 0) *reinterpret_cast<int*>(slot + a.slot.off_src_idx) = token;
-        });
-    return;
-  }
-
-  // Receiver block: one group per source rank. Measured on H200 x2 (2 ranks): 24 warps draining
-  // one peer's ring were no faster than 12, so the own-rank group gets an even share too.
-  int source, warp_in_group, group_warps;
-  if (!WarpGroups<kNumRanks, kWarpsPerBlock / kNumRanks>::assign(warp, me, source, warp_in_group, group_warps)) return;
-  const int out_begin = a.recv_channel_offset[source * (ring.num_channels + 1) + channel];
-  const int total = a.recv_channel_offset[source * (ring.num_channels + 1) + channel + 1] - out_begin;
-  if (source == me) {
-    // Own tokens: straight from x into this rank's output rows, no ring and no waiting.
+  int peer, warp_in_group, group_warps;
+  if (!WarpGroups<kNumRanks, kWarpsPerBlock / kNumRanks>::assign(warp, me, peer, warp_in_group, group_warps)) return;
+  if (peer == me) {
+    const int out_begin = a.recv_channel_offset[me * (ring.num_channels + 1) + channel];
+    const int total = a.recv_channel_offset[me * (ring.num_channels + 1) + channel + 1] - out_begin;
     const int* tokens = stream_tokens(me);
     for (int i = warp_in_group; i < total; i += group_warps) {
-      const int token = __ldg(tokens + i);
+      const int token = tokens[i];
       const int64_t row = out_begin + i;
       warp_copy<8, LoadInput, StoreOutput>(a.recv_x + row * a.slot.row_bytes,
                                            a.x + static_cast<int64_t>(token) * a.slot.row_bytes, a.slot.row_bytes, lane);
@@ -381,6 +378,52 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     }
     return;
   }
+  const int* tokens = stream_tokens(peer);
+  send_stream<kNumRanks>(
+      ctx, ring, channel, peer, a.channel_count[peer * ring.num_channels + channel], warp_in_group, group_warps, lane,
+      kWaitDispatchSpace, &step[peer], [&](int position, uint8_t* slot) {
+        const int token = tokens[position];
+        warp_copy<8, LoadInput, StoreRing>(slot, a.x + static_cast<int64_t>(token) * a.slot.row_bytes, a.slot.row_bytes,
+                                           lane);
+        for (int j = lane; j < a.num_scales; j += 32) {
+          reinterpret_cast<float*>(slot + a.slot.off_scales)[j] =
+              __ldg(a.x_scales + static_cast<int64_t>(token) * a.num_scales + j);
+        }
+        if (lane < a.num_topk) {
+          const int64_t k = static_cast<int64_t>(token) * a.num_topk + lane;
+          reinterpret_cast<int*>(slot + a.slot.off_topk_idx)[lane] = static_cast<int>(__ldg(a.topk_idx + k));
+          reinterpret_cast<float*>(slot + a.slot.off_topk_weights)[lane] = __ldg(a.topk_weights + k);
+        }
+        if (lane == 0) *reinterpret_cast<int*>(slot + a.slot.off_src_idx) = token;
+      });
+}
+
+// A receiver block: (num_worst_tokens) its share of the padding rows, then one warp group per peer
+// drains that peer's ring of this channel into the output rows.
+template <int kNumRanks>
+__device__ __forceinline__ void dispatch_receiver(const PeerContext& ctx, const RingGeometry& ring,
+                                                  const DispatchArgs& a, int channel, int* step) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int me = ctx.rank;
+  if (a.pad_rows) {
+    // Rows past the received ones (their count is on the device only) get top-k -1 / weight 0 /
+    // source -1, split over the receiver blocks; x and scales stay as they are (DeepEP's semantics:
+    // no expert reads a row whose top-k is all -1).
+    const int num_received = a.recv_channel_offset[(ctx.num_ranks - 1) * (ring.num_channels + 1) + ring.num_channels];
+    int pad_begin, pad_end;
+    channel_range(a.num_recv_rows - num_received, ring.num_channels, channel, pad_begin, pad_end);
+    for (int64_t row = num_received + pad_begin + warp; row < num_received + pad_end; row += kWarpsPerBlock) {
+      if (lane < a.num_topk) {
+        a.recv_topk_idx[row * a.num_topk + lane] = -1;
+        a.recv_topk_weights[row * a.num_topk + lane] = 0.0f;
+      }
+      if (lane == 0 && a.recv_src_idx != nullptr) a.recv_src_idx[row] = -1;
+    }
+  }
+  int source, warp_in_group, group_warps;
+  if (!WarpGroups<kNumRanks, 0>::assign(warp, me, source, warp_in_group, group_warps)) return;
+  const int out_begin = a.recv_channel_offset[source * (ring.num_channels + 1) + channel];
+  const int total = a.recv_channel_offset[source * (ring.num_channels + 1) + channel + 1] - out_begin;
   const int group_threads = group_warps * 32;
   const int barrier_id = 1 + source;
   const bool leader = warp_in_group == 0 && lane == 0;
@@ -424,6 +467,23 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   if (leader && consumed == total) *head_shadow = base + static_cast<uint32_t>(total);
 }
 
+template <int kNumRanks>
+__global__ void __launch_bounds__(kThreadsPerBlock, 1)
+    dispatch_kernel(PeerContext ctx, RingGeometry ring, DispatchArgs a) {
+  __shared__ int step[kNumRanks];  // per warp group: rows in this step (sender) / rows available (receiver); -1 = timed out
+  const int channel = blockIdx.x / 2;
+  int begin, end;
+  channel_range(a.num_tokens, ring.num_channels, channel, begin, end);
+  if (!aborted(ctx)) {  // else the barrier / notify before failed: finish_block poisons the outputs
+    if (blockIdx.x % 2 == 0) {
+      dispatch_sender<kNumRanks>(ctx, ring, a, channel, begin, step);
+    } else {
+      dispatch_receiver<kNumRanks>(ctx, ring, a, channel, step);
+    }
+  }
+  finish_block(ctx, a.poison);
+}
+
 // ------------------------------------------------------------------------------------- combine
 template <typename T>
 struct Vec;
@@ -462,8 +522,7 @@ struct Vec<float> {
 };
 
 template <int kNumRanks, typename T>
-__global__ void __launch_bounds__(kThreadsPerBlock, 1)
-    combine_kernel(PeerContext ctx, RingGeometry ring, CombineArgs a) {
+__device__ __forceinline__ void combine_body(const PeerContext& ctx, const RingGeometry& ring, const CombineArgs& a) {
   constexpr int kUnroll = kNumRanks <= 2 ? 2 : 1;  // int4 per lane per step (registers: kNumRanks * kUnroll int4)
   __shared__ int step[kNumRanks];  // per sender group: rows in this step, -1 = timed out
   __shared__ int progress[kWarpsPerBlock][kNumRanks];
@@ -474,7 +533,6 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int me = ctx.rank;
   uint8_t* own = ctx.buffers[me];
-  if (aborted(ctx)) return;  // the barrier before failed: the poison pass marks the outputs
 
   if (is_sender) {
     // Own rows are read by the receiver straight from x: all warps serve the peers.
@@ -590,6 +648,13 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     __syncthreads();  // progress is rewritten in the next round
   }
   if (warp == 0 && tracks_rank) *head_shadow = base + static_cast<uint32_t>(released);
+}
+
+template <int kNumRanks, typename T>
+__global__ void __launch_bounds__(kThreadsPerBlock, 1)
+    combine_kernel(PeerContext ctx, RingGeometry ring, CombineArgs a) {
+  if (!aborted(ctx)) combine_body<kNumRanks, T>(ctx, ring, a);  // else: the barrier failed, poison below
+  finish_block(ctx, a.poison);
 }
 
 template <int kNumRanks>

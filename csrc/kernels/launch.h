@@ -20,9 +20,11 @@ struct RingGeometry {
 };
 
 struct NotifyArgs {
-  const int* channel_count;          // [R, C] tokens of channel c this rank sends to rank r
+  const bool* is_token_in_rank;      // [T, R]
+  const int64_t* topk_idx;           // [T, K] (range-checked here)
   const int* num_tokens_per_expert;  // [E] top-k hits of this rank's tokens per expert
-  const int64_t* channel_topk_range; // [C, 2] min / max topk_idx per channel
+  int num_tokens;
+  int num_topk;
   int64_t num_experts;
   int num_channels;
   int num_local_experts;
@@ -30,11 +32,22 @@ struct NotifyArgs {
   int num_worst_tokens;              // 0: publish the sizes to the host (NotifyResult); else the bound
   uint32_t ticket;                   // NotifyResult::sequence to publish (host-side count, host mode only)
   // outputs (device)
+  int* channel_count;                // [R, C] tokens of channel c this rank sends to rank r
   int* recv_channel_offset;          // [R, C + 1] first output row of (source rank, channel)
   int* send_counts;                  // [R] rows this rank sends to each rank
   int* rank_prefix_matrix;           // [R, R] rows ranks 0..i send to rank j
   int* recv_counts;                  // [R + E_l] rows per source rank, then per local expert (aligned)
   NotifyResult* result;              // host-mapped, written only when num_worst_tokens == 0
+};
+
+// Output regions a kernel overwrites with 0xFF bytes (NaN for floats, -1 for ints) when this rank was
+// aborted before or during the operation: the last block to finish checks (done counter), so a
+// failed operation never hands plausible data to the next layer.
+struct PoisonList {
+  static constexpr int kMaxRegions = 5;
+  uint8_t* data[kMaxRegions];
+  int64_t bytes[kMaxRegions];
+  int count;
 };
 
 struct DispatchArgs {
@@ -43,8 +56,10 @@ struct DispatchArgs {
   const float* x_scales;          // [T, num_scales] or null
   const int64_t* topk_idx;        // [T, num_topk] or null (cached dispatch)
   const float* topk_weights;      // [T, num_topk] or null
-  const int* send_tokens;         // [R, T] token at each position of stream (channel, me -> r)
-  const int* channel_count;       // [R, C] length of stream (channel c, me -> r)
+  const bool* is_token_in_rank;   // [T, R]: the sender blocks build the streams (full dispatch); null: cached
+  int* send_position;             // [T, R] written with the streams (full dispatch)
+  int* send_tokens;               // [R, T] token at each position of stream (channel, me -> r)
+  const int* channel_count;       // [R, C] length of stream (channel c, me -> r) (notify's output)
   int num_tokens;
   int num_scales;                 // 0 without FP8
   int num_topk;                   // 0 for cached dispatch
@@ -59,6 +74,7 @@ struct DispatchArgs {
   int* recv_src_idx;               // [N] or null
   int num_local_experts;
   SlotLayout slot;
+  PoisonList poison;
 };
 
 struct CombineArgs {
@@ -75,29 +91,16 @@ struct CombineArgs {
   int num_topk;                   // 0 without weights
   bool is_bf16;                   // else fp32
   int off_weights;
+  PoisonList poison;
 };
-
-// One output region a kernel writes; after an abort (this rank's abort word set) the poison
-// launcher fills it with `fill` bytes, so a failed operation never leaves plausible data.
-struct PoisonRegion {
-  void* data;
-  int64_t bytes;
-  int fill;  // byte value: 0xFF is NaN for floats and -1 for ints
-};
-constexpr int kMaxPoisonRegions = 6;
 
 void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts, int num_ranks,
                                 int* num_tokens_per_rank, int* num_tokens_per_expert, bool* is_token_in_rank,
                                 cudaStream_t stream);
-void launch_channel_layout(const bool* is_token_in_rank, int num_tokens, int num_ranks, int num_channels,
-                           int* channel_count, int* send_position, int* send_tokens, const int64_t* topk_idx,
-                           int num_topk, int64_t* channel_topk_range, cudaStream_t stream);
 void launch_barrier(const PeerContext& ctx, const Fingerprint& fp, cudaStream_t stream);
 void launch_notify(const PeerContext& ctx, const Fingerprint& fp, const NotifyArgs& args, cudaStream_t stream);
 void launch_dispatch(const PeerContext& ctx, const RingGeometry& ring, const DispatchArgs& args, cudaStream_t stream);
 void launch_combine(const PeerContext& ctx, const RingGeometry& ring, const CombineArgs& args, cudaStream_t stream);
-void launch_poison_if_aborted(const PeerContext& ctx, const PoisonRegion* regions, int num_regions,
-                              cudaStream_t stream);
 
 void check_cuda(cudaError_t err, const char* what);
 

@@ -108,15 +108,17 @@ int check_scales(const Runtime& rt, const at::Tensor& x, const std::optional<at:
   return num_scales;
 }
 
-// Launch the poison pass over the outputs of the operation just enqueued.
-void poison_outputs(const Runtime& rt, std::initializer_list<std::optional<at::Tensor>> outputs, cudaStream_t stream) {
-  PoisonRegion regions[kMaxPoisonRegions];
-  int count = 0;
+// The outputs a kernel overwrites if this rank is aborted (PoisonList, launch.h).
+PoisonList poison_list(std::initializer_list<std::optional<at::Tensor>> outputs) {
+  PoisonList list{};
   for (const auto& t : outputs) {
     if (!t.has_value() || t->numel() == 0) continue;
-    regions[count++] = PoisonRegion{t->data_ptr(), static_cast<int64_t>(t->numel()) * t->element_size(), 0xFF};
+    if (list.count == PoisonList::kMaxRegions) throw std::logic_error("poison_list: too many outputs");
+    list.data[list.count] = static_cast<uint8_t*>(t->data_ptr());
+    list.bytes[list.count] = static_cast<int64_t>(t->numel()) * t->element_size();
+    ++list.count;
   }
-  launch_poison_if_aborted(rt.context(), regions, count, stream);
+  return list;
 }
 
 }  // namespace
@@ -196,20 +198,19 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
   out.send_counts = take(1, R).view({R});
   out.rank_prefix_matrix = take(R, R);
   out.recv_counts = take(1, R + num_local_experts).view({R + num_local_experts});
-  at::Tensor channel_topk_range = at::empty({C, 2}, x.options().dtype(at::kLong));
-  launch_channel_layout(is_token_in_rank.data_ptr<bool>(), static_cast<int>(T), R, C, out.channel_count.data_ptr<int>(),
-                        out.send_position.data_ptr<int>(), out.send_tokens.data_ptr<int>(), topk_idx.data_ptr<int64_t>(),
-                        num_topk, channel_topk_range.data_ptr<int64_t>(), stream);
   NotifyArgs notify{};
-  notify.channel_count = out.channel_count.data_ptr<int>();
+  notify.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
+  notify.topk_idx = topk_idx.data_ptr<int64_t>();
   notify.num_tokens_per_expert = num_tokens_per_expert.data_ptr<int>();
-  notify.channel_topk_range = channel_topk_range.data_ptr<int64_t>();
+  notify.num_tokens = static_cast<int>(T);
+  notify.num_topk = num_topk;
   notify.num_experts = num_experts;
   notify.num_channels = C;
   notify.num_local_experts = num_local_experts;
   notify.expert_alignment = expert_alignment;
   notify.num_worst_tokens = num_worst_tokens;
   notify.ticket = num_worst_tokens == 0 ? rt.next_ticket() : 0;
+  notify.channel_count = out.channel_count.data_ptr<int>();
   notify.recv_channel_offset = out.recv_channel_offset.data_ptr<int>();
   notify.send_counts = out.send_counts.data_ptr<int>();
   notify.rank_prefix_matrix = out.rank_prefix_matrix.data_ptr<int>();
@@ -244,6 +245,8 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
   a.x_scales = static_cast<const float*>(ptr(x_scales));
   a.topk_idx = topk_idx.data_ptr<int64_t>();
   a.topk_weights = topk_weights.data_ptr<float>();
+  a.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
+  a.send_position = out.send_position.data_ptr<int>();
   a.send_tokens = out.send_tokens.data_ptr<int>();
   a.channel_count = out.channel_count.data_ptr<int>();
   a.num_tokens = static_cast<int>(T);
@@ -259,8 +262,8 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
   a.recv_src_idx = out.recv_src_idx.data_ptr<int>();
   a.num_local_experts = num_local_experts;
   a.slot = dispatch_slot(row_bytes, num_scales, hidden_bytes);
+  a.poison = poison_list({out.recv_x, out.recv_x_scales, out.recv_topk_idx, out.recv_topk_weights, out.recv_src_idx});
   launch_dispatch(ctx, ring, a, stream);
-  poison_outputs(rt, {out.recv_x, out.recv_x_scales, out.recv_topk_idx, out.recv_topk_weights, out.recv_src_idx}, stream);
   if (layout_only) out.recv_topk_idx = out.recv_topk_weights = std::nullopt;
   return out;
 }
@@ -293,7 +296,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> cached_dispatch(
   DispatchArgs a{};
   a.x = static_cast<const uint8_t*>(x.data_ptr());
   a.x_scales = static_cast<const float*>(ptr(x_scales));
-  a.send_tokens = send_tokens.data_ptr<int>();
+  a.send_tokens = const_cast<int*>(send_tokens.data_ptr<int>());  // read only: no is_token_in_rank
   a.channel_count = channel_count.data_ptr<int>();
   a.num_tokens = static_cast<int>(T);
   a.num_scales = num_scales;
@@ -302,8 +305,8 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> cached_dispatch(
   a.recv_x = static_cast<uint8_t*>(recv_x.data_ptr());
   a.recv_x_scales = static_cast<float*>(ptr(recv_x_scales));
   a.slot = dispatch_slot(row_bytes, num_scales, hidden_bytes);
+  a.poison = poison_list({recv_x, recv_x_scales});
   launch_dispatch(ctx, ring, a, stream);
-  poison_outputs(rt, {recv_x, recv_x_scales}, stream);
   return {recv_x, recv_x_scales};
 }
 
@@ -350,8 +353,8 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> combine(Runtime& rt, const at:
   a.num_topk = num_topk;
   a.is_bf16 = x.scalar_type() == at::kBFloat16;
   a.off_weights = off_weights;
+  a.poison = poison_list({combined, combined_weights});
   launch_combine(ctx, ring, a, stream);
-  poison_outputs(rt, {combined, combined_weights}, stream);
   return {combined, combined_weights};
 }
 

@@ -11,6 +11,8 @@
 //   kOffEpoch              u32 epoch: barriers this rank passed        me (kernels) -> me
 //   kOffAbort              u32 abort word: nonzero after the first     me -> me
 //                          device-detected error of this rank
+//   kOffDoneCounter        u32 blocks of the running data kernel that  me -> me
+//                          finished (the last one resets it)
 //   kOffBarrier            BarrierSignal[2][kMaxRanks]: parity p of    peer s (remote) -> me
 //                          epoch, slot s = peer s's signal + the
 //                          fingerprint of the operation it is in
@@ -76,6 +78,7 @@ static_assert(sizeof(BarrierSignal) == 64, "BarrierSignal is one 64-byte record"
 
 constexpr size_t kOffEpoch = 0;
 constexpr size_t kOffAbort = 128;
+constexpr size_t kOffDoneCounter = 192;
 constexpr size_t kOffBarrier = 256;
 constexpr size_t kOffNotifyChannel = kOffBarrier + sizeof(BarrierSignal) * 2 * kMaxRanks;
 constexpr size_t kOffNotifyExpert = kOffNotifyChannel + sizeof(int32_t) * kMaxRanks * kMaxChannels;
