@@ -181,7 +181,7 @@ def _check_tensor(
     if value.dtype not in dtypes:
         want = " or ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must have dtype {want}, got {str(value.dtype).replace('torch.', '')}")
-    if value.dim() != len(shape) or any(s is not None and s != v for s, v in zip(shape, value.shape)):
+    if value.dim() != len(shape) or not all(s is None or s == v for s, v in zip(shape, value.shape)):
         want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
         raise ValueError(f"{name} must have shape {want}, got {list(value.shape)}")
     if device is not None and value.device != device:
@@ -246,9 +246,10 @@ def _check_event(previous_event: Any) -> None:
         raise TypeError(f"previous_event must be an EventOverlap or None, got {type(previous_event).__name__}")
 
 
-def _check_config(config: Any, default: Config) -> Config:
+def _check_config(config: Any, default: Callable[[int], Config], num_ranks: int) -> Config:
+    """``config``, or ``default(num_ranks)`` when it is None (built only then: this runs every call)."""
     if config is None:
-        return default
+        return default(num_ranks)
     if not isinstance(config, Config):
         raise TypeError(f"config must be a deepep_megatron.Config or None, got {type(config).__name__}")
     return config
@@ -592,7 +593,7 @@ class Buffer:
         data, scales = _split_x(x)
         num_tokens, hidden = data.shape
         device = data.device
-        config = _check_config(config, Buffer.get_dispatch_config(self.group_size))
+        config = _check_config(config, Buffer.get_dispatch_config, self.group_size)
         if not isinstance(expert_alignment, int) or expert_alignment < 1:
             raise ValueError(f"expert_alignment must be an int >= 1, got {expert_alignment!r}")
         if not isinstance(num_worst_tokens, int) or isinstance(num_worst_tokens, bool) or num_worst_tokens < 0:
@@ -710,7 +711,7 @@ class Buffer:
             _check_tensor(topk_weights, "topk_weights", (torch.float32,), (handle.num_recv_rows, handle.num_topk or None), x.device)
             topk_weights = topk_weights[: handle.num_recv_tokens]
         biases = _split_bias(bias, (handle.num_tokens, x.size(1)), x.dtype, x.device)
-        config = _check_config(config, Buffer.get_combine_config(self.group_size))
+        config = _check_config(config, Buffer.get_combine_config, self.group_size)
         self._check_nvl_size(config, x.size(1), x.element_size(), "combine")
         if biases:
             run = lambda: self._combine_with_bias(x, topk_weights, biases, handle.layout, config)  # noqa: E731

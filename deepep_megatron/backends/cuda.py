@@ -312,9 +312,7 @@ class CudaBackend(Backend):
             )
             return DispatchOutput(recv_x, recv_x_scales, None, None, cached_layout)
 
-        for tensor, name in ((topk_idx, "topk_idx"), (topk_weights, "topk_weights"),
-                             (is_token_in_rank, "is_token_in_rank"), (num_tokens_per_expert, "num_tokens_per_expert")):
-            self._check_device(tensor, name)
+        # The Buffer put the layout tensors on x's device and _C checks every tensor again.
         R = self.num_ranks
         num_local_experts = num_tokens_per_expert.numel() // R
         if num_local_experts > MAX_LOCAL_EXPERTS:
