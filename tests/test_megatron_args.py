@@ -28,7 +28,7 @@ BASE = ["--mock-data"]
     "flags, message",
     [
         (["--num-experts", "6", "--expert-model-parallel-size", "4"], "--expert-model-parallel-size (4) must divide --num-experts (6)"),
-        (["--moe-expert-capacity-factor", "1", "--moe-pad-expert-input-to-capacity"], "deepep does not support --moe-pad-expert-input-to-capacity"),
+        (["--moe-pad-expert-input-to-capacity"], "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor"),
         (["--moe-token-dispatcher", "alltoall", "--moe-deepep-fp8-dispatch"], "--moe-deepep-fp8-dispatch needs --moe-token-dispatcher deepep"),
         (["--moe-deepep-num-sms", "21"], "--moe-deepep-num-sms/--moe-flex-dispatcher-num-sms must be a positive even number"),
         (["--expert-tensor-parallel-size", "2"], "deepep needs --expert-tensor-parallel-size 1"),

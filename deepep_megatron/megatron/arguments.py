@@ -123,7 +123,9 @@ def build_parser(prog: str = PROG) -> FlagParser:
     g.add_argument("--moe-router-load-balancing-type", choices=("aux_loss", "seq_aux_loss", "none"), default="aux_loss")
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None, help="drop tokens beyond capacity (None = dropless)")
     g.add_argument("--moe-token-drop-policy", choices=("probs", "position"), default="probs")
-    g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true")
+    g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true",
+                   help="pad every expert's input to its capacity (needs --moe-expert-capacity-factor): static "
+                        "shapes; with deepep the layer's dispatch and combine need no host sync")
     g.add_argument("--moe-router-dtype", choices=("fp32", "fp64"), default=None)
     g.add_argument("--moe-grouped-gemm", action="store_true", help="grouped GEMM experts (TE / GPU)")
     g.add_argument("--moe-permute-fusion", action="store_true", help="TE fused permutation (GPU)")
@@ -313,11 +315,6 @@ def _check_moe(args: argparse.Namespace) -> None:
         if args.moe_deepep_fp8_dispatch:
             raise ValueError("--moe-deepep-fp8-dispatch needs --moe-token-dispatcher deepep")
         return
-    if args.moe_pad_expert_input_to_capacity:
-        raise ValueError(
-            "--moe-token-dispatcher deepep does not support --moe-pad-expert-input-to-capacity; "
-            "drop it (capacity dropping without padding works) or use --moe-token-dispatcher alltoall"
-        )
     if args.expert_tensor_parallel_size != 1:
         raise ValueError("--moe-token-dispatcher deepep needs --expert-tensor-parallel-size 1")
     check_num_sms(args.moe_deepep_num_sms, "--moe-deepep-num-sms/--moe-flex-dispatcher-num-sms")

@@ -9,15 +9,36 @@ N rows received by this rank, M = rows handed to the local experts):
 2. ``token_dispatch``: ``deepep_megatron.autograd.dispatch`` over the EP group: each token goes
    once to every rank holding one of its experts -> [N, H] rows ordered by (source rank, token),
    with local expert ids and weights.
-3. ``dispatch_postprocess``: megatron's ``permute`` sorts the rows by local expert (a row that
-   feeds two local experts is duplicated) -> [M, H], ``tokens_per_expert`` [E_local] (CPU int64),
-   permuted probs [M]. The experts apply the probs, as with megatron's alltoall dispatcher.
-4. ``combine_preprocess``: megatron's ``unpermute`` sums each row's local expert outputs -> [N, H].
+3. ``dispatch_postprocess``: the rows sorted by local expert (a row that feeds two local experts is
+   duplicated) -> [M, H], ``tokens_per_expert`` [E_local] (CPU int64), permuted probs [M]. The
+   experts apply the probs, as with megatron's alltoall dispatcher.
+4. ``combine_preprocess``: each received row's local expert outputs summed -> [N, H].
 5. ``token_combine``: ``deepep_megatron.autograd.combine`` sums over ranks in fp32 -> [T, H].
 6. ``combine_postprocess``: back to the input shape [S, B, H].
 
-Expert ``e`` therefore sees exactly the rows the alltoall dispatcher would give it, in the same
-order, so both dispatchers compute the same losses and gradients.
+Two layouts of steps 2-4:
+
+* Exact sizes (dropless, or ``--moe-expert-capacity-factor`` without padding): N and M are what
+  the routing needs, known only after the dispatch. Not free of host syncs: ``Buffer.dispatch``
+  returns N and the per-expert counts on the host (one sync in the Buffer), megatron's ``permute``
+  selects rows with a boolean mask, and ``tokens_per_expert`` comes from those counts.
+* Static shapes (``--moe-expert-capacity-factor`` with ``--moe-pad-expert-input-to-capacity``):
+  every size follows from T and the config (:class:`CapacityLayout`). The dispatch passes
+  ``num_worst_tokens`` (N = that bound; rows past the real ones have no expert and nothing reads
+  them), each local expert gets exactly R * capacity rows (real rows in received order, then zero
+  rows), and the permutation is
+  index arithmetic (:func:`capacity_slots`, ``index_select``, megatron's ``unpermute``). The
+  dispatcher itself makes no host sync in this layer's forward or backward (no ``.item()``,
+  ``.tolist()``, ``nonzero``, boolean-mask indexing or device-sized allocation;
+  tests/test_megatron_static_shape.py guards it), so with a backend whose dispatch and combine
+  do not sync either (the cuda backend) the layer can be captured in a CUDA graph
+  (tests/gpu/test_moe_graph.py). The reference backend syncs inside the Buffer: its collectives
+  run on the host.
+
+Expert ``e`` therefore sees the rows the alltoall dispatcher would give it, in the same order
+(with capacity padding: the same real rows; alltoall pads with tokens of probability 0, this
+dispatcher with zero rows, and both add exactly nothing), so both dispatchers compute the same
+losses and gradients.
 """
 from __future__ import annotations
 
@@ -28,14 +49,16 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.moe.moe_utils import unpermute
+from megatron.core.transformer.moe.moe_utils import get_capacity, unpermute
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .. import autograd as deepep_autograd
+from ..autograd import _Dispatch
 from ..backends import BACKEND_NAMES as BACKENDS
-from ..buffer import Buffer
+from ..buffer import Buffer, DispatchHandle
 from ..config import FP8_BLOCK
+from ..fp8 import per_token_cast_back, per_token_cast_to_fp8
 from ..profiling import StageClock, nvtx_range
 from . import compat
 from .te_fp8 import fp8_dispatch
@@ -164,6 +187,120 @@ def topk_to_local_routing(
 
 
 # ---------------------------------------------------------------------------------------------
+# Static shapes (--moe-expert-capacity-factor with --moe-pad-expert-input-to-capacity).
+@dataclass(frozen=True)
+class CapacityLayout:
+    """The sizes of one pad-to-capacity MoE layer: host ints that follow from T and the config.
+
+    Attributes:
+        capacity: tokens each expert takes from each rank: megatron's
+            ``get_capacity(T * K, E, capacity_factor)``, the bound its router enforces.
+        rows_per_expert: rows each local expert computes, R * capacity (megatron's
+            ``tokens_per_expert`` for padded capacity).
+        num_worst_tokens: rows every dispatch returns, R * min(T, E_local * capacity).
+
+    Why ``num_worst_tokens`` is never exceeded: with a capacity factor megatron's router
+    (``apply_router_token_dropping``) keeps at most ``capacity`` of a rank's T tokens per
+    expert, so a rank sends this rank at most min(T, E_local * capacity) tokens (one row per
+    token, however many of its experts are here). Tighter than DeepEP's R * T when E_local *
+    capacity < T (e.g. EP8, top-2, factor 1: a quarter). Every EP rank must route the same T
+    tokens per layer (what megatron's alltoall padding assumes too).
+    """
+
+    capacity: int
+    rows_per_expert: int
+    num_worst_tokens: int
+
+    @classmethod
+    def of(cls, num_tokens: int, topk: int, num_experts: int, num_ranks: int, capacity_factor: float) -> "CapacityLayout":
+        capacity = get_capacity(num_tokens=num_tokens * topk, num_experts=num_experts, capacity_factor=capacity_factor)
+        num_local_experts = num_experts // num_ranks
+        return cls(capacity, num_ranks * capacity, num_ranks * min(num_tokens, num_local_experts * capacity))
+
+
+def capacity_slots(recv_topk_idx: torch.Tensor, num_local_experts: int, rows_per_expert: int) -> torch.Tensor:
+    """Where each local expert's fixed-size input comes from, without reading the device.
+
+    Args:
+        recv_topk_idx: [N, K] int64 local expert ids of the received rows (-1 = not here), rows
+            in received order (source rank, token).
+        num_local_experts: E_local.
+        rows_per_expert: C, the rows of each expert's input.
+    Returns:
+        [E_local * C] int64 indices into ``recv_topk_idx.flatten()``: slot ``s`` of expert ``j``
+        (position ``j * C + s``) is the ``s``-th entry that names ``j``; N * K (one past the end)
+        for slots nothing fills. Entries beyond C for an expert get no slot (dropped).
+    """
+    entries = recv_topk_idx.flatten()
+    experts = torch.arange(num_local_experts, device=entries.device)
+    # running[j, i]: entries 0..i naming expert j. A row names an expert at most once, so entry
+    # order is received-row order. int32: E_local x N*K counts, half the bytes of int64.
+    running = torch.cumsum(entries.unsqueeze(0) == experts.unsqueeze(1), dim=1, dtype=torch.int32)
+    wanted = torch.arange(1, rows_per_expert + 1, dtype=torch.int32, device=entries.device)
+    # The first entry where expert j's count reaches s + 1 is its (s + 1)-th; N * K if it has fewer.
+    return torch.searchsorted(running, wanted.expand(num_local_experts, -1).contiguous()).flatten()
+
+
+def _with_zero_row(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` [N, ...] with one zero row appended at index N: what empty slots read."""
+    return torch.cat([tensor, tensor.new_zeros((1, *tensor.shape[1:]))])
+
+
+class _WorstCaseDispatch(_Dispatch):
+    """``deepep_megatron.autograd``'s dispatch with ``num_worst_tokens``: received tensors of exactly
+    that many rows. Its backward (combine of the gradients with the handle) is inherited; the
+    forward takes ``num_worst_tokens`` where the parent takes ``expert_alignment`` (meaningless in
+    static-shape mode: the per-expert counts are not returned), so the gradients line up.
+    Here, not in ``deepep_megatron.autograd`` (which this package does not own): once
+    ``autograd.dispatch`` takes ``num_worst_tokens`` itself, this class goes."""
+
+    @staticmethod
+    def forward(ctx, buffer, x, topk_weights, topk_idx, num_experts, num_worst_tokens, use_fp8, side):
+        per_rank, per_rdma_rank, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+        recv_x, recv_topk_idx, recv_topk_weights, _, handle, _ = buffer.dispatch(
+            per_token_cast_to_fp8(x) if use_fp8 else x,
+            num_tokens_per_rank=per_rank,
+            num_tokens_per_rdma_rank=per_rdma_rank,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            num_worst_tokens=num_worst_tokens,
+        )
+        if use_fp8:
+            recv_x = per_token_cast_back(*recv_x, dtype=x.dtype)
+        ctx.buffer, ctx.handle = buffer, handle
+        ctx.save_for_backward(recv_topk_idx)
+        ctx.mark_non_differentiable(recv_topk_idx)
+        side.append(handle)
+        return recv_x, recv_topk_idx, recv_topk_weights
+
+
+def worst_case_dispatch(
+    buffer: Buffer,
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    num_experts: int,
+    num_worst_tokens: int,
+    use_fp8: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DispatchHandle]:
+    """Differentiable static-shape dispatch (arguments as ``deepep_megatron.autograd.dispatch``).
+
+    Returns ``recv_x`` [W, H] (x's dtype), ``recv_topk_idx`` [W, K] int64 local ids,
+    ``recv_topk_weights`` [W, K] fp32 and the handle, W = ``num_worst_tokens``: the real rows
+    first, then rows with ids -1 and weights 0 (their ``recv_x``: zeros on the reference backend,
+    left unwritten by the cuda kernels, as in DeepEP). ``deepep_megatron.autograd.combine``
+    reverses it.
+    """
+    side: list = []
+    recv_x, recv_topk_idx, recv_topk_weights = _WorstCaseDispatch.apply(
+        buffer, x, topk_weights, topk_idx, num_experts, num_worst_tokens, use_fp8, side
+    )
+    return recv_x, recv_topk_idx, recv_topk_weights, side[0]
+
+
+# ---------------------------------------------------------------------------------------------
 def check_supported(config: TransformerConfig, options: DeepEPOptions, pg_collection: Any) -> None:
     """Refuse megatron options the deepep dispatcher does not implement, naming the flag and fix."""
 
@@ -172,8 +309,6 @@ def check_supported(config: TransformerConfig, options: DeepEPOptions, pg_collec
 
     if config.num_moe_experts is None:
         refuse("dense models (num_moe_experts is None)", "set --num-experts")
-    if config.moe_pad_expert_input_to_capacity:
-        refuse("--moe-pad-expert-input-to-capacity", "drop it (capacity dropping without padding works) or use alltoall")
     if getattr(config, "moe_router_padding_for_quantization", False):
         refuse("--moe-router-padding-for-quantization", "drop it or use alltoall")
     if config.moe_shared_expert_overlap:
@@ -198,6 +333,17 @@ def check_supported(config: TransformerConfig, options: DeepEPOptions, pg_collec
         )
 
 
+def _check_one_node(buffer: Buffer) -> None:
+    """Padding to capacity dispatches with ``num_worst_tokens``, which DeepEP (and the Buffer) only
+    define within one node: refuse a group over several, naming the flag."""
+    if buffer.num_rdma_ranks > 1:
+        raise ValueError(
+            f"--moe-pad-expert-input-to-capacity with --moe-token-dispatcher deepep needs the EP group on one "
+            f"node (its static-shape dispatch, num_worst_tokens, is intranode only); this one spans "
+            f"{buffer.num_rdma_ranks} nodes: drop the flag (capacity dropping without padding works)"
+        )
+
+
 class DeepEPTokenDispatcher(MoETokenDispatcher):
     """megatron-core ``MoETokenDispatcher`` over ``deepep_megatron`` dispatch/combine.
 
@@ -209,7 +355,9 @@ class DeepEPTokenDispatcher(MoETokenDispatcher):
         options: :class:`DeepEPOptions`.
 
     Besides the interface it keeps expert-load counts (:meth:`pop_expert_load`) and
-    dispatch/combine timings (:attr:`clock`).
+    dispatch/combine timings (:attr:`clock`). With ``config.moe_pad_expert_input_to_capacity``
+    it runs the static-shape layout (see the module docstring): :attr:`capacity_layout` holds the
+    last forward's sizes.
     """
 
     def __init__(
@@ -227,6 +375,8 @@ class DeepEPTokenDispatcher(MoETokenDispatcher):
         self.num_experts = config.num_moe_experts
         self.topk = config.moe_router_topk
         self.options = options
+        self.pad_to_capacity = bool(config.moe_pad_expert_input_to_capacity)
+        self.capacity_layout: Optional[CapacityLayout] = None
         Buffer.set_num_sms(compat.dispatcher_num_sms(config))
         # Forward and backward communication time; backward is caught by identity autograd
         # functions on both sides of each communication (_mark_backward).
@@ -261,50 +411,91 @@ class DeepEPTokenDispatcher(MoETokenDispatcher):
                 f"routing_map must be a bool [tokens, experts] tensor shaped like probs; got "
                 f"{routing_map.dtype} {tuple(routing_map.shape)} and probs {tuple(probs.shape)}"
             )
+        if self.pad_to_capacity:
+            # megatron's router fills each expert's capacity with tokens of probability 0 (up to E
+            # per token). They would add exactly nothing, so they are not sent: the receiver pads
+            # with zero rows instead, and each token keeps at most its K routed experts (as
+            # megatron's own DeepEP manager reads a capacity routing: probability 0 = not routed).
+            routing_map = routing_map & (probs != 0)
+            self.capacity_layout = CapacityLayout.of(
+                routing_map.size(0), self.topk, self.num_experts, self.ep_size, self.config.moe_expert_capacity_factor
+            )
         self.topk_idx, topk_weights = routing_map_to_topk(routing_map, probs, self.topk)
         load = routing_map.sum(dim=0, dtype=torch.int64)
         self._expert_load = load if self._expert_load is None else self._expert_load + load
         return tokens.reshape(-1, self.hidden_shape[-1]), topk_weights
 
     def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
-        """[T, H] tokens and [T, K] weights -> [N, H] received rows and [N, K] fp32 weights."""
+        """[T, H] tokens and [T, K] weights -> [N, H] received rows and [N, K] fp32 weights
+        (N = ``capacity_layout.num_worst_tokens`` when padding to capacity)."""
         buffer = self._get_buffer(hidden_states)
         device = hidden_states.device
         hidden_states = _mark_backward(hidden_states, self.clock, lambda: self.clock.stop("dispatch"))
         with self.clock.measure("dispatch", device):
-            recv_x, recv_topk_idx, recv_weights, tokens_per_expert, self.handle = deepep_autograd.dispatch(
-                buffer,
-                hidden_states,
-                self.topk_idx,
-                probs,
-                self.num_experts,
-                use_fp8=self.options.use_fp8_dispatch,
-            )
+            if self.pad_to_capacity:
+                layout = self.capacity_layout
+                _check_one_node(buffer)
+                recv_x, recv_topk_idx, recv_weights, self.handle = worst_case_dispatch(
+                    buffer, hidden_states, self.topk_idx, probs, self.num_experts, layout.num_worst_tokens,
+                    use_fp8=self.options.use_fp8_dispatch,
+                )
+                tokens_per_expert = [layout.rows_per_expert] * self.num_local_experts
+            else:
+                recv_x, recv_topk_idx, recv_weights, tokens_per_expert, self.handle = deepep_autograd.dispatch(
+                    buffer,
+                    hidden_states,
+                    self.topk_idx,
+                    probs,
+                    self.num_experts,
+                    use_fp8=self.options.use_fp8_dispatch,
+                )
         recv_x = _mark_backward(recv_x, self.clock, lambda: self.clock.start("dispatch", device))
         self.recv_topk_idx = recv_topk_idx
-        self.tokens_per_expert = torch.tensor(tokens_per_expert, dtype=torch.int64)
+        self.tokens_per_expert = torch.tensor(tokens_per_expert, dtype=torch.int64)  # host values: a CPU tensor
         return recv_x, recv_weights
 
     def dispatch_postprocess(self, hidden_states: torch.Tensor, probs: torch.Tensor):
         """[N, H] rows, [N, K] weights -> ([M, H] rows sorted by local expert, [E_local] CPU int64
-        counts, [M] probs in the router's dtype)."""
+        counts, [M] probs in the router's dtype). Padding to capacity, M = E_local x
+        ``capacity_layout.rows_per_expert``."""
         with nvtx_range("moe/permute"):
-            self.local_routing_map, local_probs = topk_to_local_routing(
-                self.recv_topk_idx, probs, self.num_local_experts
-            )
             self.hidden_shape_before_permute = hidden_states.shape
-            permuted, permuted_probs, self.reversed_mapping = compat.permute(
-                hidden_states,
-                self.local_routing_map,
-                probs=local_probs,
-                num_out_tokens=int(self.tokens_per_expert.sum()),
-                fused=self.config.moe_permute_fusion,
-            )
+            if self.pad_to_capacity:
+                permuted, permuted_probs = self._permute_to_capacity(hidden_states, probs)
+            else:
+                self.local_routing_map, local_probs = topk_to_local_routing(
+                    self.recv_topk_idx, probs, self.num_local_experts
+                )
+                permuted, permuted_probs, self.reversed_mapping = compat.permute(
+                    hidden_states,
+                    self.local_routing_map,
+                    probs=local_probs,
+                    num_out_tokens=int(self.tokens_per_expert.sum()),
+                    fused=self.config.moe_permute_fusion,
+                )
         return permuted, self.tokens_per_expert, permuted_probs.to(self.probs_dtype)
+
+    def _permute_to_capacity(self, hidden_states: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, H] rows, [N, K] fp32 weights -> [E_local * C, H] expert inputs and [E_local * C] fp32
+        probs: expert j's C slots hold its received rows in order, then zero rows of probability 0.
+        Index arithmetic only (megatron's fused permute needs counts on the host, so
+        ``--moe-permute-fusion`` does not apply here)."""
+        slots = capacity_slots(self.recv_topk_idx, self.num_local_experts, self.capacity_layout.rows_per_expert)
+        # Entry i * K + k belongs to row i; the empty-slot index N * K lands on row N, the appended
+        # zero row (never on the dispatch's padding rows, whose x the cuda kernels leave unwritten).
+        self.slot_rows = slots // self.recv_topk_idx.size(1)
+        permuted = _with_zero_row(hidden_states).index_select(0, self.slot_rows)
+        return permuted, _with_zero_row(probs.flatten()).index_select(0, slots)
 
     def combine_preprocess(self, hidden_states: torch.Tensor):
         """[M, H] expert outputs -> [N, H]: each received row's local expert outputs summed."""
         with nvtx_range("moe/permute"):
+            if self.pad_to_capacity:
+                num_rows, hidden = self.hidden_shape_before_permute
+                # Row N gathers what the empty slots computed and is cut off.
+                return unpermute(
+                    hidden_states, self.slot_rows, restore_shape=torch.Size((num_rows + 1, hidden)), fused=False
+                )[:num_rows]
             return unpermute(
                 hidden_states,
                 self.reversed_mapping,

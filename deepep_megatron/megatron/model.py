@@ -24,6 +24,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (  # noqa: E402
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
 
@@ -108,3 +109,14 @@ def build_gpt_model(args: argparse.Namespace, config: TransformerConfig) -> GPTM
         pre_process=True,
         post_process=True,
     )
+
+
+def build_moe_layer(args: argparse.Namespace, config: TransformerConfig, device: torch.device) -> torch.nn.Module:
+    """One MoE layer alone (the ``mlp`` of :func:`build_layer_spec`, on ``device``): the layer that
+    every transformer layer of :func:`build_gpt_model` holds, for tests and benchmarks of one layer."""
+    mlp = build_layer_spec(args).submodules.mlp
+    if isinstance(mlp, ModuleSpec):  # megatron-core 0.16
+        layer = mlp.module(config=config, submodules=mlp.submodules)
+    else:  # newer: functools.partial(MoELayer, submodules=...)
+        layer = mlp(config=config)
+    return layer.to(device)
