@@ -17,7 +17,7 @@ from .fp8 import per_token_cast_back, per_token_cast_to_fp8
 
 class _Dispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, buffer, x, topk_weights, topk_idx, num_experts, expert_alignment, use_fp8, side):
+    def forward(ctx, buffer, x, topk_weights, topk_idx, num_experts, expert_alignment, num_worst_tokens, use_fp8, side):
         num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, _ = buffer.get_dispatch_layout(
             topk_idx, num_experts
         )
@@ -31,6 +31,7 @@ class _Dispatch(torch.autograd.Function):
             topk_idx=topk_idx,
             topk_weights=topk_weights,
             expert_alignment=expert_alignment,
+            num_worst_tokens=num_worst_tokens,
         )
         if use_fp8:
             recv_x = per_token_cast_back(*recv_x, dtype=x.dtype)
@@ -51,7 +52,7 @@ class _Dispatch(torch.autograd.Function):
         grad_x, grad_topk_weights, _ = ctx.buffer.combine(
             grad_recv_x.contiguous(), ctx.handle, topk_weights=grad_recv_topk_weights if grad_recv_weights_needed else None
         )
-        return None, grad_x, grad_topk_weights, None, None, None, None, None
+        return None, grad_x, grad_topk_weights, None, None, None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -75,6 +76,7 @@ def dispatch(
     num_experts: int,
     expert_alignment: int = 1,
     use_fp8: bool = False,
+    num_worst_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], DispatchHandle]:
     """Differentiable dispatch.
 
@@ -84,6 +86,9 @@ def dispatch(
         topk_weights: [T, K] fp32 routing probabilities (may require grad).
         use_fp8: send e4m3 with per-128-channel scales and dequantize to ``x.dtype`` on arrival; the
             gradient passes straight through the quantization.
+        num_worst_tokens: > 0 for DeepEP's static-shape mode: the received tensors have exactly this
+            many rows (real ones first, then top-k -1 / weight 0), the per-expert list is empty, and
+            on the cuda backend neither direction syncs the host (CUDA-graph capturable).
     Returns:
         ``recv_x`` [N, H] (x's dtype), ``recv_topk_idx`` [N, K] local ids or -1, ``recv_topk_weights``
         [N, K] fp32, per-local-expert received counts, and the handle for :func:`combine`.
@@ -94,7 +99,7 @@ def dispatch(
         raise TypeError(f"topk_weights must be a torch.Tensor, got {type(topk_weights).__name__}")
     side: list = []
     recv_x, recv_topk_idx, recv_topk_weights = _Dispatch.apply(
-        buffer, x, topk_weights, topk_idx, num_experts, expert_alignment, use_fp8, side
+        buffer, x, topk_weights, topk_idx, num_experts, expert_alignment, num_worst_tokens, use_fp8, side
     )
     counts, handle = side
     return recv_x, recv_topk_idx, recv_topk_weights, counts, handle

@@ -54,11 +54,9 @@ from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .. import autograd as deepep_autograd
-from ..autograd import _Dispatch
 from ..backends import BACKEND_NAMES as BACKENDS
 from ..buffer import Buffer, DispatchHandle
 from ..config import FP8_BLOCK
-from ..fp8 import per_token_cast_back, per_token_cast_to_fp8
 from ..profiling import StageClock, nvtx_range
 from . import compat
 from .te_fp8 import fp8_dispatch
@@ -246,60 +244,6 @@ def _with_zero_row(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros((1, *tensor.shape[1:]))])
 
 
-class _WorstCaseDispatch(_Dispatch):
-    """``deepep_megatron.autograd``'s dispatch with ``num_worst_tokens``: received tensors of exactly
-    that many rows. Its backward (combine of the gradients with the handle) is inherited; the
-    forward takes ``num_worst_tokens`` where the parent takes ``expert_alignment`` (meaningless in
-    static-shape mode: the per-expert counts are not returned), so the gradients line up.
-    Here, not in ``deepep_megatron.autograd`` (which this package does not own): once
-    ``autograd.dispatch`` takes ``num_worst_tokens`` itself, this class goes."""
-
-    @staticmethod
-    def forward(ctx, buffer, x, topk_weights, topk_idx, num_experts, num_worst_tokens, use_fp8, side):
-        per_rank, per_rdma_rank, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
-        recv_x, recv_topk_idx, recv_topk_weights, _, handle, _ = buffer.dispatch(
-            per_token_cast_to_fp8(x) if use_fp8 else x,
-            num_tokens_per_rank=per_rank,
-            num_tokens_per_rdma_rank=per_rdma_rank,
-            is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert,
-            topk_idx=topk_idx,
-            topk_weights=topk_weights,
-            num_worst_tokens=num_worst_tokens,
-        )
-        if use_fp8:
-            recv_x = per_token_cast_back(*recv_x, dtype=x.dtype)
-        ctx.buffer, ctx.handle = buffer, handle
-        ctx.save_for_backward(recv_topk_idx)
-        ctx.mark_non_differentiable(recv_topk_idx)
-        side.append(handle)
-        return recv_x, recv_topk_idx, recv_topk_weights
-
-
-def worst_case_dispatch(
-    buffer: Buffer,
-    x: torch.Tensor,
-    topk_idx: torch.Tensor,
-    topk_weights: torch.Tensor,
-    num_experts: int,
-    num_worst_tokens: int,
-    use_fp8: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DispatchHandle]:
-    """Differentiable static-shape dispatch (arguments as ``deepep_megatron.autograd.dispatch``).
-
-    Returns ``recv_x`` [W, H] (x's dtype), ``recv_topk_idx`` [W, K] int64 local ids,
-    ``recv_topk_weights`` [W, K] fp32 and the handle, W = ``num_worst_tokens``: the real rows
-    first, then rows with ids -1 and weights 0 (their ``recv_x``: zeros on the reference backend,
-    left unwritten by the cuda kernels, as in DeepEP). ``deepep_megatron.autograd.combine``
-    reverses it.
-    """
-    side: list = []
-    recv_x, recv_topk_idx, recv_topk_weights = _WorstCaseDispatch.apply(
-        buffer, x, topk_weights, topk_idx, num_experts, num_worst_tokens, use_fp8, side
-    )
-    return recv_x, recv_topk_idx, recv_topk_weights, side[0]
-
-
 # ---------------------------------------------------------------------------------------------
 def check_supported(config: TransformerConfig, options: DeepEPOptions, pg_collection: Any) -> None:
     """Refuse megatron options the deepep dispatcher does not implement, naming the flag and fix."""
@@ -435,9 +379,11 @@ class DeepEPTokenDispatcher(MoETokenDispatcher):
             if self.pad_to_capacity:
                 layout = self.capacity_layout
                 _check_one_node(buffer)
-                recv_x, recv_topk_idx, recv_weights, self.handle = worst_case_dispatch(
-                    buffer, hidden_states, self.topk_idx, probs, self.num_experts, layout.num_worst_tokens,
-                    use_fp8=self.options.use_fp8_dispatch,
+                # received rows: the real ones first, then top-k -1 / weight 0 (their recv_x: zeros on
+                # the reference backend, left unwritten by the cuda kernels, as in DeepEP)
+                recv_x, recv_topk_idx, recv_weights, _, self.handle = deepep_autograd.dispatch(
+                    buffer, hidden_states, self.topk_idx, probs, self.num_experts,
+                    use_fp8=self.options.use_fp8_dispatch, num_worst_tokens=layout.num_worst_tokens,
                 )
                 tokens_per_expert = [layout.rows_per_expert] * self.num_local_experts
             else:
