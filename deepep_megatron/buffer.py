@@ -181,9 +181,16 @@ def _check_tensor(
     if value.dtype not in dtypes:
         want = " or ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must have dtype {want}, got {str(value.dtype).replace('torch.', '')}")
-    if value.dim() != len(shape) or not all(s is None or s == v for s, v in zip(shape, value.shape)):
+    sizes = value.shape
+    fits = len(sizes) == len(shape)
+    if fits:
+        for want_size, size in zip(shape, sizes):  # a plain loop: this runs several times per call
+            if want_size is not None and want_size != size:
+                fits = False
+                break
+    if not fits:
         want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-        raise ValueError(f"{name} must have shape {want}, got {list(value.shape)}")
+        raise ValueError(f"{name} must have shape {want}, got {list(sizes)}")
     if device is not None and value.device != device:
         raise ValueError(f"{name} is on {value.device} but x is on {device}; move all inputs to one device")
     return value
