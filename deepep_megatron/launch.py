@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import subprocess
 import queue
 import socket
 import time
@@ -151,3 +152,23 @@ def run_ranks(
                 p.kill()
                 p.join()
     return [outcomes[r][1] for r in range(world_size)]
+
+
+#: Names the tree a benchmark ran on where git cannot (a device copy's git metadata may be older than
+#: its files): ``DEEPEP_BENCH_COMMIT=$(git rev-parse --short HEAD)`` in the device command.
+COMMIT_ENV = "DEEPEP_BENCH_COMMIT"
+
+
+def tree_commit(path: str) -> str:
+    """The commit a benchmark table names: ``$DEEPEP_BENCH_COMMIT`` if set, else ``git rev-parse
+    --short HEAD`` of the checkout holding ``path`` (+ " + uncommitted" when tracked files changed)."""
+    commit = os.environ.get(COMMIT_ENV, "")
+    if commit:
+        return commit
+    git = dict(capture_output=True, text=True, cwd=path)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **git).stdout.strip() or "no commit"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **git).stdout.strip()
+    except OSError:
+        return "unknown"
+    return commit + (" + uncommitted" if dirty else "")

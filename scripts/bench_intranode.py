@@ -24,14 +24,13 @@ import argparse
 import datetime
 import os
 import statistics
-import subprocess
 import sys
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from deepep_megatron.launch import local_backend, run_ranks  # noqa: E402 - after the path insert
+from deepep_megatron.launch import local_backend, run_ranks, tree_commit  # noqa: E402 - after the path insert
 
 SHAPES = {
     "dsv3": dict(hidden=7168, tokens=4096, topk=8, experts=256),
@@ -238,17 +237,7 @@ def main() -> None:
                          timeout_s=3600)[0]
     except (AssertionError, RuntimeError, TimeoutError) as error:  # a rank failed: its traceback is in the message
         sys.exit(f"bench_intranode: {error}")
-    # DEEPEP_BENCH_COMMIT names the tree where git cannot: a device copy's git history may be older
-    # than its files.
-    commit = os.environ.get("DEEPEP_BENCH_COMMIT", "")
-    if not commit:
-        try:
-            git = dict(capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **git).stdout.strip()
-            dirty = subprocess.run(["git", "status", "--porcelain"], **git).stdout.strip()
-            commit = (commit or "no commit") + (" + uncommitted" if dirty else "")
-        except OSError:
-            commit = "unknown"
+    commit = tree_commit(os.path.dirname(os.path.abspath(__file__)))
     header = (f"{datetime.date.today()} · {torch.cuda.get_device_name(0)} x{num_gpus} · EP{args.ranks} over {pg_backend} · "
               f"commit {commit} · " + ", ".join(f"{k} {v:.0f}" for k, v in baselines.items()))
     table = _fmt_table(rows, baselines, args.ranks)

@@ -50,7 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from deepep_megatron.config import default_combine_config, default_dispatch_config  # noqa: E402 - after the path insert
 from deepep_megatron.fp8 import per_token_cast_to_fp8  # noqa: E402
-from deepep_megatron.launch import local_backend, run_ranks  # noqa: E402
+from deepep_megatron.launch import local_backend, run_ranks, tree_commit  # noqa: E402
 from harness import mps_running  # noqa: E402 - tests/harness.py
 
 IMPLS = ("deep_ep", "deepep_megatron")
@@ -219,16 +219,6 @@ def _chunks(text: Optional[str], default: Any) -> tuple[int, int, int, int]:
     return send, recv, default.num_max_rdma_chunked_send_tokens, default.num_max_rdma_chunked_recv_tokens
 
 
-def _commit() -> str:
-    try:
-        git = dict(capture_output=True, text=True, cwd=ROOT)
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **git).stdout.strip() or "no commit"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **git).stdout.strip()
-        return commit + (" + uncommitted" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
 def _cell(results: dict[str, Any], impl: str, key: str, metric: str) -> str:
     figures = results.get(impl, {}).get("figures", {})
     return f"{figures[key][metric]:.0f}" if key in figures else "-"
@@ -315,7 +305,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     header = (f"{datetime.date.today()} · {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()} · EP{args.ranks} over "
               f"{pg_backend} ({per_gpu} rank(s) per GPU) · {TOKENS} tokens/rank, hidden {HIDDEN}, top-{TOPK} of {EXPERTS} · "
               f"Config(sms, {', '.join(map(str, dispatch_chunks))}) dispatch, Config(sms, {', '.join(map(str, combine_chunks))}) "
-              f"combine · {args.iters} iters, slowest rank · commit {_commit()} · {modules}")
+              f"combine · {args.iters} iters, slowest rank · commit {tree_commit(ROOT)} · {modules}")
     report = "\n".join([header] + [f"**{p}**" for p in problems] + ["", format_table(results, sms)])
     if args.out:
         with open(args.out, "w") as f:

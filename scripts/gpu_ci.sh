@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks of the cuda backend, run on a GPU machine from the repository root:
 #   scripts/gpu_ci.sh                     build, sanitizer, GPU tests, benchmark
-#   STEPS=build,test scripts/gpu_ci.sh    a subset (build, sanitize, test, bench)
+#   STEPS=build,test scripts/gpu_ci.sh    a subset (build, sanitize, test, soak, bench)
 #   BENCH_ARGS="--ranks 2 --sms 8,24" scripts/gpu_ci.sh
 # Logs go to $OUT (or /tmp/gpu_ci); a short summary table is printed last.
 #
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.." || exit 2
 source scripts/mps.sh
 OUT=${OUT:-/tmp/gpu_ci}
 mkdir -p "$OUT"
-STEPS=${STEPS:-build,sanitize,test,bench}
+STEPS=${STEPS:-build,sanitize,test,soak,bench}
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-16}
 NUM_GPUS=$(nvidia-smi -L | wc -l)
@@ -59,10 +59,13 @@ if want bench && ((!BENCH_UNDER_MPS)); then
   step bench python3 scripts/bench_intranode.py $BENCH_ARGS --out "$OUT/bench_table.md"
 fi
 
-if want test || { want bench && ((BENCH_UNDER_MPS)); }; then
+if want test || want soak || { want bench && ((BENCH_UNDER_MPS)); }; then
   mps_start
   if want test; then
     step test_mps env DEEPEP_MEGATRON_GPU_TESTS_ONLY_MPS=1 python3 -m pytest -q -m gpu tests/gpu -rs --timeout 320 -p no:cacheprovider
+  fi
+  if want soak; then  # the randomized soak a kernel or runtime change must pass (10^4 rounds)
+    step soak python3 scripts/soak_intranode.py --ranks 2 --rounds 10000 --backend cuda --out "$OUT/soak.md"
   fi
   if want bench && ((BENCH_UNDER_MPS)); then
     step bench python3 scripts/bench_intranode.py $BENCH_ARGS --out "$OUT/bench_table.md"
@@ -75,5 +78,6 @@ echo "===== summary ($NUM_GPUS GPU(s): $(nvidia-smi --query-gpu=name --format=cs
 cat "$SUMMARY"
 grep -hE "passed|failed|skipped|error" "$OUT"/test_*.log 2>/dev/null | tail -n 4
 grep -hE "^(memcheck|racecheck):" "$OUT/sanitize.log" 2>/dev/null
+grep -h "rounds in" "$OUT/soak.md" 2>/dev/null
 if [[ -f "$OUT/bench_table.md" ]]; then cat "$OUT/bench_table.md"; fi
 exit "$FAILED"
