@@ -77,7 +77,9 @@ class DispatchHandle(Sequence):
 
     @property
     def num_recv_tokens(self) -> int:
-        """Rows the dispatch really received."""
+        """Rows of the dispatch's layout: the real count, except on a backend with
+        ``native_worst_tokens`` (cuda), whose ``num_worst_tokens`` layout holds every row (the
+        padding ones with ``recv_src_idx`` -1; real counts: ``layout.num_recv_tokens_per_rank``)."""
         return self.layout.num_recv_tokens
 
     @property
@@ -407,7 +409,8 @@ class Buffer:
         return get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
     def get_comm_stream(self) -> "torch.cuda.Stream":
-        """The communication stream of the current CUDA device, on which dispatch/combine run."""
+        """The communication stream of the current CUDA device, on which dispatch/combine run when
+        given ``previous_event`` or ``async_finish`` (without either they run on the current stream)."""
         self._check_alive()
         if not cuda_in_use():
             raise RuntimeError(
@@ -489,7 +492,8 @@ class Buffer:
         async_finish: bool,
     ) -> tuple[Any, EventOverlap]:
         """Run ``fn`` on the communication stream, ordered after ``previous_event`` (or the current
-        stream). With ``async_finish`` return an event to wait on; otherwise the current stream waits."""
+        stream). With ``async_finish`` return an event to wait on; otherwise the current stream waits.
+        With neither (or off CUDA) ``fn`` runs on the current stream itself."""
         _check_event(previous_event)
         if device.type != "cuda" or (previous_event is None and not async_finish):
             # Nothing to overlap: the current stream would wait for the communication stream right

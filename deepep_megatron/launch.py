@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import datetime
 import os
-import subprocess
 import queue
 import socket
+import subprocess
 import time
 import traceback
 from typing import Any, Callable, Optional

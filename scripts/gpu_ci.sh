@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks of the cuda backend, run on a GPU machine from the repository root:
-#   scripts/gpu_ci.sh                     build, sanitizer, GPU tests, benchmark
+#   scripts/gpu_ci.sh                     build, sanitizer, GPU tests, soak, benchmark
 #   STEPS=build,test scripts/gpu_ci.sh    a subset (build, sanitize, test, soak, bench)
 #   BENCH_ARGS="--ranks 2 --sms 8,24" scripts/gpu_ci.sh
 # Logs go to $OUT (or /tmp/gpu_ci); a short summary table is printed last.

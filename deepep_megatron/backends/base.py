@@ -75,9 +75,13 @@ class DispatchLayout:
     Attributes:
         is_token_in_rank: [T, R] bool, token t was sent to rank r.
         num_tokens_per_rank: [R] int32, rows this rank sent to each rank.
-        num_recv_tokens_per_rank: [R] int32 (on the host), rows received from each rank.
-        recv_src_idx: [N_recv] int32, source token index of each received row.
-        num_recv_tokens_per_expert_list: per local expert, received count (aligned).
+        num_recv_tokens_per_rank: [R] int32, rows received from each rank: on the host, except
+            after a ``num_worst_tokens`` dispatch of a backend with ``native_worst_tokens`` (then
+            on the device: no host sync).
+        recv_src_idx: [N_recv] int32, source token index of each received row (N_recv =
+            ``num_worst_tokens`` rows after such a dispatch, -1 past the real ones).
+        num_recv_tokens_per_expert_list: per local expert, received count (aligned); empty after
+            such a dispatch.
         num_channels: channels (``config.num_sms // 2``) of the dispatch that made this layout;
             each moves one contiguous slice of the tokens (DeepEP's split, see ``channel_token_range``).
         rank_prefix_matrix: [R, R] int32 or None, DeepEP's ``handle[0]``: entry ``[i, j]`` counts the

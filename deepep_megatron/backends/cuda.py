@@ -2,18 +2,20 @@
 
 One ``num_nvl_bytes`` buffer per rank is allocated on the current CUDA device and shared with every
 peer by CUDA IPC handles, exchanged once over the process group (NCCL: one rank per GPU; gloo:
-several ranks sharing one GPU under MPS). Every operation is ONE call into ``_C`` (csrc/runtime/
-intranode_ops.cpp), which checks the tensors against the buffers it writes, allocates the outputs on
-``torch.cuda.current_stream()`` (the Buffer's communication stream), launches and, for a dispatch
-that must know its sizes, spins on host-mapped memory with the GIL released.
+several ranks sharing one GPU under MPS). Every operation is ONE call into ``_C``
+(csrc/runtime/intranode_ops.cpp), which checks the tensors against the buffers it writes,
+allocates the outputs on ``torch.cuda.current_stream()`` (the Buffer's communication stream),
+launches and, for a dispatch that must know its sizes, spins on host-mapped memory with the GIL
+released.
 
 * Two launches per operation, like DeepEP: a normal dispatch runs ``notify`` (per-channel counts,
   the topk_idx range check, the exchange with every peer) -> (one host wait for the receive sizes)
   -> ``dispatch`` (whose sender blocks also build their channel's streams); a cached dispatch or a
   combine runs a cross-rank barrier then its kernel; ``get_dispatch_layout`` is one kernel.
-  With ``num_worst_tokens`` > 0 nothing waits on the host: the outputs have that many rows, padding rows get top-k -1 / weight 0 / source -1, and the counts stay on the device.
-  That dispatch, a cached dispatch and a combine can be captured in a CUDA graph (their barrier's
-  epoch lives on the device); capturing a dispatch without ``num_worst_tokens`` raises ValueError.
+  With ``num_worst_tokens`` > 0 nothing waits on the host: the outputs have that many rows,
+  padding rows get top-k -1 / weight 0 / source -1, and the counts stay on the device. That
+  dispatch, a cached dispatch and a combine can be captured in a CUDA graph (their barrier's epoch
+  lives on the device); capturing a dispatch without ``num_worst_tokens`` raises ValueError.
 * Every barrier carries the operation's fingerprint (operation, row bytes, scales, top-k, channels,
   ring slots and chunk, buffer generation): ranks in different operations or geometries stop there
   on every rank, with a diagnostic, before any data moves.
@@ -21,10 +23,10 @@ that must know its sizes, spins on host-mapped memory with the GIL released.
   ``DEEPEP_MEGATRON_TIMEOUT_S``, default 100 s). A device-detected error (timeout, fingerprint
   mismatch, bad expert ids or an overflow under ``num_worst_tokens``) fills a host-mapped diagnostic
   and aborts this rank's kernels; the last block of the failed data kernel overwrites its outputs
-  with 0xFF bytes (NaN / -1), so
-  nothing downstream is silently wrong. The error is raised by the next call of this backend (for a
-  dispatch without ``num_worst_tokens``: by the same call, at its host wait) and by ``synchronize``;
-  the Buffer then refuses work until ``reset()`` (collective), after which it is as new.
+  with 0xFF bytes (NaN / -1), so nothing downstream is silently wrong. The error is raised by the
+  next call of this backend (for a dispatch without ``num_worst_tokens``: by the same call, at its
+  host wait) and by ``synchronize``; the Buffer then refuses work until ``reset()`` (collective),
+  after which it is as new.
 
 Low-latency dispatch/combine are NOT implemented by kernels here: this backend delegates them to a
 :class:`~deepep_megatron.backends.reference.ReferenceBackend` over the same group (same results,

@@ -26,12 +26,11 @@ Two layouts of steps 2-4:
   every size follows from T and the config (:class:`CapacityLayout`). The dispatch passes
   ``num_worst_tokens`` (N = that bound; rows past the real ones have no expert and nothing reads
   them), each local expert gets exactly R * capacity rows (real rows in received order, then zero
-  rows), and the permutation is
-  index arithmetic (:func:`capacity_slots`, ``index_select``, megatron's ``unpermute``). The
-  dispatcher itself makes no host sync in this layer's forward or backward (no ``.item()``,
-  ``.tolist()``, ``nonzero``, boolean-mask indexing or device-sized allocation;
-  tests/test_megatron_static_shape.py guards it), so with a backend whose dispatch and combine
-  do not sync either (the cuda backend) the layer can be captured in a CUDA graph
+  rows), and the permutation is index arithmetic (:func:`capacity_slots`, ``index_select``,
+  megatron's ``unpermute``). The dispatcher itself makes no host sync in this layer's forward or
+  backward (no ``.item()``, ``.tolist()``, ``nonzero``, boolean-mask indexing or device-sized
+  allocation; tests/test_megatron_static_shape.py guards it), so with a backend whose dispatch and
+  combine do not sync either (the cuda backend) the layer can be captured in a CUDA graph
   (tests/gpu/test_moe_graph.py). The reference backend syncs inside the Buffer: its collectives
   run on the host.
 
@@ -210,7 +209,9 @@ class CapacityLayout:
     num_worst_tokens: int
 
     @classmethod
-    def of(cls, num_tokens: int, topk: int, num_experts: int, num_ranks: int, capacity_factor: float) -> "CapacityLayout":
+    def of(
+        cls, num_tokens: int, topk: int, num_experts: int, num_ranks: int, capacity_factor: float
+    ) -> "CapacityLayout":
         capacity = get_capacity(num_tokens=num_tokens * topk, num_experts=num_experts, capacity_factor=capacity_factor)
         num_local_experts = num_experts // num_ranks
         return cls(capacity, num_ranks * capacity, num_ranks * min(num_tokens, num_local_experts * capacity))
@@ -421,7 +422,9 @@ class DeepEPTokenDispatcher(MoETokenDispatcher):
                 )
         return permuted, self.tokens_per_expert, permuted_probs.to(self.probs_dtype)
 
-    def _permute_to_capacity(self, hidden_states: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _permute_to_capacity(
+        self, hidden_states: torch.Tensor, probs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """[N, H] rows, [N, K] fp32 weights -> [E_local * C, H] expert inputs and [E_local * C] fp32
         probs: expert j's C slots hold its received rows in order, then zero rows of probability 0.
         Index arithmetic only (megatron's fused permute needs counts on the host, so
