@@ -62,3 +62,17 @@ def _reference_reset(rank: int, world_size: int) -> bool:
 
 def test_reset_and_timeout_on_the_reference_backend() -> None:
     assert run_ranks(_reference_reset, 2) == [True, True]
+
+
+def _bad_timeout(rank: int, world_size: int) -> str:
+    import torch.distributed as dist
+
+    from deepep_megatron import Buffer
+
+    with pytest.raises(ValueError, match="timeout_s") as info:
+        Buffer(dist.group.WORLD, backend="reference", timeout_s=-1)
+    return str(info.value)
+
+
+def test_bad_timeout_refused_on_every_backend() -> None:
+    assert all("(0, 1e6]" in message for message in run_ranks(_bad_timeout, 2))

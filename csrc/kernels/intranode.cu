@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(PeerContext c
     // No host looks at this dispatch's sizes: what the host would have refused becomes this rank's
     // abort (every rank sees the same flags and send matrix, so every rank aborts alike and no
     // sender is left waiting on a receiver that stopped). The dispatch kernel then does nothing,
-    // the poison pass marks its outputs, and the next host-visible point raises.
+    // its last block (finish_block) poisons its outputs, and the next host-visible point raises.
     if (threadIdx.x == 0) {
       int mask = 0;
       for (int s = 0; s < num_ranks; ++s) mask |= (flags[s] != 0 ? 1 : 0) << s;

@@ -39,6 +39,10 @@ def create_backend(
     rank of ``group`` must call it."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+    if timeout_s is not None:  # checked on every backend, so a bad value never passes unnoticed on CPU
+        from .cuda import resolve_timeout
+
+        resolve_timeout(timeout_s)
     if name == "auto":
         kernels_fit = num_nvl_bytes > 0 and num_nodes == 1 and dist.get_world_size(group) in SUPPORTED_NVL_RANK_COUNTS
         name = "cuda" if kernels_fit and cuda_backend_available() else "reference"

@@ -4,7 +4,8 @@ One ``num_nvl_bytes`` buffer per rank is allocated on the current CUDA device an
 peer by CUDA IPC handles, exchanged once over the process group (NCCL: one rank per GPU; gloo:
 several ranks sharing one GPU under MPS). Every operation is ONE call into ``_C``
 (csrc/runtime/intranode_ops.cpp), which checks the tensors against the buffers it writes,
-allocates the outputs on ``torch.cuda.current_stream()`` (the Buffer's communication stream),
+allocates the outputs on ``torch.cuda.current_stream()`` (the Buffer's communication stream when
+the call overlaps, else the caller's stream),
 launches and, for a dispatch that must know its sizes, spins on host-mapped memory with the GIL
 released.
 
@@ -138,8 +139,8 @@ class CudaBackend(Backend):
         if _C.CONTROL_BYTES != NVL_CONTROL_BYTES or _C.MAX_TOPK != MAX_TOPK:  # built from another header
             raise RuntimeError(
                 f"deepep_megatron._C was built from another layout header (control region {_C.CONTROL_BYTES} bytes, "
-                f"this package's header says {NVL_CONTROL_BYTES}); rebuild it with `DEEPEP_MEGATRON_BUILD_CUDA=1 python "
-                "setup.py build_ext --inplace`"
+                f"top-k limit {_C.MAX_TOPK}; this package's header says {NVL_CONTROL_BYTES} and {MAX_TOPK}); rebuild it "
+                "with `DEEPEP_MEGATRON_BUILD_CUDA=1 python setup.py build_ext --inplace`"
             )
         if self.num_ranks not in SUPPORTED_NVL_RANK_COUNTS:
             raise ValueError(
