@@ -3,7 +3,12 @@
 // limits exported so Python checks against the kernels' own numbers.
 #include <torch/extension.h>
 
+#include <cstring>
+
 #include "intranode_ops.h"
+#ifdef DEEPEP_MEGATRON_WITH_NVSHMEM
+#include "nvshmem_heap.h"
+#endif
 
 namespace py = pybind11;
 using namespace deepep_megatron;
@@ -27,6 +32,38 @@ PYBIND11_MODULE(_C, m) {
   m.attr("FINGERPRINT_WORDS") = kFingerprintWords;
   m.def("slot_bytes", &slot_bytes, py::arg("hidden_bytes"), "Bytes of one ring slot for rows of hidden_bytes.");
   py::register_exception<DeviceError>(m, "DeviceError", PyExc_RuntimeError);
+
+#ifdef DEEPEP_MEGATRON_WITH_NVSHMEM
+  m.attr("HAS_NVSHMEM") = true;
+  m.def("nvshmem_unique_id", []() { return py::bytes(nvshmem_unique_id()); },
+        "A fresh NVSHMEM unique id (on one rank; share the bytes with the others).");
+  py::class_<NvshmemHeap>(m, "NvshmemHeap")
+      .def(py::init([](const py::bytes& unique_id, int rank, int num_ranks, int64_t num_bytes, int device) {
+             return new NvshmemHeap(std::string(unique_id), rank, num_ranks, num_bytes, device);
+           }),
+           py::arg("unique_id"), py::arg("rank"), py::arg("num_ranks"), py::arg("num_bytes"), py::arg("device"),
+           py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("my_pe", &NvshmemHeap::my_pe)
+      .def_property_readonly("n_pes", &NvshmemHeap::n_pes)
+      .def_property_readonly("num_bytes", &NvshmemHeap::num_bytes)
+      .def("peer_reachable", &NvshmemHeap::peer_reachable)
+      .def("barrier", [](const NvshmemHeap& heap, uintptr_t stream) { heap.barrier(reinterpret_cast<cudaStream_t>(stream)); })
+      .def("probe",
+           [](NvshmemHeap& heap, uintptr_t stream) {
+             std::string raw;
+             {
+               py::gil_scoped_release release;
+               raw = heap.probe(reinterpret_cast<cudaStream_t>(stream));
+             }
+             std::vector<int> values(raw.size() / sizeof(int));
+             std::memcpy(values.data(), raw.data(), raw.size());
+             return values;
+           },
+           "Every PE puts rank*1000+pe into slot [rank] of every PE; returns this PE's slots.")
+      .def("destroy", &NvshmemHeap::destroy, py::call_guard<py::gil_scoped_release>());
+#else
+  m.attr("HAS_NVSHMEM") = false;
+#endif
 
   py::class_<Runtime>(m, "Runtime")
       .def(py::init<int, int, int64_t, int, double>(), py::arg("rank"), py::arg("num_ranks"), py::arg("num_nvl_bytes"),

@@ -12,6 +12,7 @@ Rooms (what each may include):
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,15 +41,45 @@ NVCC_FLAGS = (
 
 CXX_FLAGS = ("-O3", "-std=c++17")
 
+#: The NVSHMEM room of the runtime (low-latency and internode kernels build on it): compiled when the
+#: ``nvidia-nvshmem-cu13`` wheel is installed, unless DEEPEP_MEGATRON_NVSHMEM=0.
+NVSHMEM_SOURCES = ("csrc/runtime/nvshmem_heap.cu",)
+NVSHMEM_ENV = "DEEPEP_MEGATRON_NVSHMEM"
+
+
+def nvshmem_root() -> str | None:
+    """The installed NVSHMEM wheel's folder (``include/``, ``lib/``), or None when absent or disabled."""
+    if os.environ.get(NVSHMEM_ENV) == "0":
+        return None
+    spec = importlib.util.find_spec("nvidia.nvshmem") if importlib.util.find_spec("nvidia") else None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = list(spec.submodule_search_locations)[0]
+    return root if os.path.exists(os.path.join(root, "lib", "libnvshmem_device.a")) else None
+
 
 def extension_kwargs() -> dict:
     """Keyword arguments for ``CUDAExtension`` building ``deepep_megatron._C`` for sm_90."""
     for source in SOURCES:
         if not os.path.exists(os.path.join(_ROOT, source)):
             raise FileNotFoundError(f"CUDA extension source {source} is missing under {_ROOT}")
-    return {
+    kwargs = {
         "name": "deepep_megatron._C",
         "sources": list(SOURCES),
         "include_dirs": [os.path.join(_ROOT, d) for d in INCLUDE_DIRS],
         "extra_compile_args": {"cxx": list(CXX_FLAGS), "nvcc": list(NVCC_FLAGS)},
     }
+    root = nvshmem_root()
+    if root is not None:
+        # NVSHMEM's device API lives in a static library: relocatable device code, a device link step
+        # against libnvshmem_device.a, and the host library (shipped only as libnvshmem_host.so.3).
+        lib = os.path.join(root, "lib")
+        define = "-DDEEPEP_MEGATRON_WITH_NVSHMEM"
+        kwargs["sources"] += list(NVSHMEM_SOURCES)
+        kwargs["include_dirs"].append(os.path.join(root, "include"))
+        kwargs["extra_compile_args"] = {"cxx": [*CXX_FLAGS, define], "nvcc": [*NVCC_FLAGS, "-rdc=true", define],
+                                        "nvcc_dlink": ["-dlink", os.path.join(lib, "libnvshmem_device.a")]}
+        kwargs["dlink"] = True
+        kwargs["library_dirs"] = [lib]
+        kwargs["extra_link_args"] = ["-l:libnvshmem_host.so.3", f"-Wl,-rpath,{lib}"]
+    return kwargs
