@@ -41,15 +41,16 @@ NVCC_FLAGS = (
 
 CXX_FLAGS = ("-O3", "-std=c++17")
 
-#: The NVSHMEM room of the runtime (low-latency and internode kernels build on it): compiled when the
-#: ``nvidia-nvshmem-cu13`` wheel is installed, unless DEEPEP_MEGATRON_NVSHMEM=0.
+#: The NVSHMEM room of the runtime (low-latency and internode kernels build on it): compiled with
+#: DEEPEP_MEGATRON_NVSHMEM=1 when the ``nvidia-nvshmem-cu13`` wheel is installed. Opt-in until it has
+#: run on a GPU (issues 14/15): the default build stays the tested one.
 NVSHMEM_SOURCES = ("csrc/runtime/nvshmem_heap.cu",)
 NVSHMEM_ENV = "DEEPEP_MEGATRON_NVSHMEM"
 
 
 def nvshmem_root() -> str | None:
-    """The installed NVSHMEM wheel's folder (``include/``, ``lib/``), or None when absent or disabled."""
-    if os.environ.get(NVSHMEM_ENV) == "0":
+    """The installed NVSHMEM wheel's folder (``include/``, ``lib/``), or None when absent or not asked for."""
+    if os.environ.get(NVSHMEM_ENV) != "1":
         return None
     spec = importlib.util.find_spec("nvidia.nvshmem") if importlib.util.find_spec("nvidia") else None
     if spec is None or not spec.submodule_search_locations:

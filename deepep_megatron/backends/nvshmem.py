@@ -1,5 +1,8 @@
 """The NVSHMEM heap of a process group: the room the low-latency and internode kernels stand on.
 
+Not yet run on a GPU (issues 14/15): built only with DEEPEP_MEGATRON_NVSHMEM=1 (csrc/build.py), and
+no Buffer uses it yet.
+
 :func:`open_heap` bootstraps NVSHMEM from a unique id that rank 0 draws and the group broadcasts
 (no MPI or PMI needed, so torchrun, srun and the tests' own spawn all work), with every rank of
 ``group`` as one PE, then allocates ``num_rdma_bytes`` of symmetric memory per PE. Ranks that share
@@ -38,7 +41,7 @@ def open_heap(group: dist.ProcessGroup, num_rdma_bytes: int, single_node: bool =
     if not is_available():
         raise RuntimeError(
             "NVSHMEM is not built into deepep_megatron._C: install the nvidia-nvshmem-cu13 wheel, then rebuild with "
-            "`DEEPEP_MEGATRON_BUILD_CUDA=1 python setup.py build_ext --inplace`"
+            "`DEEPEP_MEGATRON_BUILD_CUDA=1 DEEPEP_MEGATRON_NVSHMEM=1 python setup.py build_ext --inplace`"
         )
     if not isinstance(num_rdma_bytes, int) or num_rdma_bytes <= 0:
         raise ValueError(f"num_rdma_bytes must be a positive int, got {num_rdma_bytes!r}")
