@@ -119,3 +119,50 @@ class StageClock:
             self._cpu_s[name] = 0.0
             self._cuda_events[name] = []
         return result
+
+
+def seconds_per_call(fn: Callable[[], Any], iters: int, repeats: int = 5, warmup: int = 3,
+                     group: Any = None) -> float:
+    """Seconds per call of ``iters`` calls of ``fn`` queued back to back between two CUDA events on
+    the current stream, median over ``repeats`` (after ``warmup`` calls). With a process ``group``
+    every repeat starts after a sync and a barrier of it, so the ranks start together."""
+    import statistics
+
+    import torch.distributed as dist
+
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        if group is not None:
+            dist.barrier(group=group)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / iters)
+    return statistics.median(samples)
+
+
+#: Bytes each copy of the roofline moves (large enough to leave the caches out).
+ROOFLINE_BYTES = 1 << 30
+
+
+def copy_roofline() -> dict[str, float]:
+    """The copy rooflines a benchmark reports beside its kernels, in GB/s: ``hbm_copy_GBps`` (GPU 0,
+    bytes read + written) and, with two GPUs, ``p2p_copy_GBps`` (GPU 0 -> GPU 1, one way)."""
+    out = {}
+    with torch.cuda.device(0):
+        a = torch.empty(ROOFLINE_BYTES, dtype=torch.uint8, device="cuda:0").fill_(1)
+        b = torch.empty_like(a)
+        out["hbm_copy_GBps"] = 2 * ROOFLINE_BYTES / seconds_per_call(lambda: b.copy_(a), 10, repeats=1) / 1e9
+        if torch.cuda.device_count() >= 2:
+            c = torch.empty(ROOFLINE_BYTES, dtype=torch.uint8, device="cuda:1")
+            out["p2p_copy_GBps"] = ROOFLINE_BYTES / seconds_per_call(lambda: c.copy_(a), 10, repeats=1) / 1e9
+            del c
+        del a, b
+    torch.cuda.empty_cache()
+    return out

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import sys
 
 import torch
@@ -31,6 +30,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from deepep_megatron.launch import local_backend, run_ranks, tree_commit  # noqa: E402 - after the path insert
+from deepep_megatron.profiling import copy_roofline, seconds_per_call  # noqa: E402
 
 SHAPES = {
     "dsv3": dict(hidden=7168, tokens=4096, topk=8, experts=256),
@@ -38,38 +38,9 @@ SHAPES = {
 }
 
 
-def copy_baselines() -> dict:
-    """p2p copy GPU0 -> GPU1 (one way) when two GPUs exist, and the HBM copy of GPU0 (read + write)."""
-    out = {}
-    n = 1 << 30
-    with torch.cuda.device(0):
-        a = torch.empty(n, dtype=torch.uint8, device="cuda:0").fill_(1)
-        b = torch.empty_like(a)
-        out["hbm_copy_GBps"] = 2 * n / _time(lambda: b.copy_(a), 10, repeats=1) / 1e9  # bytes read + written
-        if torch.cuda.device_count() >= 2:
-            c = torch.empty(n, dtype=torch.uint8, device="cuda:1")
-            out["p2p_copy_GBps"] = n / _time(lambda: c.copy_(a), 10, repeats=1) / 1e9
-            del c
-        del a, b
-    torch.cuda.empty_cache()
-    return out
-
-
 def _time(fn, iters: int, repeats: int = 5) -> float:
-    """Seconds per call: back-to-back calls between two events, median over repeats."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3 / iters)
-    return statistics.median(samples)
+    """Seconds per call, back-to-back between two events, median over repeats (profiling.seconds_per_call)."""
+    return seconds_per_call(fn, iters, repeats=repeats)
 
 
 def _worker(rank: int, world: int, sms_list: list[int], tune_sms: list[int], shapes: list[str], iters: int) -> list | None:
@@ -229,7 +200,7 @@ def main() -> None:
         if max(sms_list) > limit:
             print(f"note: {per_gpu} ranks per GPU: dropping SM counts above {limit}", flush=True)
             sms_list = [s for s in sms_list if s <= limit]
-    baselines = copy_baselines()
+    baselines = copy_roofline()
     print(f"{torch.cuda.get_device_name(0)} x{num_gpus}, torch {torch.__version__}, {args.ranks} ranks over {pg_backend}", flush=True)
     print("baselines: " + ", ".join(f"{k} {v:.0f}" for k, v in baselines.items()), flush=True)
     try:

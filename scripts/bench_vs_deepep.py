@@ -51,6 +51,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from deepep_megatron.config import default_combine_config, default_dispatch_config  # noqa: E402 - after the path insert
 from deepep_megatron.fp8 import per_token_cast_to_fp8  # noqa: E402
 from deepep_megatron.launch import local_backend, run_ranks, tree_commit  # noqa: E402
+from deepep_megatron.profiling import copy_roofline, seconds_per_call  # noqa: E402
 from harness import mps_running  # noqa: E402 - tests/harness.py
 
 IMPLS = ("deep_ep", "deepep_megatron")
@@ -106,25 +107,6 @@ def _one_call(op: Callable[[], Any], iters: int, warmup: int) -> tuple[float, fl
             walls.append(t1 - t0)
             hosts.append(returned - t0)
     return statistics.median(walls), statistics.median(hosts)
-
-
-def _back_to_back(op: Callable[[], Any], iters: int, repeats: int, warmup: int) -> float:
-    """Seconds per call of ``iters`` calls queued back to back between two CUDA events on the current
-    stream (each op joins it with its communication stream), median over ``repeats``."""
-    for _ in range(warmup):
-        op()
-    samples = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        dist.barrier()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            op()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3 / iters)
-    return statistics.median(samples)
 
 
 def _inputs(rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -196,7 +178,7 @@ def _worker(rank: int, world: int, opts: BenchOptions) -> Optional[dict[str, Any
         }
         for name in OPS:
             one, host = _one_call(ops[name], opts.iters, opts.warmup)
-            b2b = _back_to_back(ops[name], opts.iters, opts.repeats, opts.warmup)
+            b2b = seconds_per_call(ops[name], opts.iters, repeats=opts.repeats, warmup=opts.warmup, group=group)
             figures[f"{name}|{sms}"] = {"one_call_us": one * 1e6, "host_us": host * 1e6, "b2b_us": b2b * 1e6}
         del first, recv_x, handle
     everyone: list = [None] * world
@@ -302,10 +284,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     problems += [f"{LABELS[i]} gave wrong results: {p}" for i, r in results.items() for p in r.get("problems", [])]
     modules = "; ".join(f"{LABELS[i]} {r['module']}" for i, r in results.items())
+    roofline = ", ".join(f"{k} {v:.0f}" for k, v in copy_roofline().items())  # after the runs: never beside them
     header = (f"{datetime.date.today()} · {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()} · EP{args.ranks} over "
               f"{pg_backend} ({per_gpu} rank(s) per GPU) · {TOKENS} tokens/rank, hidden {HIDDEN}, top-{TOPK} of {EXPERTS} · "
               f"Config(sms, {', '.join(map(str, dispatch_chunks))}) dispatch, Config(sms, {', '.join(map(str, combine_chunks))}) "
-              f"combine · {args.iters} iters, slowest rank · commit {tree_commit(ROOT)} · {modules}")
+              f"combine · {args.iters} iters, slowest rank · commit {tree_commit(ROOT)} · {roofline} · {modules}")
     report = "\n".join([header] + [f"**{p}**" for p in problems] + ["", format_table(results, sms)])
     if args.out:
         with open(args.out, "w") as f:

@@ -155,8 +155,9 @@ STATS_ARGV = ["--mock-data", "--num-layers", "2", "--hidden-size", "64", "--num-
               "--seq-length", "32", "--vocab-size", "256", "--micro-batch-size", "2", "--num-experts", "4",
               "--moe-router-topk", "2", "--expert-model-parallel-size", "2", "--moe-token-dispatcher", "deepep",
               "--train-iters", "2"]
-#: Added to every forward dispatch (two MoE layers per step): far above what a tiny dispatch costs.
-DISPATCH_DELAY_S = 0.1
+#: Added to every forward dispatch (two MoE layers per step): far above what a tiny dispatch or combine
+#: costs, also on a slow, loaded CI machine (0.1 s was not: a combine stage took 0.3 s there).
+DISPATCH_DELAY_S = 0.5
 
 
 def _step_statistics(rank: int, world_size: int) -> list[dict]:
