@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import statistics
 import time
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,10 +128,6 @@ def seconds_per_call(fn: Callable[[], Any], iters: int, repeats: int = 5, warmup
     """Seconds per call of ``iters`` calls of ``fn`` queued back to back between two CUDA events on
     the current stream, median over ``repeats`` (after ``warmup`` calls). With a process ``group``
     every repeat starts after a sync and a barrier of it, so the ranks start together."""
-    import statistics
-
-    import torch.distributed as dist
-
     for _ in range(warmup):
         fn()
     samples = []

@@ -96,6 +96,16 @@ def resolve_timeout(timeout_s: Optional[float]) -> float:
     return float(timeout_s)
 
 
+def _peer_topk_range_error(num_experts: int, bad_mask: int, num_ranks: int, context: str = "") -> ValueError:
+    """The error every rank raises when the ranks in ``bad_mask`` (bit r = rank r) passed topk_idx
+    values outside ``[-1, num_experts)`` (host-synced and num_worst_tokens dispatches alike)."""
+    bad = [r for r in range(num_ranks) if bad_mask >> r & 1]
+    return ValueError(
+        f"topk_idx values must be in [-1, num_experts={num_experts}) (-1 = no expert) on every rank: rank(s) "
+        f"{bad} passed values outside it{context}, so every rank of the group refuses this dispatch"
+    )
+
+
 def _describe_fingerprint(words: list[int]) -> str:
     parts = []
     for name, value in zip(_FINGERPRINT_FIELDS, words):
@@ -177,12 +187,8 @@ class CudaBackend(Backend):
         mine, theirs = words[8 : 8 + _C.FINGERPRINT_WORDS], words[8 + _C.FINGERPRINT_WORDS :]
         prefix = f"deepep_megatron cuda backend, rank {rank}: "
         if code == _BAD_EXPERT_IDS:
-            bad = [r for r in range(self.num_ranks) if expected >> r & 1]
-            return ValueError(
-                f"{prefix}topk_idx values must be in [-1, num_experts={seen}) (-1 = no expert) on every rank: rank(s) "
-                f"{bad} passed values outside it in a num_worst_tokens dispatch, so every rank refused it (its outputs "
-                f"are NaN / -1). {_RESET_HINT}"
-            )
+            error = _peer_topk_range_error(seen, expected, self.num_ranks, " in a num_worst_tokens dispatch")
+            return ValueError(f"{prefix}{error} (its outputs are NaN / -1). {_RESET_HINT}")
         if code == _WORST_TOKENS_EXCEEDED:
             return RuntimeError(
                 f"{prefix}rank {peer} would receive {seen} rows but num_worst_tokens={expected}; every rank refused the "
@@ -334,11 +340,7 @@ class CudaBackend(Backend):
             num_experts = num_tokens_per_expert.numel()
             if bad_ranks >> self.rank & 1:
                 raise topk_range_error(num_experts, low, high)
-            bad = [r for r in range(R) if bad_ranks >> r & 1]
-            raise ValueError(
-                f"topk_idx values must be in [-1, num_experts={num_experts}) (-1 = no expert) on every rank: rank(s) "
-                f"{bad} passed values outside it, so every rank of the group refuses this dispatch"
-            )
+            raise _peer_topk_range_error(num_experts, bad_ranks, R)
         (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, send_position, send_tokens,
          channel_count, recv_channel_offset, send_counts, rank_prefix_matrix, recv_counts, host_counts) = result
         num_channels = config.num_channels
