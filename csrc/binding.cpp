@@ -107,11 +107,12 @@ PYBIND11_MODULE(_C, m) {
             return py::object(py::make_tuple(r.recv_x, maybe(r.recv_x_scales), maybe(r.recv_topk_idx), maybe(r.recv_topk_weights),
                                   r.recv_src_idx, r.send_position, r.send_tokens, r.channel_count,
                                   r.recv_channel_offset, r.send_counts, r.rank_prefix_matrix, r.recv_counts,
-                                  r.host_counts));
+                                  r.host_counts, r.num_recv_tokens_per_rank, r.recv_channel_prefix_matrix));
           },
           "Full dispatch. Returns (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, "
           "send_position, send_tokens, channel_count, recv_channel_offset, send_counts, rank_prefix_matrix, "
-          "recv_counts, host_counts), or (bad_ranks, low, high) when some rank's topk_idx is out of range.")
+          "recv_counts, host_counts, num_recv_tokens_per_rank, recv_channel_prefix_matrix), or (bad_ranks, low, high) "
+          "when some rank's topk_idx is out of range.")
       .def(
           "cached_dispatch",
           [](Runtime& rt, const at::Tensor& x, const std::optional<at::Tensor>& x_scales, const at::Tensor& send_tokens,

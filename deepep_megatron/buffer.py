@@ -178,24 +178,26 @@ def _check_tensor(
 ) -> torch.Tensor:
     """Raise TypeError/ValueError naming ``name`` unless ``value`` is a tensor of one of ``dtypes``,
     of ``shape`` (None = any size) and on ``device``."""
+    # The passing case is tested first with as few tensor attribute reads as possible (this runs
+    # several times per dispatch); the failing case then finds what is wrong.
+    if isinstance(value, torch.Tensor) and value.dtype in dtypes:
+        sizes = value.shape
+        if len(sizes) == len(shape):
+            for want_size, size in zip(shape, sizes):
+                if want_size is not None and want_size != size:
+                    break
+            else:
+                if device is None or value.device == device:
+                    return value
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in dtypes:
         want = " or ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must have dtype {want}, got {str(value.dtype).replace('torch.', '')}")
-    sizes = value.shape
-    fits = len(sizes) == len(shape)
-    if fits:
-        for want_size, size in zip(shape, sizes):  # a plain loop: this runs several times per call
-            if want_size is not None and want_size != size:
-                fits = False
-                break
-    if not fits:
+    if device is None or value.device == device:
         want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-        raise ValueError(f"{name} must have shape {want}, got {list(sizes)}")
-    if device is not None and value.device != device:
-        raise ValueError(f"{name} is on {value.device} but x is on {device}; move all inputs to one device")
-    return value
+        raise ValueError(f"{name} must have shape {want}, got {list(value.shape)}")
+    raise ValueError(f"{name} is on {value.device} but x is on {device}; move all inputs to one device")
 
 
 def _check_topk_idx(
@@ -355,6 +357,8 @@ class Buffer:
                                       self.num_rdma_ranks, timeout_s)
         self._id = next(_buffer_ids)
         self._comm_streams: dict[int, torch.cuda.Stream] = {}
+        #: (num_sms, ring slots, hidden, element size) of calls known to fit num_nvl_bytes
+        self._nvl_fits: set[tuple[int, int, int, int]] = set()
         self._next_combine_buffer: Optional[torch.Tensor] = None
         self._destroyed = False
 
@@ -469,6 +473,10 @@ class Buffer:
         return config.get_nvl_buffer_size_hint(hidden * max(element_size, 2), self.group_size)
 
     def _check_nvl_size(self, config: Config, hidden: int, element_size: int, what: str) -> None:
+        # Every dispatch and combine asks this with the same few geometries: remember the ones that fit.
+        key = (config.num_sms, config.num_max_nvl_chunked_recv_tokens, hidden, element_size)
+        if key in self._nvl_fits:
+            return
         needed = self._nvl_bytes_needed(config, hidden, element_size)
         if needed > self.num_nvl_bytes:
             raise RuntimeError(
@@ -476,6 +484,7 @@ class Buffer:
                 f"{config.num_sms} SMs) but the Buffer has num_nvl_bytes={self.num_nvl_bytes}; create it with "
                 f"num_nvl_bytes >= {needed} (see Buffer.get_nvl_size_hint)"
             )
+        self._nvl_fits.add(key)
 
     def _comm_stream(self, device: torch.device) -> "torch.cuda.Stream":
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -617,10 +626,11 @@ class Buffer:
 
         if handle is not None:
             self._check_handle(handle, DispatchHandle)
-            given = [n for n, v in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
-                                    ("num_tokens_per_expert", num_tokens_per_expert), ("topk_idx", topk_idx),
-                                    ("topk_weights", topk_weights)) if v is not None]
-            if given:
+            if not (num_tokens_per_rank is None and is_token_in_rank is None and num_tokens_per_expert is None
+                    and topk_idx is None and topk_weights is None):
+                given = [n for n, v in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
+                                        ("num_tokens_per_expert", num_tokens_per_expert), ("topk_idx", topk_idx),
+                                        ("topk_weights", topk_weights)) if v is not None]
                 raise ValueError(f"a cached dispatch (handle given) takes only x; also got {', '.join(given)}")
             if num_tokens != handle.num_tokens:
                 raise ValueError(f"x has {num_tokens} tokens but the handle was made for {handle.num_tokens}")
@@ -631,9 +641,9 @@ class Buffer:
                 )
             return _received_payload(out, scales is not None, handle.num_recv_rows), None, None, None, None, event
 
-        missing = [n for n, v in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
-                                  ("num_tokens_per_expert", num_tokens_per_expert)) if v is None]
-        if missing:
+        if num_tokens_per_rank is None or is_token_in_rank is None or num_tokens_per_expert is None:
+            missing = [n for n, v in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
+                                      ("num_tokens_per_expert", num_tokens_per_expert)) if v is None]
             raise ValueError(
                 f"dispatch without a handle needs num_tokens_per_rank, is_token_in_rank and num_tokens_per_expert "
                 f"(from get_dispatch_layout); missing {', '.join(missing)}"
@@ -717,10 +727,12 @@ class Buffer:
         self._check_alive()
         self._check_handle(handle, DispatchHandle)
         _check_tensor(x, "x", _HIGH_PRECISION_DTYPES, (handle.num_recv_rows, None))
-        x = x[: handle.num_recv_tokens].contiguous()
+        num_rows = handle.num_recv_tokens  # fewer than x's rows only after a padded (reference) dispatch
+        x = (x if x.size(0) == num_rows else x[:num_rows]).contiguous()
         if topk_weights is not None:
             _check_tensor(topk_weights, "topk_weights", (torch.float32,), (handle.num_recv_rows, handle.num_topk or None), x.device)
-            topk_weights = topk_weights[: handle.num_recv_tokens]
+            if topk_weights.size(0) != num_rows:
+                topk_weights = topk_weights[:num_rows]
         biases = _split_bias(bias, (handle.num_tokens, x.size(1)), x.dtype, x.device)
         config = _check_config(config, Buffer.get_combine_config, self.group_size)
         self._check_nvl_size(config, x.size(1), x.element_size(), "combine")

@@ -7,15 +7,24 @@ Two ranks (one per GPU over NCCL, or two on one GPU over gloo under MPS). Per ra
 per call (events around back-to-back calls, as bench_intranode.py), the time the host spent
 spinning in wait_notify (≈ 0 means the host, not the GPU, paces the loop), then on rank 0 a
 cProfile of the same calls (top functions by own time). Full, num_worst_tokens and cached dispatch, then combine.
+
+``--one-call``: instead, each op one call at a time after a sync and a barrier (what a training step
+sees). Per op on rank 0: host time split into Python (Buffer + backend) and ``_C`` (checks,
+allocation, launches, the notify wait), then from a torch.profiler trace of the same loop the GPU
+timeline relative to the call's start: when the first kernel started (launch latency), each
+kernel's duration, the idle gaps between kernels, and when the last one ended (medians).
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
 import io
+import json
 import os
 import pstats
+import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -47,7 +56,58 @@ class _Timed:
         return wrapped
 
 
-def _worker(rank: int, world: int, sms: int, calls: int, fp8: bool) -> None:
+def _one_call_timeline(rank: int, name: str, fn, timed: "_Timed", calls: int) -> list[str]:
+    """The --one-call figures of one op (see the module docstring); rank 0 reports, every rank runs."""
+    hosts, in_c = [], []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        dist.barrier()
+        timed.spent.clear()
+        t0 = time.perf_counter()
+        fn()
+        hosts.append(time.perf_counter() - t0)
+        in_c.append(sum(timed.spent.values()))
+        torch.cuda.synchronize()
+    med = lambda values: statistics.median(values) * 1e6  # noqa: E731
+    lines = [f"rank {rank} {name:7s} one call: host {med(hosts):6.1f} us = Python {med([h - c for h, c in zip(hosts, in_c)]):5.1f}"
+             f" + _C {med(in_c):5.1f}"]
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(calls):
+            torch.cuda.synchronize()
+            dist.barrier()
+            with torch.profiler.record_function("one_call"):
+                fn()
+            torch.cuda.synchronize()
+    if rank != 0:
+        return lines
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    calls_ = sorted((e for e in events if e.get("name") == "one_call" and e.get("ph") == "X"), key=lambda e: e["ts"])
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    launches = [e for e in events if e.get("cat") == "cuda_runtime" and "LaunchKernel" in e.get("name", "")]
+    per_kernel: dict[str, list[float]] = {}
+    first, last, gaps = [], [], []
+    for i, call in enumerate(calls_):
+        end = calls_[i + 1]["ts"] if i + 1 < len(calls_) else float("inf")
+        mine = [k for k in kernels if call["ts"] <= k["ts"] < end]
+        if not mine:
+            continue
+        first.append(mine[0]["ts"] - call["ts"])
+        last.append(mine[-1]["ts"] + mine[-1]["dur"] - call["ts"])
+        gaps.append(sum(max(0.0, b["ts"] - (a["ts"] + a["dur"])) for a, b in zip(mine, mine[1:])))
+        for k in mine:
+            per_kernel.setdefault(k["name"].split("(")[0].split("<")[0][-28:], []).append(k["dur"])
+    if first:
+        kernel_part = ", ".join(f"{n} {statistics.median(d):.1f}" for n, d in per_kernel.items())
+        lines.append(f"rank 0 {name:7s} GPU timeline (us from the call): first kernel at {statistics.median(first):.1f}, "
+                     f"last ends at {statistics.median(last):.1f}, idle between kernels {statistics.median(gaps):.1f}; "
+                     f"kernels: {kernel_part}; cudaLaunchKernel {statistics.median([e['dur'] for e in launches]):.1f} each")
+    return lines
+
+
+def _worker(rank: int, world: int, sms: int, calls: int, fp8: bool, one_call: bool = False) -> None:
     """One rank (run_ranks started its process group)."""
     device = torch.device("cuda", torch.cuda.current_device())  # rank % GPUs, set by run_ranks
     from deepep_megatron import Buffer, Config, per_token_cast_to_fp8
@@ -78,6 +138,10 @@ def _worker(rank: int, world: int, sms: int, calls: int, fp8: bool) -> None:
             fn()
         torch.cuda.synchronize()
         dist.barrier()
+        if one_call:
+            lines += _one_call_timeline(rank, name, fn, timed, calls)
+            dist.barrier()
+            continue
         timed.spent.clear()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
@@ -117,8 +181,9 @@ def main() -> None:
     p.add_argument("--sms", type=int, default=24)
     p.add_argument("--calls", type=int, default=100)
     p.add_argument("--fp8", action="store_true")
+    p.add_argument("--one-call", action="store_true", help="one call at a time after a barrier, with the GPU timeline")
     a = p.parse_args()
-    run_ranks(_worker, 2, a.sms, a.calls, a.fp8, backend=local_backend(2)[0], timeout_s=1800)
+    run_ranks(_worker, 2, a.sms, a.calls, a.fp8, a.one_call, backend=local_backend(2)[0], timeout_s=1800)
 
 
 if __name__ == "__main__":

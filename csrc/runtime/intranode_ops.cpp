@@ -233,12 +233,21 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
     if (out.bad_ranks != 0) return out;  // every rank refuses: no data moves
     num_rows = 0;
     for (int s = 0; s < R; ++s) num_rows += out.host_counts[s];
+    out.num_recv_tokens_per_rank = at::empty({R}, at::TensorOptions().dtype(at::kInt));
+    std::copy(out.host_counts.begin(), out.host_counts.begin() + R, out.num_recv_tokens_per_rank.data_ptr<int>());
+  } else {
+    out.num_recv_tokens_per_rank = out.recv_counts.narrow(0, 0, R);
   }
+  out.recv_channel_prefix_matrix = out.recv_channel_offset.narrow(1, 0, C);
   out.recv_x = at::empty({num_rows, x.size(1)}, x.options());
   if (num_scales > 0) out.recv_x_scales = at::empty({num_rows, num_scales}, x.options().dtype(at::kFloat));
-  out.recv_topk_idx = at::empty({num_rows, num_topk}, x.options().dtype(at::kLong));
-  out.recv_topk_weights = at::empty({num_rows, num_topk}, x.options().dtype(at::kFloat));
-  out.recv_src_idx = at::empty({num_rows}, int_opts);
+  // The per-row metadata shares one allocation: [N, K] int64 ids, [N, K] fp32 weights, [N] int32
+  // sources, each region 8-byte aligned (int64 first), one host allocation instead of three.
+  const int64_t idx_bytes = num_rows * num_topk * 8, weight_bytes = (num_rows * num_topk * 4 + 7) / 8 * 8;
+  at::Tensor meta = at::empty({idx_bytes + weight_bytes + num_rows * 4}, x.options().dtype(at::kByte));
+  out.recv_topk_idx = meta.narrow(0, 0, idx_bytes).view(at::kLong).view({num_rows, num_topk});
+  out.recv_topk_weights = meta.narrow(0, idx_bytes, num_rows * num_topk * 4).view(at::kFloat).view({num_rows, num_topk});
+  out.recv_src_idx = meta.narrow(0, idx_bytes + weight_bytes, num_rows * 4).view(at::kInt);
 
   DispatchArgs a{};
   a.x = static_cast<const uint8_t*>(x.data_ptr());

@@ -47,6 +47,9 @@ struct DispatchResult {
   at::Tensor send_counts;                   // [R] int32
   at::Tensor rank_prefix_matrix;            // [R, R] int32
   at::Tensor recv_counts;                   // [R + E_l] int32 (device): per source rank, then per local expert
+  at::Tensor num_recv_tokens_per_rank;      // [R] int32: on the host when the dispatch waited for its sizes,
+                                            // else a view of recv_counts (device)
+  at::Tensor recv_channel_prefix_matrix;    // [R, C] int32 view of recv_channel_offset (DeepEP's handle[2])
   std::vector<int> host_counts;             // the same on the host; empty under num_worst_tokens
   int bad_ranks = 0;                        // bit s: rank s passed topk_idx outside [-1, E) (host mode)
   int64_t low = 0, high = 0;                // this rank's topk_idx min / max (host mode)

@@ -342,18 +342,18 @@ class CudaBackend(Backend):
                 raise topk_range_error(num_experts, low, high)
             raise _peer_topk_range_error(num_experts, bad_ranks, R)
         (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, send_position, send_tokens,
-         channel_count, recv_channel_offset, send_counts, rank_prefix_matrix, recv_counts, host_counts) = result
-        num_channels = config.num_channels
+         channel_count, recv_channel_offset, send_counts, rank_prefix_matrix, recv_counts, host_counts,
+         num_recv_tokens_per_rank, recv_channel_prefix_matrix) = result
         layout = DispatchLayout(
             is_token_in_rank=is_token_in_rank,
             num_tokens_per_rank=send_counts,
             # on the host when the dispatch waited for its sizes; on the device under num_worst_tokens
-            num_recv_tokens_per_rank=torch.tensor(host_counts[:R], dtype=torch.int32) if host_counts else recv_counts[:R],
+            num_recv_tokens_per_rank=num_recv_tokens_per_rank,
             recv_src_idx=recv_src_idx,
-            num_recv_tokens_per_expert_list=list(host_counts[R:]),
-            num_channels=num_channels,
+            num_recv_tokens_per_expert_list=host_counts[R:],
+            num_channels=config.num_channels,
             rank_prefix_matrix=rank_prefix_matrix,
-            recv_channel_prefix_matrix=recv_channel_offset[:, :num_channels],
+            recv_channel_prefix_matrix=recv_channel_prefix_matrix,
             private={
                 "backend": self.name,
                 "send_position": send_position,
