@@ -121,6 +121,52 @@ PoisonList poison_list(std::initializer_list<std::optional<at::Tensor>> outputs)
   return list;
 }
 
+// A speculative allocation of the receive tensors is used when the rows fit and waste at most a
+// quarter of it; it is made for the previous count plus 1/kSpeculativeMarginDivisor.
+constexpr int64_t kSpeculativeMarginDivisor = 16;
+
+// The receive tensors of a full dispatch. The per-row metadata shares one allocation (one
+// allocator call instead of three): [N, K] int64 ids, [N, K] fp32 weights, [N] int32 sources,
+// each region 8-byte aligned (int64 first).
+struct ReceiveTensors {
+  int64_t capacity = 0;  // rows allocated; 0: none
+  int num_topk = 0;
+  at::Tensor x, meta;
+  std::optional<at::Tensor> x_scales;
+  at::Tensor topk_idx, topk_weights, src_idx;
+
+  static ReceiveTensors allocate(const at::Tensor& like, int64_t rows, int num_scales, int num_topk) {
+    ReceiveTensors r;
+    r.capacity = rows;
+    r.num_topk = num_topk;
+    r.x = at::empty({rows, like.size(1)}, like.options());
+    if (num_scales > 0) r.x_scales = at::empty({rows, num_scales}, like.options().dtype(at::kFloat));
+    r.meta = at::empty({meta_bytes(rows, num_topk)}, like.options().dtype(at::kByte));
+    r.take_views(rows);
+    return r;
+  }
+  bool fits(int64_t rows) const { return capacity > 0 && rows <= capacity && rows * 4 >= capacity * 3; }
+  // The first `rows` rows of each tensor (views of the same allocations).
+  ReceiveTensors first(int64_t rows) const {
+    ReceiveTensors r = *this;
+    r.x = x.narrow(0, 0, rows);
+    if (x_scales.has_value()) r.x_scales = x_scales->narrow(0, 0, rows);
+    r.take_views(rows);
+    return r;
+  }
+
+ private:
+  static int64_t idx_bytes(int64_t rows, int k) { return rows * k * 8; }
+  static int64_t weight_bytes(int64_t rows, int k) { return (rows * k * 4 + 7) / 8 * 8; }
+  static int64_t meta_bytes(int64_t rows, int k) { return idx_bytes(rows, k) + weight_bytes(rows, k) + rows * 4; }
+  void take_views(int64_t rows) {  // region offsets follow the capacity, so views stay in place
+    const int64_t weights_at = idx_bytes(capacity, num_topk), src_at = weights_at + weight_bytes(capacity, num_topk);
+    topk_idx = meta.narrow(0, 0, idx_bytes(rows, num_topk)).view(at::kLong).view({rows, num_topk});
+    topk_weights = meta.narrow(0, weights_at, rows * num_topk * 4).view(at::kFloat).view({rows, num_topk});
+    src_idx = meta.narrow(0, src_at, rows * 4).view(at::kInt);
+  }
+};
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> get_dispatch_layout(Runtime& rt, const at::Tensor& topk_idx,
@@ -220,7 +266,12 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
   launch_notify(ctx, fingerprint(rt, kOpDispatch, row_bytes, num_scales, num_topk, ring), notify, stream);
 
   int64_t num_rows = num_worst_tokens;
+  ReceiveTensors speculative;
   if (num_worst_tokens == 0) {
+    // While notify runs, allocate for the rows the previous dispatch received (plus a margin): after
+    // the wait only views are taken, unless this dispatch receives more (or far fewer) rows.
+    const int64_t hint = rt.receive_rows_hint();
+    if (hint > 0) speculative = ReceiveTensors::allocate(x, hint + hint / kSpeculativeMarginDivisor, num_scales, num_topk);
     // The one host wait: spin on the host-mapped result notify publishes (no stream sync, no copy).
     if (!rt.wait_notify(notify.ticket, std::max(kMinHostWaitS, kHostWaitTimeouts * rt.timeout_s()))) {
       throw DeviceError("notify did not finish on this rank");
@@ -233,21 +284,20 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
     if (out.bad_ranks != 0) return out;  // every rank refuses: no data moves
     num_rows = 0;
     for (int s = 0; s < R; ++s) num_rows += out.host_counts[s];
+    rt.set_receive_rows_hint(num_rows);
     out.num_recv_tokens_per_rank = at::empty({R}, at::TensorOptions().dtype(at::kInt));
     std::copy(out.host_counts.begin(), out.host_counts.begin() + R, out.num_recv_tokens_per_rank.data_ptr<int>());
   } else {
     out.num_recv_tokens_per_rank = out.recv_counts.narrow(0, 0, R);
   }
   out.recv_channel_prefix_matrix = out.recv_channel_offset.narrow(1, 0, C);
-  out.recv_x = at::empty({num_rows, x.size(1)}, x.options());
-  if (num_scales > 0) out.recv_x_scales = at::empty({num_rows, num_scales}, x.options().dtype(at::kFloat));
-  // The per-row metadata shares one allocation: [N, K] int64 ids, [N, K] fp32 weights, [N] int32
-  // sources, each region 8-byte aligned (int64 first), one host allocation instead of three.
-  const int64_t idx_bytes = num_rows * num_topk * 8, weight_bytes = (num_rows * num_topk * 4 + 7) / 8 * 8;
-  at::Tensor meta = at::empty({idx_bytes + weight_bytes + num_rows * 4}, x.options().dtype(at::kByte));
-  out.recv_topk_idx = meta.narrow(0, 0, idx_bytes).view(at::kLong).view({num_rows, num_topk});
-  out.recv_topk_weights = meta.narrow(0, idx_bytes, num_rows * num_topk * 4).view(at::kFloat).view({num_rows, num_topk});
-  out.recv_src_idx = meta.narrow(0, idx_bytes + weight_bytes, num_rows * 4).view(at::kInt);
+  const ReceiveTensors recv = speculative.fits(num_rows) ? speculative.first(num_rows)
+                                                         : ReceiveTensors::allocate(x, num_rows, num_scales, num_topk);
+  out.recv_x = recv.x;
+  out.recv_x_scales = recv.x_scales;
+  out.recv_topk_idx = recv.topk_idx;
+  out.recv_topk_weights = recv.topk_weights;
+  out.recv_src_idx = recv.src_idx;
 
   DispatchArgs a{};
   a.x = static_cast<const uint8_t*>(x.data_ptr());

@@ -47,6 +47,9 @@ class Runtime {
 
   PeerContext context() const;
   uint32_t next_ticket() { return ++ticket_; }
+  // Rows the last host-waited dispatch received: what the next one allocates for while notify runs.
+  int64_t receive_rows_hint() const { return receive_rows_hint_; }
+  void set_receive_rows_hint(int64_t rows) { receive_rows_hint_ = rows; }
   NotifyResult* notify_result_device() const { return device_notify_; }
   // Spin (the caller releases the GIL) until notify published `ticket`: true; false when a kernel of
   // this rank reported an error first; throws after host_timeout_s (the stream never got there).
@@ -68,6 +71,7 @@ class Runtime {
   NotifyResult* host_notify_ = nullptr;
   NotifyResult* device_notify_ = nullptr;
   uint32_t ticket_ = 0;
+  int64_t receive_rows_hint_ = 0;
   int64_t min_buffer_bytes_ = 0;
 };
 

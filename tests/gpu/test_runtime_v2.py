@@ -269,3 +269,23 @@ def _stall_reset(rank: int, world_size: int) -> float:
 def test_stalled_peer_times_out_then_reset_recovers() -> None:
     results = run_ranks(_stall_reset, WORLD, backend=_launch(), timeout_s=300)
     assert STALL_TIMEOUT_S <= results[0] < 4 * STALL_TIMEOUT_S, results
+
+
+# ------------------------------------------------------------------------ speculative receive tensors
+def _receive_sizes(rank: int, world_size: int) -> list[int]:
+    """Full dispatches whose receive counts grow a little (fits the previous count's allocation),
+    jump (a fresh allocation), shrink a little, and collapse (far fewer: a fresh, small one)."""
+    fast, ref = _buffers(2048)
+    rows = []
+    for i, tokens in enumerate((300, 306, 900, 880, 40, 41)):
+        case = Case(world_size, tokens=(tokens,) * world_size, hidden=2048, num_topk=4, num_experts=16, seed=60 + i)
+        _round(fast, ref, case, rank, f"round {i} ({tokens} tokens per rank)")
+        rows.append(tokens)
+    fast.destroy()
+    return rows
+
+
+def test_receive_tensors_allocated_during_notify_stay_correct() -> None:
+    """The host-waited dispatch allocates for the previous call's rows while notify runs, then takes
+    views: every size change in either direction stays bit-exact to the reference."""
+    assert run_ranks(_receive_sizes, WORLD, backend=_launch(), timeout_s=300) == [[300, 306, 900, 880, 40, 41]] * WORLD
