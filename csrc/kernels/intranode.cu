@@ -18,11 +18,15 @@
 //     send_counts [R], rank_prefix_matrix [R, R], recv_counts [R + E_l] int32 (rows from each
 //                                            source, then per local expert rounded up to the alignment)
 //   then either (num_worst_tokens == 0) publishes counts and the range verdicts to the host-mapped
-//   NotifyResult (the host spins on its sequence word, written last: no stream sync, no copy), or
+//   NotifyResult (the host spins on its sequence word, written last: no stream sync, no copy) and
+//   whether every rank's rows fit the receive capacity it allocated before its wait
+//   (notify_capacity; 0 = none): then the speculative dispatch kernels, launched right behind
+//   notify into those allocations, move the data on every rank, else none of them does; or
 //   (num_worst_tokens > 0, nothing on the host waits) turns bad ids on any rank, or any rank
 //   receiving more than num_worst_tokens rows, into the same abort on every rank.
 //
 // dispatch (2*C blocks of 24 warps; block 2c sends channel c, block 2c+1 receives channel c)
+//   a speculative launch (args.fits set) returns at once when notify's fits word is 0
 //   sender block: in a full dispatch it first builds the channel's streams from is_token_in_rank
 //     (streams.cuh: send_position for the combine, send_tokens for a cached dispatch), so the
 //     streams cost no launch of their own. Then one warp group per destination (24/R warps each):
@@ -83,6 +87,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(PeerContext c
   // Local work first, while peers may still be on their way to the barrier: the tokens each
   // channel (a contiguous slice) sends to each rank, and the min / max of topk_idx.
   for (int i = threadIdx.x; i < num_ranks * num_channels; i += kNotifyThreads) channel_counts[i] = 0;
+  if (threadIdx.x == 0 && a.fits != nullptr) *a.fits = 0;  // stays 0 if this notify stops early
   __syncthreads();
   const int per_channel = (a.num_tokens + num_channels - 1) / max(num_channels, 1);
   for (int t = threadIdx.x; t < a.num_tokens; t += kNotifyThreads) {
@@ -137,7 +142,10 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(PeerContext c
     low = warp_low[0];
     high = warp_high[0];
     const int bad = (low <= high && (low < -1 || high >= a.num_experts)) ? 1 : 0;
-    for (int d = 0; d < num_ranks; ++d) at<int>(ctx.buffers[d], kOffNotifyFlags)[me] = bad;
+    for (int d = 0; d < num_ranks; ++d) {
+      at<int>(ctx.buffers[d], kOffNotifyFlags)[me] = bad;
+      at<int>(ctx.buffers[d], kOffNotifyCapacity)[me] = a.capacity;
+    }
     if (a.num_worst_tokens == 0) {
       a.result->low = low;
       a.result->high = high;
@@ -151,6 +159,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(PeerContext c
   const volatile int* notify_expert = at<int>(ctx.buffers[me], kOffNotifyExpert);
   const volatile int* notify_send = at<int>(ctx.buffers[me], kOffNotifySend);
   const volatile int* flags = at<int>(ctx.buffers[me], kOffNotifyFlags);
+  const volatile int* capacity = at<int>(ctx.buffers[me], kOffNotifyCapacity);
   for (int s = threadIdx.x; s < num_ranks; s += blockDim.x) {
     int sum = 0;
     for (int c = 0; c < num_channels; ++c) sum += notify_channel[s * kMaxChannels + c];
@@ -210,6 +219,12 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(PeerContext c
     int mask = 0;
     for (int s = 0; s < num_ranks; ++s) mask |= (flags[s] != 0 ? 1 : 0) << s;
     a.result->bad_ranks = mask;
+    // Every rank sees the same flags, capacities and send matrix, so every rank's speculative
+    // dispatch kernel (if launched) either moves the data or, alike on every rank, does nothing.
+    int fits = mask == 0 ? 1 : 0;
+    for (int d = 0; d < num_ranks; ++d) fits &= (capacity[d] > 0 && recv_totals[d] <= capacity[d]) ? 1 : 0;
+    if (a.fits != nullptr) *a.fits = fits;
+    a.result->fits = fits;
   }
   __threadfence_system();
   __syncthreads();
@@ -474,7 +489,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   const int channel = blockIdx.x / 2;
   int begin, end;
   channel_range(a.num_tokens, ring.num_channels, channel, begin, end);
-  if (!aborted(ctx)) {  // else the barrier / notify before failed: finish_block poisons the outputs
+  // A speculative launch whose outputs some rank's rows do not fit does nothing (alike on every
+  // rank: notify saw every capacity); the host then launches the exact dispatch.
+  const bool skipped = a.fits != nullptr && *a.fits == 0;
+  if (!skipped && !aborted(ctx)) {  // aborted: the barrier / notify before failed, finish_block poisons
     if (blockIdx.x % 2 == 0) {
       dispatch_sender<kNumRanks>(ctx, ring, a, channel, begin, step);
     } else {

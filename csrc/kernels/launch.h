@@ -38,6 +38,11 @@ struct NotifyArgs {
   int* rank_prefix_matrix;           // [R, R] rows ranks 0..i send to rank j
   int* recv_counts;                  // [R + E_l] rows per source rank, then per local expert (aligned)
   NotifyResult* result;              // host-mapped, written only when num_worst_tokens == 0
+  // speculation (host mode): rows this rank allocated before its wait (0: none); notify writes
+  // 1 to *fits (device) and result->fits when every rank's rows fit its capacity and no rank
+  // refused, else 0
+  int capacity;
+  int* fits;
 };
 
 // Output regions a kernel overwrites with 0xFF bytes (NaN for floats, -1 for ints) when this rank was
@@ -73,6 +78,10 @@ struct DispatchArgs {
   float* recv_topk_weights;        // [N, num_topk] or null
   int* recv_src_idx;               // [N] or null
   int num_local_experts;
+  // A speculative dispatch (launched before the host knew the sizes, into outputs of num_recv_rows
+  // >= any count notify may find) moves data only when notify set *fits; else it does nothing and
+  // the host launches the exact one. null: not speculative.
+  const int* fits;
   SlotLayout slot;
   PoisonList poison;
 };

@@ -145,7 +145,8 @@ struct ReceiveTensors {
     r.take_views(rows);
     return r;
   }
-  bool fits(int64_t rows) const { return capacity > 0 && rows <= capacity && rows * 4 >= capacity * 3; }
+  // Whether views of `rows` rows keep at most a quarter of the allocation idle.
+  bool wastes_little(int64_t rows) const { return rows * 4 >= capacity * 3; }
   // The first `rows` rows of each tensor (views of the same allocations).
   ReceiveTensors first(int64_t rows) const {
     ReceiveTensors r = *this;
@@ -153,6 +154,26 @@ struct ReceiveTensors {
     if (x_scales.has_value()) r.x_scales = x_scales->narrow(0, 0, rows);
     r.take_views(rows);
     return r;
+  }
+  // Exact-size copies (enqueued on the current stream).
+  ReceiveTensors clone() const {
+    ReceiveTensors r = allocate(x, x.size(0), x_scales.has_value() ? static_cast<int>(x_scales->size(1)) : 0, num_topk);
+    r.x.copy_(x);
+    if (x_scales.has_value()) r.x_scales->copy_(*x_scales);
+    r.topk_idx.copy_(topk_idx);
+    r.topk_weights.copy_(topk_weights);
+    r.src_idx.copy_(src_idx);
+    return r;
+  }
+  // The dispatch kernel's output pointers, row count and poison regions: these tensors.
+  void point(DispatchArgs& a) const {
+    a.num_recv_rows = static_cast<int>(x.size(0));
+    a.recv_x = static_cast<uint8_t*>(x.data_ptr());
+    a.recv_x_scales = static_cast<float*>(ptr(x_scales));
+    a.recv_topk_idx = topk_idx.data_ptr<int64_t>();
+    a.recv_topk_weights = topk_weights.data_ptr<float>();
+    a.recv_src_idx = src_idx.data_ptr<int>();
+    a.poison = poison_list({x, x_scales, topk_idx, topk_weights, src_idx});
   }
 
  private:
@@ -227,7 +248,7 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
   const auto int_opts = x.options().dtype(at::kInt);
   DispatchResult out;
   // The layout tensors share one allocation (a host cost per tensor saved on every MoE layer).
-  const int64_t sizes[] = {R * C, T * R, R * T, R * (C + 1), R, R * R, R + num_local_experts};
+  const int64_t sizes[] = {R * C, T * R, R * T, R * (C + 1), R, R * R, R + num_local_experts, 1};
   int64_t total = 0;
   for (int64_t size : sizes) total += size;
   at::Tensor workspace = at::empty({total}, int_opts);
@@ -244,6 +265,7 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
   out.send_counts = take(1, R).view({R});
   out.rank_prefix_matrix = take(R, R);
   out.recv_counts = take(1, R + num_local_experts).view({R + num_local_experts});
+  int* fits = take(1, 1).data_ptr<int>();  // notify's verdict on the speculative dispatch (host mode)
   NotifyArgs notify{};
   notify.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
   notify.topk_idx = topk_idx.data_ptr<int64_t>();
@@ -262,16 +284,42 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
   notify.rank_prefix_matrix = out.rank_prefix_matrix.data_ptr<int>();
   notify.recv_counts = out.recv_counts.data_ptr<int>();
   notify.result = rt.notify_result_device();
+  notify.fits = fits;
+  // Host mode: receive tensors for the rows the previous dispatch received (plus a margin), so the
+  // dispatch kernel can be launched right behind notify (speculative) instead of after the wait.
+  ReceiveTensors speculative;
+  if (num_worst_tokens == 0 && rt.receive_rows_hint() > 0) {
+    const int64_t hint = rt.receive_rows_hint();
+    speculative = ReceiveTensors::allocate(x, hint + hint / kSpeculativeMarginDivisor, num_scales, num_topk);
+  }
+  notify.capacity = static_cast<int>(speculative.capacity);
   const PeerContext ctx = rt.context();
   launch_notify(ctx, fingerprint(rt, kOpDispatch, row_bytes, num_scales, num_topk, ring), notify, stream);
 
+  DispatchArgs a{};
+  a.x = static_cast<const uint8_t*>(x.data_ptr());
+  a.x_scales = static_cast<const float*>(ptr(x_scales));
+  a.topk_idx = topk_idx.data_ptr<int64_t>();
+  a.topk_weights = topk_weights.data_ptr<float>();
+  a.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
+  a.send_position = out.send_position.data_ptr<int>();
+  a.send_tokens = out.send_tokens.data_ptr<int>();
+  a.channel_count = out.channel_count.data_ptr<int>();
+  a.num_tokens = static_cast<int>(T);
+  a.num_scales = num_scales;
+  a.num_topk = num_topk;
+  a.recv_channel_offset = out.recv_channel_offset.data_ptr<int>();
+  a.pad_rows = num_worst_tokens > 0;
+  a.num_local_experts = num_local_experts;
+  a.slot = dispatch_slot(row_bytes, num_scales, hidden_bytes);
+  if (speculative.capacity > 0) {
+    a.fits = fits;
+    speculative.point(a);
+    launch_dispatch(ctx, ring, a, stream);
+  }
+
   int64_t num_rows = num_worst_tokens;
-  ReceiveTensors speculative;
   if (num_worst_tokens == 0) {
-    // While notify runs, allocate for the rows the previous dispatch received (plus a margin): after
-    // the wait only views are taken, unless this dispatch receives more (or far fewer) rows.
-    const int64_t hint = rt.receive_rows_hint();
-    if (hint > 0) speculative = ReceiveTensors::allocate(x, hint + hint / kSpeculativeMarginDivisor, num_scales, num_topk);
     // The one host wait: spin on the host-mapped result notify publishes (no stream sync, no copy).
     if (!rt.wait_notify(notify.ticket, std::max(kMinHostWaitS, kHostWaitTimeouts * rt.timeout_s()))) {
       throw DeviceError("notify did not finish on this rank");
@@ -291,38 +339,23 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
     out.num_recv_tokens_per_rank = out.recv_counts.narrow(0, 0, R);
   }
   out.recv_channel_prefix_matrix = out.recv_channel_offset.narrow(1, 0, C);
-  const ReceiveTensors recv = speculative.fits(num_rows) ? speculative.first(num_rows)
-                                                         : ReceiveTensors::allocate(x, num_rows, num_scales, num_topk);
+  ReceiveTensors recv;
+  if (num_worst_tokens == 0 && rt.notify_result().fits) {
+    // The speculative kernel moves the data: views of its outputs, or (when far fewer rows came
+    // than it was allocated for) copies of them, ordered after it on this stream.
+    recv = speculative.first(num_rows);
+    if (!speculative.wastes_little(num_rows)) recv = recv.clone();
+  } else {
+    recv = ReceiveTensors::allocate(x, num_rows, num_scales, num_topk);
+    a.fits = nullptr;
+    recv.point(a);
+    launch_dispatch(ctx, ring, a, stream);
+  }
   out.recv_x = recv.x;
   out.recv_x_scales = recv.x_scales;
   out.recv_topk_idx = recv.topk_idx;
   out.recv_topk_weights = recv.topk_weights;
   out.recv_src_idx = recv.src_idx;
-
-  DispatchArgs a{};
-  a.x = static_cast<const uint8_t*>(x.data_ptr());
-  a.x_scales = static_cast<const float*>(ptr(x_scales));
-  a.topk_idx = topk_idx.data_ptr<int64_t>();
-  a.topk_weights = topk_weights.data_ptr<float>();
-  a.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
-  a.send_position = out.send_position.data_ptr<int>();
-  a.send_tokens = out.send_tokens.data_ptr<int>();
-  a.channel_count = out.channel_count.data_ptr<int>();
-  a.num_tokens = static_cast<int>(T);
-  a.num_scales = num_scales;
-  a.num_topk = num_topk;
-  a.recv_channel_offset = out.recv_channel_offset.data_ptr<int>();
-  a.num_recv_rows = static_cast<int>(num_rows);
-  a.pad_rows = num_worst_tokens > 0;
-  a.recv_x = static_cast<uint8_t*>(out.recv_x.data_ptr());
-  a.recv_x_scales = static_cast<float*>(ptr(out.recv_x_scales));
-  a.recv_topk_idx = out.recv_topk_idx->data_ptr<int64_t>();
-  a.recv_topk_weights = out.recv_topk_weights->data_ptr<float>();
-  a.recv_src_idx = out.recv_src_idx.data_ptr<int>();
-  a.num_local_experts = num_local_experts;
-  a.slot = dispatch_slot(row_bytes, num_scales, hidden_bytes);
-  a.poison = poison_list({out.recv_x, out.recv_x_scales, out.recv_topk_idx, out.recv_topk_weights, out.recv_src_idx});
-  launch_dispatch(ctx, ring, a, stream);
   if (layout_only) out.recv_topk_idx = out.recv_topk_weights = std::nullopt;
   return out;
 }

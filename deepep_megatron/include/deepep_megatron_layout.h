@@ -25,6 +25,10 @@
 //                          rank's receive total: DeepEP's rank_prefix_matrix)
 //   kOffNotifyFlags        i32 [kMaxRanks]: 1 when peer s's topk_idx   peer s (remote) -> me
 //                          had ids outside [-1, num_experts)
+//   kOffNotifyCapacity     i32 [kMaxRanks]: receive rows peer s        peer s (remote) -> me
+//                          allocated before its host wait (0: none), so
+//                          every rank knows whether every rank's
+//                          speculative dispatch kernel fits
 //   kOffRingTail           u32 [kMaxChannels][kMaxRanks]               sender s (remote) -> me
 //   kOffRingHead           u32 [kMaxChannels][kMaxRanks]               receiver d (remote) -> me
 //   kOffTailShadow         u32 [kMaxChannels][kMaxRanks]               me -> me (last tail I wrote to d)
@@ -84,7 +88,8 @@ constexpr size_t kOffNotifyChannel = kOffBarrier + sizeof(BarrierSignal) * 2 * k
 constexpr size_t kOffNotifyExpert = kOffNotifyChannel + sizeof(int32_t) * kMaxRanks * kMaxChannels;
 constexpr size_t kOffNotifySend = kOffNotifyExpert + sizeof(int32_t) * kMaxRanks * kMaxLocalExperts;
 constexpr size_t kOffNotifyFlags = kOffNotifySend + sizeof(int32_t) * kMaxRanks * kMaxRanks;
-constexpr size_t kOffRingTail = kOffNotifyFlags + sizeof(int32_t) * kMaxRanks;
+constexpr size_t kOffNotifyCapacity = kOffNotifyFlags + sizeof(int32_t) * kMaxRanks;
+constexpr size_t kOffRingTail = kOffNotifyCapacity + sizeof(int32_t) * kMaxRanks;
 constexpr size_t kOffRingHead = kOffRingTail + sizeof(uint32_t) * kMaxChannels * kMaxRanks;
 constexpr size_t kOffTailShadow = kOffRingHead + sizeof(uint32_t) * kMaxChannels * kMaxRanks;
 constexpr size_t kOffHeadShadow = kOffTailShadow + sizeof(uint32_t) * kMaxChannels * kMaxRanks;
@@ -149,6 +154,9 @@ struct NotifyResult {
   uint32_t sequence;   // the epoch of notify's second barrier once the rest is valid
   int32_t bad_ranks;   // bit s: rank s's topk_idx held ids outside [-1, num_experts)
   int64_t low, high;   // this rank's min / max topk_idx (INT64_MAX / INT64_MIN without tokens)
+  int32_t fits;        // 1: every rank's receive rows fit the capacity it allocated before its wait
+                       // (the dispatch kernels launched with those allocations move the data)
+  int32_t pad;
   int32_t counts[kMaxRanks + kMaxLocalExperts];  // rows from each source rank, then per local expert (aligned)
 };
 

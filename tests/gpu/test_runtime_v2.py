@@ -271,21 +271,27 @@ def test_stalled_peer_times_out_then_reset_recovers() -> None:
     assert STALL_TIMEOUT_S <= results[0] < 4 * STALL_TIMEOUT_S, results
 
 
-# ------------------------------------------------------------------------ speculative receive tensors
-def _receive_sizes(rank: int, world_size: int) -> list[int]:
-    """Full dispatches whose receive counts grow a little (fits the previous count's allocation),
-    jump (a fresh allocation), shrink a little, and collapse (far fewer: a fresh, small one)."""
+# ------------------------------------------------------------------------ speculative dispatch
+#: (tokens per rank, the rank that receives nothing or None) of consecutive full dispatches: counts
+#: that grow a little (the speculative kernel moves the data), jump (it fits on no rank: every rank
+#: skips it and launches the exact one), shrink a little, collapse (it fits but holds too much: copies
+#: are returned), then rounds where rank 1 receives nothing (it fits there but not on rank 0, so every
+#: rank skips) and one after it (rank 1 allocated nothing: no speculation anywhere).
+SPECULATION_ROUNDS = ((300, None), (306, None), (900, None), (880, None), (40, None), (41, None), (300, 1), (300, None),
+                      (300, 1), (300, 1), (310, None))
+
+
+def _speculation(rank: int, world_size: int) -> int:
     fast, ref = _buffers(2048)
-    rows = []
-    for i, tokens in enumerate((300, 306, 900, 880, 40, 41)):
-        case = Case(world_size, tokens=(tokens,) * world_size, hidden=2048, num_topk=4, num_experts=16, seed=60 + i)
-        _round(fast, ref, case, rank, f"round {i} ({tokens} tokens per rank)")
-        rows.append(tokens)
+    for i, (tokens, starved) in enumerate(SPECULATION_ROUNDS):
+        case = Case(world_size, tokens=(tokens,) * world_size, hidden=2048, num_topk=4, num_experts=16, seed=60 + i,
+                    starved_rank=starved)
+        _round(fast, ref, case, rank, f"round {i} ({tokens} tokens per rank, rank {starved} starved)")
     fast.destroy()
-    return rows
+    return len(SPECULATION_ROUNDS)
 
 
-def test_receive_tensors_allocated_during_notify_stay_correct() -> None:
-    """The host-waited dispatch allocates for the previous call's rows while notify runs, then takes
-    views: every size change in either direction stays bit-exact to the reference."""
-    assert run_ranks(_receive_sizes, WORLD, backend=_launch(), timeout_s=300) == [[300, 306, 900, 880, 40, 41]] * WORLD
+def test_speculative_dispatch_stays_correct_when_sizes_change() -> None:
+    """The host-waited dispatch launches its kernel right behind notify into tensors sized from the
+    previous call; every change of the receive counts, on one rank or all, stays bit-exact."""
+    assert run_ranks(_speculation, WORLD, backend=_launch(), timeout_s=300) == [len(SPECULATION_ROUNDS)] * WORLD
