@@ -294,9 +294,10 @@ class CudaBackend(Backend):
     ) -> DispatchOutput:
         """Dispatch ``x`` [T, H] (bf16/fp32, or e4m3 with ``x_scales`` [T, H/128] fp32).
 
-        Without ``cached_layout``: one ``_C.dispatch`` (layout, notify, the host wait unless
-        ``num_worst_tokens``, dispatch); returns ``recv_topk_idx`` [N, K] int64 and ``recv_topk_weights``
-        [N, K] fp32 too. With it: barrier + dispatch of x only, on the channels of the dispatch that made
+        Without ``cached_layout``: one ``_C.dispatch`` (notify, then unless ``num_worst_tokens`` the
+        dispatch kernel launched speculatively into tensors sized from the previous call and the host
+        wait for the sizes, then the exact kernel only if some rank's rows did not fit); returns
+        ``recv_topk_idx`` [N, K] int64 and ``recv_topk_weights`` [N, K] fp32 too. With it: barrier + dispatch of x only, on the channels of the dispatch that made
         the layout (``config.num_sms`` is not used then).
         """
         self._check_device(x, "x")
