@@ -41,10 +41,10 @@ NVCC_FLAGS = (
 
 CXX_FLAGS = ("-O3", "-std=c++17")
 
-#: The NVSHMEM room of the runtime (low-latency and internode kernels build on it): compiled with
+#: The NVSHMEM room of the runtime and the low-latency kernels on it (issue 14): compiled with
 #: DEEPEP_MEGATRON_NVSHMEM=1 when the ``nvidia-nvshmem-cu13`` wheel is installed. Opt-in until it has
 #: run on a GPU (issues 14/15): the default build stays the tested one.
-NVSHMEM_SOURCES = ("csrc/runtime/nvshmem_heap.cu",)
+NVSHMEM_SOURCES = ("csrc/runtime/nvshmem_heap.cu", "csrc/kernels/low_latency.cu", "csrc/runtime/low_latency_ops.cpp")
 NVSHMEM_ENV = "DEEPEP_MEGATRON_NVSHMEM"
 
 
