@@ -63,6 +63,7 @@ def token_slot_bytes(hidden_bytes: int) -> int:
 # with _C.low_latency_layout_bytes).
 LL_HEADER_BYTES = _constant("kLLHeaderBytes")
 LL_CONTROL_BYTES = _constant("kLLControlBytes")
+LL_SIGNAL_BYTES = _constant("kLLSignalBytes")
 LL_REGION_ALIGN = _constant("kLLRegionAlign")
 LL_MAX_TOKENS = _constant("kLLMaxTokens")
 LL_MAX_LOCAL_EXPERTS = _constant("kLLMaxLocalExperts")
@@ -82,14 +83,14 @@ def ll_message_bytes(hidden: int, fp8: bool) -> int:
 def low_latency_layout(max_tokens: int, hidden: int, num_ranks: int, num_experts: int) -> dict[str, int]:
     """The header's ``ll_layout``: byte sizes and offsets of one PE's low-latency region."""
     message = ll_message_bytes(hidden, False)
+    off_flags = num_experts * 8
+    off_scratch = off_flags + _align(num_ranks * 8, 16)
+    signal = off_scratch + num_experts * 4
+    off_data = LL_CONTROL_BYTES + 2 * LL_SIGNAL_BYTES
     combine_rows = num_experts * max_tokens * hidden * 2
     send = _align(max(max_tokens * message, combine_rows), LL_REGION_ALIGN)
     recv = _align(max(num_experts * max_tokens * message, combine_rows), LL_REGION_ALIGN)
-    off_counts = send + recv
-    off_flags = off_counts + num_experts * 8
-    off_scratch = off_flags + _align(num_ranks * 8, 16)
-    signal = _align(num_experts * 8 + _align(num_ranks * 8, 16) + num_experts * 4, LL_REGION_ALIGN)
-    half = off_counts + signal
-    return {"message_bytes": message, "send_bytes": send, "recv_bytes": recv, "off_counts": off_counts,
-            "off_flags": off_flags, "off_scratch": off_scratch, "signal_bytes": signal, "half_bytes": half,
-            "total_bytes": LL_CONTROL_BYTES + 2 * half}
+    half = send + recv
+    return {"message_bytes": message, "off_flags": off_flags, "off_scratch": off_scratch, "signal_bytes": signal,
+            "off_data": off_data, "send_bytes": send, "recv_bytes": recv, "half_bytes": half,
+            "total_bytes": off_data + 2 * half}

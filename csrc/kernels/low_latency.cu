@@ -1,8 +1,9 @@
 // Low-latency dispatch and combine over NVSHMEM (DeepEP's low_latency_dispatch / low_latency_combine
 // semantics, deterministic order).
 //
-// Data layout (deepep_megatron_layout.h, ll_layout): one symmetric region per PE, a control block
-// then two halves that consecutive calls alternate. In a half:
+// Data layout (deepep_megatron_layout.h, ll_layout): one symmetric region per PE, a control block,
+// the signals of each half at fixed offsets, then the data of two halves that consecutive calls
+// alternate. In a half:
 //   send    dispatch: the cast message of each of my tokens, [M] x message (source of puts)
 //           combine:  [E_l][R * M][H] bf16 rows (zero-copy combine: the experts write here)
 //   recv    dispatch: [E_l][R][M] messages: slot (e, s, i) holds the i-th (token, k) pair of source
@@ -61,8 +62,13 @@ __device__ __forceinline__ void st_release_sys_u64(uint64_t* p, uint64_t v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
+// Data (send, recv) and signals of the call's half.
 __device__ __forceinline__ uint8_t* half_base(const LowLatencyContext& ctx, const LowLatencyShape& s) {
-  return ctx.heap + kLLControlBytes + static_cast<int64_t>(s.half) * s.layout.half_bytes;
+  return ctx.heap + s.layout.off_data + static_cast<int64_t>(s.half) * s.layout.half_bytes;
+}
+
+__device__ __forceinline__ uint8_t* half_signals(const LowLatencyContext& ctx, const LowLatencyShape& s) {
+  return ctx.heap + kLLControlBytes + static_cast<int64_t>(s.half) * kLLSignalBytes;
 }
 
 __device__ __forceinline__ uint32_t* abort_word(const LowLatencyContext& ctx) {
@@ -190,8 +196,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* half = half_base(ctx, s);
   uint8_t* send = half;
   uint8_t* recv = half + s.layout.send_bytes;
-  uint64_t* counts = reinterpret_cast<uint64_t*>(half + s.layout.off_counts);  // [E_l][R]
-  int* scratch = reinterpret_cast<int*>(half + s.layout.off_scratch);          // [E]
+  uint8_t* signals = half_signals(ctx, s);
+  uint64_t* counts = reinterpret_cast<uint64_t*>(signals);                        // [E_l][R]
+  int* scratch = reinterpret_cast<int*>(signals + s.layout.off_scratch);          // [E]
 
   if (phases & kLLSend) {
     for (int i = threadIdx.x; i < T * K; i += blockDim.x) {
@@ -370,7 +377,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* half = half_base(ctx, s);
   uint8_t* send = half;
   uint8_t* recv = half + s.layout.send_bytes;
-  uint64_t* flags = reinterpret_cast<uint64_t*>(half + s.layout.off_flags);  // [R]
+  uint64_t* flags = reinterpret_cast<uint64_t*>(half_signals(ctx, s) + s.layout.off_flags);  // [R]
 
   if (phases & kLLSend) {
     __shared__ int count_s[kLLMaxRanks];

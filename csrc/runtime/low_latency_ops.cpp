@@ -69,6 +69,7 @@ LowLatencyShape shape_for(const LowLatencyRuntime& rt, int num_tokens, int num_t
   s.num_local_experts = num_experts / R;
   s.half = half;
   s.layout = ll_layout(max_tokens, hidden, R, num_experts);
+  if (s.layout.signal_bytes > kLLSignalBytes) fail("too many experts and ranks for the signal region");
   if (s.layout.total_bytes > rt.num_bytes()) {
     fail("this call needs " + std::to_string(s.layout.total_bytes) + " bytes of NVSHMEM buffer (num_rdma_bytes), the heap has " +
          std::to_string(rt.num_bytes()) + " (see Buffer.get_low_latency_rdma_size_hint)");
@@ -245,7 +246,7 @@ at::Tensor low_latency_combine(LowLatencyRuntime& rt, const at::Tensor& x, const
 at::Tensor low_latency_combine_buffer(LowLatencyRuntime& rt, int max_tokens, int hidden, int num_experts, int half) {
   const LowLatencyShape shape = shape_for(rt, 0, 1, hidden, max_tokens, num_experts, half);
   const int64_t El = shape.num_local_experts, S = static_cast<int64_t>(rt.num_ranks()) * max_tokens;
-  uint8_t* send = rt.base() + kLLControlBytes + half * shape.layout.half_bytes;
+  uint8_t* send = rt.base() + shape.layout.off_data + half * shape.layout.half_bytes;
   return at::from_blob(send, {El, S, hidden}, at::TensorOptions().device(at::kCUDA, rt.device()).dtype(at::kBFloat16));
 }
 
