@@ -113,7 +113,7 @@ def _compare(rank: int, world_size: int) -> dict:
     group = dist.group.WORLD
     cases = _cases(world_size)
     hint = max(Buffer.get_low_latency_rdma_size_hint(m, c.hidden, world_size, c.num_experts) for m, c in cases)
-    fast = Buffer(group, 0, hint, low_latency_mode=True, backend="cuda", explicitly_destroy=True, timeout_s=30)
+    fast = Buffer(group, 0, hint, low_latency_mode=True, backend="cuda", explicitly_destroy=True, timeout_s=10)
     ref = Buffer(group, 0, hint, low_latency_mode=True, backend="reference")
     assert fast.backend_name == "cuda" and type(fast.runtime).__name__ == "LowLatencyBackend"
     stats = {"fp8_bytes_differing": 0, "fp8_bytes": 0, "combine_values_differing": 0, "combine_values": 0, "checks": 0}
@@ -170,7 +170,7 @@ def _compare(rank: int, world_size: int) -> dict:
 @pytest.mark.parametrize("world_size", [2, 4, 8])
 def test_low_latency_matches_reference(world_size: int) -> None:
     backend = _launch(world_size)
-    results = run_ranks(_compare, world_size, backend=backend, timeout_s=300)
+    results = run_ranks(_compare, world_size, backend=backend, timeout_s=150)
     total = {k: sum(r[k] for r in results) for k in results[0]}
     print(f"EP{world_size}: {total}")
     assert total["checks"] > 0
@@ -186,7 +186,7 @@ def _graph(rank: int, world_size: int) -> int:
     max_tokens, case = 32, Case(world_size, tokens=(32,) * world_size, hidden=1024, num_topk=4, num_experts=8 * world_size,
                                 seed=31)
     hint = Buffer.get_low_latency_rdma_size_hint(max_tokens, case.hidden, world_size, case.num_experts)
-    fast = Buffer(group, 0, hint, low_latency_mode=True, backend="cuda", explicitly_destroy=True, timeout_s=30)
+    fast = Buffer(group, 0, hint, low_latency_mode=True, backend="cuda", explicitly_destroy=True, timeout_s=10)
     ref = Buffer(group, 0, hint, low_latency_mode=True, backend="reference")
     x, topk_idx, topk_weights = (t.to(device) for t in make_inputs(case, rank))
     static = [x.clone(), topk_idx.clone(), topk_weights.clone()]
@@ -231,7 +231,7 @@ def _graph(rank: int, world_size: int) -> int:
 
 def test_low_latency_cuda_graph_replay() -> None:
     backend = _launch(2)
-    assert run_ranks(_graph, 2, backend=backend, timeout_s=240) == [3, 3]
+    assert run_ranks(_graph, 2, backend=backend, timeout_s=120) == [3, 3]
 
 
 def _timeout(rank: int, world_size: int) -> str:
@@ -262,5 +262,5 @@ def _timeout(rank: int, world_size: int) -> str:
 
 def test_low_latency_timeout_reports_the_peer() -> None:
     backend = _launch(2)
-    messages = run_ranks(_timeout, 2, backend=backend, timeout_s=180)
+    messages = run_ranks(_timeout, 2, backend=backend, timeout_s=90)
     assert "low-latency dispatch" in messages[0], messages[0]
