@@ -40,7 +40,8 @@ try:
 except ImportError:  # pragma: no cover - CPU-only install
     _C = None
 
-#: Blocks per rank for the low-latency kernels (else: the SMs of the GPU over the ranks sharing it, at most 64).
+#: Blocks per rank for the low-latency kernels (else: the SMs of the GPU over the ranks sharing it, less a margin of
+#: 2, at most 64).
 SMS_ENV = "DEEPEP_MEGATRON_LL_SMS"
 MAX_DEFAULT_BLOCKS = 64
 _TAG = "cuda-low-latency"
@@ -89,7 +90,7 @@ class LowLatencyKernels:
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         raw = os.environ.get(SMS_ENV)
         #: Blocks of every low-latency kernel: all ranks sharing a GPU must fit on it at once (the receive spins).
-        self.num_blocks = int(raw) if raw else max(1, min(MAX_DEFAULT_BLOCKS, sms // sharing))
+        self.num_blocks = int(raw) if raw else max(1, min(MAX_DEFAULT_BLOCKS, sms // sharing - 2))
         self.heap = nvshmem.open_heap(group, num_rdma_bytes)
         self._ll = _C.LowLatency(self.heap, self.rank, self.num_ranks, self.device.index, timeout_s)
         self._half = 0
