@@ -82,10 +82,13 @@ def extension_kwargs() -> dict:
         define = "-DDEEPEP_MEGATRON_WITH_NVSHMEM"
         kwargs["sources"] += list(NVSHMEM_SOURCES)
         kwargs["include_dirs"].append(os.path.join(root, "include"))
+        # The device link runs without CUDAExtension's dlink=True: that adds -dlto, and nvlink cannot
+        # load libnvshmem_device.a for LTO ("elfLink linker library load error"); torch's ninja build
+        # adds the device-link step whenever 'nvcc_dlink' is given.
         kwargs["extra_compile_args"] = {"cxx": [*CXX_FLAGS, define],
                                         "nvcc": [*NVCC_FLAGS, *NVSHMEM_NVCC_FLAGS, "-rdc=true", define],
-                                        "nvcc_dlink": ["-dlink", os.path.join(lib, "libnvshmem_device.a")]}
-        kwargs["dlink"] = True
+                                        "nvcc_dlink": ["-dlink", os.path.join(lib, "libnvshmem_device.a"),
+                                                       "-gencode=arch=compute_90,code=sm_90"]}
         kwargs["library_dirs"] = [lib]
         # libnvshmem_device.a also holds host code (nvshmemi_init_thread, behind nvshmemx_init_attr): link it too.
         kwargs["extra_link_args"] = ["-l:libnvshmem_host.so.3", "-l:libnvshmem_device.a", f"-Wl,-rpath,{lib}"]
