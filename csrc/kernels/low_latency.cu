@@ -439,14 +439,16 @@ __global__ void __launch_bounds__(kThreads, 1)
         my_w = args.topk_weights[static_cast<int64_t>(t) * K + lane];
         if (my_e < 0 || my_slot < 0) my_e = -1;
       }
-      for (int v = lane; v < vectors; v += 32) {
+      for (int base = 0; base < vectors; base += 32) {  // warp-uniform trip count: the shuffles need every lane
+        const int v = base + lane;
+        const bool active = v < vectors;
         float acc[8];
         for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
         for (int k = 0; k < K; ++k) {
           const int e = __shfl_sync(0xFFFFFFFFu, my_e, k);
           const int slot = __shfl_sync(0xFFFFFFFFu, my_slot, k);
           const float w = __shfl_sync(0xFFFFFFFFu, my_w, k);
-          if (e < 0) continue;
+          if (e < 0 || !active) continue;
           const int4 y = __ldcg(reinterpret_cast<const int4*>(recv + (static_cast<int64_t>(e) * M + slot) * row_bytes) + v);
           const uint32_t words[4] = {static_cast<uint32_t>(y.x), static_cast<uint32_t>(y.y), static_cast<uint32_t>(y.z),
                                      static_cast<uint32_t>(y.w)};
@@ -461,9 +463,11 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * i + 1]));
           packed[i] = lo | (hi << 16);
         }
-        reinterpret_cast<int4*>(args.combined + static_cast<int64_t>(t) * H)[v] =
-            make_int4(static_cast<int>(packed[0]), static_cast<int>(packed[1]), static_cast<int>(packed[2]),
-                      static_cast<int>(packed[3]));
+        if (active) {
+          reinterpret_cast<int4*>(args.combined + static_cast<int64_t>(t) * H)[v] =
+              make_int4(static_cast<int>(packed[0]), static_cast<int>(packed[1]), static_cast<int>(packed[2]),
+                        static_cast<int>(packed[3]));
+        }
       }
     }
     if (last_block(ctx, s.half, kCounterCombineRecv, false)) {
