@@ -231,7 +231,9 @@ __global__ void __launch_bounds__(kThreads, 1)
             amax = fmaxf(amax, fmaxf(fabsf(f[2 * i]), fabsf(f[2 * i + 1])));
           }
           for (int m = 8; m >= 1; m /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, m));
-          float scale = fmaxf(amax, 1e-4f) / 448.0f;
+          // amax * (1 / 448), not amax / 448: the reference's `amax / 448.0` on a CUDA tensor is a
+          // multiplication by the scalar's fp32 reciprocal in PyTorch (measured: division differs).
+          float scale = fmaxf(amax, 1e-4f) * (1.0f / 448.0f);
           if (args.round_scale || args.use_ue8m0) scale = round_up_pow2(scale);
           if (valid) {
             uint32_t lo = 0, hi = 0;
