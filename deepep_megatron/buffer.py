@@ -822,9 +822,9 @@ class Buffer:
         if use_ue8m0 and not (use_fp8 and round_scale):
             raise ValueError("use_ue8m0=True needs use_fp8=True and round_scale=True (UE8M0 scales are powers of two)")
         _check_num_experts(num_experts, self.group_size)
-        # The value range costs a host sync, which a CUDA graph capture cannot hold (the kernels
-        # treat ids outside [0, num_experts) as -1).
-        _check_topk_idx(topk_idx, num_experts, num_tokens, x.device, values=not _capturing())
+        # The value range costs a host sync, which a CUDA graph capture cannot hold; the NVSHMEM
+        # kernels check it on the device instead (an error at the next call; ids outside are dropped).
+        _check_topk_idx(topk_idx, num_experts, num_tokens, x.device, values=self._host_checks_topk_range())
         self._check_low_latency(num_max_dispatch_tokens_per_rank, hidden, num_experts)
         if cumulative_local_expert_recv_stats is not None:
             _check_tensor(cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats", (torch.int32,),
@@ -882,7 +882,7 @@ class Buffer:
         num_local_experts = layout.num_experts // self.group_size
         slots = self.group_size * layout.num_max_dispatch_tokens_per_rank
         _check_tensor(x, "x", (torch.bfloat16,), (num_local_experts, slots, layout.hidden))
-        _check_topk_idx(topk_idx, layout.num_experts, handle.num_tokens, x.device, values=not _capturing())
+        _check_topk_idx(topk_idx, layout.num_experts, handle.num_tokens, x.device, values=self._host_checks_topk_range())
         if topk_idx.size(1) != handle.num_topk:
             raise ValueError(f"topk_idx has top-k {topk_idx.size(1)} but the dispatch used {handle.num_topk}")
         _check_tensor(topk_weights, "topk_weights", (torch.float32,), tuple(topk_idx.shape), x.device)
@@ -907,6 +907,11 @@ class Buffer:
                 [x, topk_idx, topk_weights], x.device, None, async_finish,
             )
         return combined, event, self._hook(receive, None, wait_stats, started)
+
+    def _host_checks_topk_range(self) -> bool:
+        """Whether a low-latency call checks topk_idx's values on the host (a sync): not under graph
+        capture, and not when the backend's kernels check them."""
+        return not (_capturing() or getattr(self.runtime, "low_latency_checks_topk_range", False))
 
     def _device_wait_stats(self, wait_stats: Optional[torch.Tensor]) -> tuple[dict, Optional[torch.Tensor]]:
         """(keyword arguments for the backend, what the hook accounts on the host): a backend whose

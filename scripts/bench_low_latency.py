@@ -8,6 +8,9 @@ kernels at the same shape measured in the same run.
 Ranks: one per GPU over NCCL when there are enough GPUs, otherwise several on one GPU over gloo
 (start MPS first). Uniform random routing (distinct experts per token), FP8 dispatch (per-128
 scales) and bf16 combine. Times, from CUDA events, median over repeats, the slowest rank:
+  * "kernel: ...": the calls queued behind a GPU sleep, so the events time the kernels and not the
+    host path (dispatch/combine: 20 back-to-back calls, which amortizes the ranks' start skew; the
+    hook parts: one call, the receive once the data arrived);
   * "per call": one call after a sync and a barrier of every rank (includes the ranks' launch skew);
   * "back-to-back": --iters calls queued between two events, per call (what a decode step sees);
   * the hook mode's parts: the send kernel alone, and the receive (hook) alone once the data arrived;
@@ -53,6 +56,33 @@ def _per_call(fn, group, repeats: int, before=None, after=None) -> float:
     return statistics.median(samples)
 
 
+#: Cycles of torch.cuda._sleep queued before the timed calls (~8 ms on an H200): the host enqueues the
+#: calls while the GPU sleeps, so the events time the kernels, not the host path.
+SLEEP_CYCLES = 16_000_000
+
+
+def _gpu_time(fn, group, repeats: int, iters: int = 1, before=None, after=None) -> float:
+    """Median seconds per call of ``iters`` calls queued behind a GPU sleep (host path hidden) after a
+    sync + barrier; cross-rank skew at the start is amortized over ``iters``."""
+    samples = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        torch.cuda.synchronize()
+        dist.barrier(group=group)
+        torch.cuda._sleep(SLEEP_CYCLES)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / iters)
+        if after is not None:
+            after()
+    return statistics.median(samples)
+
+
 def _worker(rank: int, world: int, tokens: int, hidden: int, topk: int, experts: int, iters: int) -> list | None:
     from deepep_megatron import Buffer, Config
 
@@ -87,6 +117,9 @@ def _worker(rank: int, world: int, tokens: int, hidden: int, topk: int, experts:
     def combine():
         fast.low_latency_combine(y, topk_idx, topk_weights, handle)
 
+    # Kernel time (host path hidden behind a GPU sleep).
+    results["kernel: ll dispatch fp8 (20 back-to-back, per call)"] = slowest(_gpu_time(dispatch, group, 9, iters=20))
+    results["kernel: ll combine (20 back-to-back, per call)"] = slowest(_gpu_time(combine, group, 9, iters=20))
     results["ll dispatch fp8 (per call)"] = slowest(_per_call(dispatch, group, 30))
     results["ll combine (per call)"] = slowest(_per_call(combine, group, 30))
     results["ll dispatch fp8 (back-to-back)"] = slowest(seconds_per_call(dispatch, iters, repeats=9, group=group))
@@ -106,6 +139,10 @@ def _worker(rank: int, world: int, tokens: int, hidden: int, topk: int, experts:
     def finish():
         hooks["h"]()
 
+    results["kernel: ll dispatch send (hook mode)"] = slowest(_gpu_time(dispatch_send, group, 15, after=dispatch_recv))
+    results["kernel: ll dispatch recv (hook, data arrived)"] = slowest(_gpu_time(dispatch_recv, group, 15, before=dispatch_send))
+    results["kernel: ll combine send (hook mode)"] = slowest(_gpu_time(combine_send, group, 15, after=finish))
+    results["kernel: ll combine recv (hook, data arrived)"] = slowest(_gpu_time(finish, group, 15, before=combine_send))
     results["ll dispatch send (hook mode)"] = slowest(_per_call(dispatch_send, group, 30, after=dispatch_recv))
     results["ll dispatch recv (hook, data arrived)"] = slowest(_per_call(dispatch_recv, group, 30, before=dispatch_send))
     results["ll combine send (hook mode)"] = slowest(_per_call(combine_send, group, 30, after=finish))

@@ -204,6 +204,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = threadIdx.x; i < T * K; i += blockDim.x) {
       const int64_t e = args.topk_idx[i];
       topk_s[i] = (e >= 0 && e < E) ? static_cast<int>(e) : -1;
+      // The range check lives here (no host sync): ids outside [-1, E) are dropped and reported.
+      if ((e < -1 || e >= E) && blockIdx.x == 0) ll_report(ctx, kLowLatencyBadExpertIds, ctx.rank, i / K, E, e);
     }
     __syncthreads();
     bool used_puts = false;
@@ -439,7 +441,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         my_e = static_cast<int>(args.topk_idx[static_cast<int64_t>(t) * K + lane]);
         my_slot = args.pair_slot[static_cast<int64_t>(t) * K + lane];
         my_w = args.topk_weights[static_cast<int64_t>(t) * K + lane];
-        if (my_e < 0 || my_slot < 0) my_e = -1;
+        if (my_e < 0 || my_e >= s.num_experts || my_slot < 0 || my_slot >= M) my_e = -1;
       }
       for (int base = 0; base < vectors; base += 32) {  // warp-uniform trip count: the shuffles need every lane
         const int v = base + lane;

@@ -403,6 +403,11 @@ class CudaBackend(Backend):
         """Whether the low-latency calls measure wait costs themselves (the NVSHMEM kernels do)."""
         return getattr(self._low_latency, "wait_stats_on_device", False)
 
+    @property
+    def low_latency_checks_topk_range(self) -> bool:
+        """Whether the low-latency kernels check topk_idx's range themselves (no host sync)."""
+        return getattr(self._low_latency, "checks_topk_range", False)
+
     def low_latency_dispatch(self, *args, **kwargs):
         """The NVSHMEM kernels (backends/low_latency.py), or the reference backend when they are not built."""
         self.check_errors()

@@ -51,6 +51,7 @@ _ERRORS = {
     11: "low-latency dispatch (more than num_max_dispatch_tokens_per_rank pairs of one rank for one expert: a token "
         "listed the same expert twice in topk_idx)",
 }
+_BAD_EXPERT_IDS = 12
 
 
 def unavailable_reason(num_rdma_bytes: int, low_latency_mode: bool) -> Optional[str]:
@@ -80,6 +81,8 @@ class LowLatencyKernels:
     low-latency methods, plus ``wait_stats``)."""
 
     wait_stats_on_device = True
+    #: topk_idx's value range is checked by the dispatch kernel (reported at the next call), not on the host.
+    checks_topk_range = True
 
     def __init__(self, group: dist.ProcessGroup, num_rdma_bytes: int, timeout_s: float) -> None:
         self.group = group
@@ -107,6 +110,12 @@ class LowLatencyKernels:
 
     def _device_error(self) -> BaseException:
         _, code, rank, peer, expert, block, expected, seen = self._ll.diagnostic()
+        if code == _BAD_EXPERT_IDS:
+            return ValueError(
+                f"deepep_megatron low-latency kernels, rank {rank}: topk_idx values must be in [-1, num_experts="
+                f"{expected}) (-1 = no expert); token {expert} of a low-latency dispatch held {seen} (its pairs were "
+                "dropped). Call buffer.clean_low_latency_buffer(...) on every rank to use the Buffer again."
+            )
         where = _ERRORS.get(code, f"wait code {code}")
         what = "" if expert < 0 else f", expert {expert}"
         return RuntimeError(
@@ -228,6 +237,10 @@ class LowLatencyBackend(ReferenceBackend):
 
     @property
     def low_latency_wait_stats_on_device(self) -> bool:
+        return True
+
+    @property
+    def low_latency_checks_topk_range(self) -> bool:
         return True
 
     def low_latency_dispatch(self, *args, **kwargs):

@@ -212,6 +212,7 @@ enum ErrorCode : int32_t {
   kWaitLowLatencyDispatch = 9,   // low-latency dispatch receiver: waited for a source rank's count signal
   kWaitLowLatencyCombine = 10,   // low-latency combine receiver: waited for an expert rank's flag
   kLowLatencySlotOverflow = 11,  // low-latency dispatch: more than max_tokens pairs of one rank for one expert
+  kLowLatencyBadExpertIds = 12,  // low-latency dispatch/combine: topk_idx outside [-1, num_experts)
 };
 
 // Filled by the first device-detected error of this rank (host-mapped memory).
