@@ -136,15 +136,33 @@ __device__ __forceinline__ void put_signal(uint64_t* local_addr, uint64_t value,
   }
 }
 
+// One warp copies `vectors` 16-byte vectors from `src` to `dst` (L2 only on both sides), kCopyUnroll
+// loads in flight per lane before their stores: a copy is latency-bound otherwise (the compiler cannot
+// reorder a load past a store that may alias it).
+constexpr int kCopyUnroll = 4;
+
+__device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int64_t vectors, int lane) {
+  for (int64_t base = 0; base < vectors; base += 32 * kCopyUnroll) {
+    int4 v[kCopyUnroll];
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u) {
+      const int64_t i = base + u * 32 + lane;
+      if (i < vectors) v[u] = __ldcg(src + i);
+    }
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u) {
+      const int64_t i = base + u * 32 + lane;
+      if (i < vectors) __stcg(dst + i, v[u]);
+    }
+  }
+}
+
 // One warp copies `bytes` (a multiple of 16) from local `src` to `dst` (an address of this PE's
 // region, the same offset on `pe`). Returns true when it used a put (the caller quiets before signalling).
 __device__ __forceinline__ bool warp_send(uint8_t* dst, const uint8_t* src, int64_t bytes, int pe, int lane) {
   uint8_t* peer = static_cast<uint8_t*>(nvshmem_ptr(dst, pe));
   if (peer != nullptr) {
-    const int64_t vectors = bytes / 16;
-    const int4* s = reinterpret_cast<const int4*>(src);
-    int4* d = reinterpret_cast<int4*>(peer);
-    for (int64_t i = lane; i < vectors; i += 32) __stcg(d + i, __ldcg(s + i));
+    warp_copy(reinterpret_cast<int4*>(peer), reinterpret_cast<const int4*>(src), bytes / 16, lane);
     return false;
   }
   nvshmemx_putmem_nbi_warp(dst, src, static_cast<size_t>(bytes), pe);
@@ -342,9 +360,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         const uint8_t* msg = recv + ((static_cast<int64_t>(le) * R + src) * M + i) * slot_stride;
         const int64_t out_row = static_cast<int64_t>(le) * S + j;
         if (lane == 0) args.recv_src_info[out_row] = __ldcg(reinterpret_cast<const int*>(msg));
-        const int4* data = reinterpret_cast<const int4*>(msg + kLLHeaderBytes);
-        int4* out = reinterpret_cast<int4*>(args.recv_x + out_row * row_bytes);
-        for (int v = lane; v < row_bytes / 16; v += 32) out[v] = __ldcg(data + v);
+        warp_copy(reinterpret_cast<int4*>(args.recv_x + out_row * row_bytes),
+                  reinterpret_cast<const int4*>(msg + kLLHeaderBytes), row_bytes / 16, lane);
         if (args.use_fp8) {
           const float* scales = reinterpret_cast<const float*>(msg + kLLHeaderBytes + H);
           if (args.use_ue8m0) {
@@ -432,9 +449,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     __syncthreads();
+    // One warp per (token, chunk of 64 vectors = 512 channels): every warp of the grid has work, and
+    // each step issues the loads of four top-k rows before it sums them (k ascending, as the reference).
     const int warps = gridDim.x * kLLWarpsPerBlock;
     const int vectors = H / 8;  // 8 bf16 per 16-byte vector
-    for (int t = blockIdx.x * kLLWarpsPerBlock + warp; t < T; t += warps) {
+    constexpr int kChunk = 64, kGroup = 4;
+    const int chunks = (vectors + kChunk - 1) / kChunk;
+    for (int task = blockIdx.x * kLLWarpsPerBlock + warp; task < T * chunks; task += warps) {
+      const int t = task / chunks, chunk = task % chunks;
       int my_e = -1, my_slot = -1;
       float my_w = 0.0f;
       if (lane < K) {
@@ -443,35 +465,58 @@ __global__ void __launch_bounds__(kThreads, 1)
         my_w = args.topk_weights[static_cast<int64_t>(t) * K + lane];
         if (my_e < 0 || my_e >= s.num_experts || my_slot < 0 || my_slot >= M) my_e = -1;
       }
-      for (int base = 0; base < vectors; base += 32) {  // warp-uniform trip count: the shuffles need every lane
-        const int v = base + lane;
-        const bool active = v < vectors;
-        float acc[8];
-        for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-        for (int k = 0; k < K; ++k) {
+      const int v0 = chunk * kChunk + lane, v1 = v0 + 32;
+      const bool a0 = v0 < vectors, a1 = v1 < vectors;
+      float acc[16];
+#pragma unroll
+      for (int i = 0; i < 16; ++i) acc[i] = 0.0f;
+      for (int k0 = 0; k0 < K; k0 += kGroup) {
+        int4 y[kGroup][2];
+        float w[kGroup];
+        bool use[kGroup];
+#pragma unroll
+        for (int g = 0; g < kGroup; ++g) {
+          const int k = k0 + g;  // < 32: lanes >= K hold e = -1
           const int e = __shfl_sync(0xFFFFFFFFu, my_e, k);
           const int slot = __shfl_sync(0xFFFFFFFFu, my_slot, k);
-          const float w = __shfl_sync(0xFFFFFFFFu, my_w, k);
-          if (e < 0 || !active) continue;
-          const int4 y = __ldcg(reinterpret_cast<const int4*>(recv + (static_cast<int64_t>(e) * M + slot) * row_bytes) + v);
-          const uint32_t words[4] = {static_cast<uint32_t>(y.x), static_cast<uint32_t>(y.y), static_cast<uint32_t>(y.z),
-                                     static_cast<uint32_t>(y.w)};
-          for (int i = 0; i < 4; ++i) {
-            acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(w, bf16_bits_to_float(words[i] & 0xFFFFu)));
-            acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(w, bf16_bits_to_float(words[i] >> 16)));
+          w[g] = __shfl_sync(0xFFFFFFFFu, my_w, k);
+          use[g] = k < K && e >= 0;
+          y[g][0] = y[g][1] = make_int4(0, 0, 0, 0);
+          if (use[g]) {
+            const int4* row = reinterpret_cast<const int4*>(recv + (static_cast<int64_t>(e) * M + slot) * row_bytes);
+            if (a0) y[g][0] = __ldcg(row + v0);
+            if (a1) y[g][1] = __ldcg(row + v1);
           }
         }
+#pragma unroll
+        for (int g = 0; g < kGroup; ++g) {
+          if (!use[g]) continue;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint32_t words[4] = {static_cast<uint32_t>(y[g][h].x), static_cast<uint32_t>(y[g][h].y),
+                                       static_cast<uint32_t>(y[g][h].z), static_cast<uint32_t>(y[g][h].w)};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              float* a = acc + 8 * h + 2 * i;
+              a[0] = __fadd_rn(a[0], __fmul_rn(w[g], bf16_bits_to_float(words[i] & 0xFFFFu)));
+              a[1] = __fadd_rn(a[1], __fmul_rn(w[g], bf16_bits_to_float(words[i] >> 16)));
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (!(h == 0 ? a0 : a1)) continue;
         uint32_t packed[4];
+#pragma unroll
         for (int i = 0; i < 4; ++i) {
-          const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * i]));
-          const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * i + 1]));
+          const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(acc[8 * h + 2 * i]));
+          const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(acc[8 * h + 2 * i + 1]));
           packed[i] = lo | (hi << 16);
         }
-        if (active) {
-          reinterpret_cast<int4*>(args.combined + static_cast<int64_t>(t) * H)[v] =
-              make_int4(static_cast<int>(packed[0]), static_cast<int>(packed[1]), static_cast<int>(packed[2]),
-                        static_cast<int>(packed[3]));
-        }
+        reinterpret_cast<int4*>(args.combined + static_cast<int64_t>(t) * H)[h == 0 ? v0 : v1] =
+            make_int4(static_cast<int>(packed[0]), static_cast<int>(packed[1]), static_cast<int>(packed[2]),
+                      static_cast<int>(packed[3]));
       }
     }
     if (last_block(ctx, s.half, kCounterCombineRecv, false)) {

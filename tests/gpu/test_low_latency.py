@@ -264,6 +264,36 @@ def _timeout(rank: int, world_size: int) -> str:
     return message
 
 
+def _bad_ids(rank: int, world_size: int) -> str:
+    import torch.distributed as dist
+
+    from deepep_megatron import Buffer
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    hint = Buffer.get_low_latency_rdma_size_hint(8, 256, world_size, 4)
+    fast = Buffer(dist.group.WORLD, 0, hint, low_latency_mode=True, backend="cuda", explicitly_destroy=True, timeout_s=10)
+    x = torch.randn(8, 256, device=device).to(torch.bfloat16)
+    topk_idx = torch.arange(8, device=device).remainder(4).view(8, 1).to(torch.int64)
+    bad = topk_idx.clone()
+    bad[3, 0] = 4  # == num_experts: out of range, checked on the device (no host sync)
+    fast.low_latency_dispatch(x, bad, 8, 4, use_fp8=False)
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match="topk_idx values must be in") as error:
+        fast.low_latency_dispatch(x, topk_idx, 8, 4, use_fp8=False)
+    fast.clean_low_latency_buffer(8, 256, 4)
+    _, count, _, _, _ = fast.low_latency_dispatch(x, topk_idx, 8, 4, use_fp8=False)
+    torch.cuda.synchronize()
+    assert int(count.sum()) == 8, count.tolist()
+    fast.destroy()
+    return str(error.value)
+
+
+def test_low_latency_bad_expert_ids_raise_at_the_next_call() -> None:
+    backend = _launch(2)
+    messages = run_ranks(_bad_ids, 2, backend=backend, timeout_s=90)
+    assert all("token 3" in m for m in messages), messages
+
+
 def test_low_latency_timeout_reports_the_peer() -> None:
     backend = _launch(2)
     messages = run_ranks(_timeout, 2, backend=backend, timeout_s=90)
