@@ -2,7 +2,8 @@
 # GPU checks of the NVSHMEM low-latency kernels, from the repository root on a GPU machine:
 #   build with NVSHMEM, the NVSHMEM heap test, tests/gpu/test_low_latency.py (EP2/4/8 on one GPU under
 #   MPS), scripts/bench_low_latency.py (EP2). Logs go to $OUT (or /tmp/gpu_ll); a summary is printed last.
-#   STEPS=build,heap,test,bench (default all); TEST_ARGS / BENCH_ARGS pass extra arguments.
+#   STEPS=build,heap,test,bench (default; add sanitize for scripts/sanitize_low_latency.py, which runs
+#   before MPS starts and needs two GPUs); TEST_ARGS / BENCH_ARGS pass extra arguments.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 source scripts/mps.sh
@@ -33,6 +34,9 @@ if want build; then
     { cat "$SUMMARY"; exit 1; }
   step import 60 python3 -c 'import deepep_megatron._C as c; print("nvshmem", c.HAS_NVSHMEM, "ll bytes", c.low_latency_layout_bytes(128, 7168, 2, 64))' ||
     { cat "$SUMMARY"; exit 1; }
+fi
+if want sanitize; then
+  step sanitize 600 python3 scripts/sanitize_low_latency.py || true
 fi
 mps_start
 # shellcheck disable=SC2086  # the *_ARGS are lists of flags
