@@ -460,10 +460,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       int my_e = -1, my_slot = -1;
       float my_w = 0.0f;
       if (lane < K) {
-        my_e = static_cast<int>(args.topk_idx[static_cast<int64_t>(t) * K + lane]);
+        const int64_t e = args.topk_idx[static_cast<int64_t>(t) * K + lane];
         my_slot = args.pair_slot[static_cast<int64_t>(t) * K + lane];
         my_w = args.topk_weights[static_cast<int64_t>(t) * K + lane];
-        if (my_e < 0 || my_e >= s.num_experts || my_slot < 0 || my_slot >= M) my_e = -1;
+        my_e = (e >= 0 && e < s.num_experts && my_slot >= 0 && my_slot < M) ? static_cast<int>(e) : -1;
       }
       const int v0 = chunk * kChunk + lane, v1 = v0 + 32;
       const bool a0 = v0 < vectors, a1 = v1 < vectors;
