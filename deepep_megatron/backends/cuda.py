@@ -47,6 +47,7 @@ from ..config import NVL_CONTROL_BYTES, SUPPORTED_NVL_RANK_COUNTS, Config
 from ..layout import MAX_COMBINE_TOPK, MAX_LOCAL_EXPERTS, MAX_SEND_CHUNK, MAX_TOPK, WARPS_PER_BLOCK
 from .base import Backend, DispatchLayout, DispatchOutput, topk_range_error
 from .low_latency import low_latency_engine
+from .reference import ReferenceBackend  # noqa: F401 - kept for the merge with main (low_latency_engine builds it now)
 
 try:  # the extension is optional: CPU-only installs never build it
     from .. import _C  # type: ignore[attr-defined]
