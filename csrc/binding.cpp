@@ -7,6 +7,7 @@
 
 #include "intranode_ops.h"
 #ifdef DEEPEP_MEGATRON_WITH_NVSHMEM
+#include "low_latency_ops.h"
 #include "nvshmem_heap.h"
 #endif
 
@@ -18,6 +19,70 @@ namespace {
 RingConfig ring_config(int num_channels, int num_slots, int send_chunk) { return {num_channels, num_slots, send_chunk}; }
 
 py::object maybe(const std::optional<at::Tensor>& t) { return t.has_value() ? py::cast(*t) : py::none(); }
+
+#ifdef DEEPEP_MEGATRON_WITH_NVSHMEM
+py::tuple ll_result(const LowLatencyDispatchResult& r) {
+  return py::make_tuple(r.recv_x, maybe(r.recv_x_scales), r.recv_count, r.recv_src_info, r.recv_layout_range, r.pair_slot);
+}
+
+// The low-latency kernels (low_latency_ops.h) over an NvshmemHeap.
+void bind_low_latency(py::module_& m) {
+  m.attr("LL_SEND") = static_cast<int>(kLLSend);
+  m.attr("LL_RECV") = static_cast<int>(kLLRecv);
+  m.attr("LL_WARPS_PER_BLOCK") = kLLWarpsPerBlock;
+  m.def("low_latency_layout_bytes", [](int64_t max_tokens, int64_t hidden, int64_t num_ranks, int64_t num_experts) {
+    return ll_layout(max_tokens, hidden, num_ranks, num_experts).total_bytes;
+  }, "ll_layout(...).total_bytes of the layout header (Python's layout.low_latency_layout must agree).");
+  py::register_exception<LowLatencyError>(m, "LowLatencyError", PyExc_RuntimeError);
+  py::class_<LowLatencyRuntime>(m, "LowLatency")
+      .def(py::init<NvshmemHeap&, int, int, int, double>(), py::arg("heap"), py::arg("rank"), py::arg("num_ranks"),
+           py::arg("device"), py::arg("timeout_s"), py::keep_alive<1, 2>())
+      .def_property("timeout_s", &LowLatencyRuntime::timeout_s, &LowLatencyRuntime::set_timeout_s)
+      .def_property_readonly("num_bytes", &LowLatencyRuntime::num_bytes)
+      .def("has_error", &LowLatencyRuntime::has_error)
+      .def("diagnostic", &LowLatencyRuntime::diagnostic, "[flag, code, rank, peer, expert, block, expected, seen]")
+      .def("clean", &LowLatencyRuntime::clean, py::call_guard<py::gil_scoped_release>())
+      .def(
+          "dispatch",
+          [](LowLatencyRuntime& rt, const at::Tensor& x, const at::Tensor& topk_idx, int max_tokens, int num_experts,
+             bool use_fp8, bool round_scale, bool use_ue8m0, int half, int phases, int num_blocks,
+             const std::optional<at::Tensor>& wait_stats, const py::object& outputs) {
+            std::optional<LowLatencyDispatchResult> given;
+            if (!outputs.is_none()) {
+              py::tuple t = outputs.cast<py::tuple>();
+              if (t.size() != 6) throw std::invalid_argument("outputs must be the 6-tuple a send launch returned");
+              LowLatencyDispatchResult r;
+              r.recv_x = t[0].cast<at::Tensor>();
+              if (!t[1].is_none()) r.recv_x_scales = t[1].cast<at::Tensor>();
+              r.recv_count = t[2].cast<at::Tensor>();
+              r.recv_src_info = t[3].cast<at::Tensor>();
+              r.recv_layout_range = t[4].cast<at::Tensor>();
+              r.pair_slot = t[5].cast<at::Tensor>();
+              given = r;
+            }
+            LowLatencyDispatchResult r;
+            {
+              py::gil_scoped_release release;
+              r = low_latency_dispatch(rt, x, topk_idx, max_tokens, num_experts, use_fp8, round_scale, use_ue8m0, half,
+                                       phases, num_blocks, wait_stats, given);
+            }
+            return ll_result(r);
+          },
+          py::arg("x"), py::arg("topk_idx"), py::arg("max_tokens"), py::arg("num_experts"), py::arg("use_fp8"),
+          py::arg("round_scale"), py::arg("use_ue8m0"), py::arg("half"), py::arg("phases"), py::arg("num_blocks"),
+          py::arg("wait_stats") = py::none(), py::arg("outputs") = py::none(),
+          "Low-latency dispatch -> (recv_x, recv_x_scales or None, recv_count, recv_src_info, recv_layout_range, "
+          "pair_slot).")
+      .def("combine", &low_latency_combine, py::arg("x"), py::arg("topk_idx"), py::arg("topk_weights"),
+           py::arg("pair_slot"), py::arg("recv_layout_range"), py::arg("max_tokens"), py::arg("num_experts"),
+           py::arg("half"), py::arg("phases"), py::arg("num_blocks"), py::arg("wait_stats") = py::none(),
+           py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>(),
+           "Low-latency combine -> combined [T, H] bf16.")
+      .def("combine_buffer", &low_latency_combine_buffer, py::arg("max_tokens"), py::arg("hidden"),
+           py::arg("num_experts"), py::arg("half"),
+           "The half's send region as bf16 [E_l, R * M, H] (a view of the heap: zero-copy combine).");
+}
+#endif
 
 }  // namespace
 
@@ -61,6 +126,7 @@ PYBIND11_MODULE(_C, m) {
            },
            "Every PE puts rank*1000+pe into slot [rank] of every PE; returns this PE's slots.")
       .def("destroy", &NvshmemHeap::destroy, py::call_guard<py::gil_scoped_release>());
+  bind_low_latency(m);
 #else
   m.attr("HAS_NVSHMEM") = false;
 #endif

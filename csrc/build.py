@@ -41,11 +41,15 @@ NVCC_FLAGS = (
 
 CXX_FLAGS = ("-O3", "-std=c++17")
 
-#: The NVSHMEM room of the runtime (low-latency and internode kernels build on it): compiled with
+#: The NVSHMEM room of the runtime and the low-latency kernels on it (issue 14): compiled with
 #: DEEPEP_MEGATRON_NVSHMEM=1 when the ``nvidia-nvshmem-cu13`` wheel is installed. Opt-in until it has
 #: run on a GPU (issues 14/15): the default build stays the tested one.
-NVSHMEM_SOURCES = ("csrc/runtime/nvshmem_heap.cu",)
+NVSHMEM_SOURCES = ("csrc/runtime/nvshmem_heap.cu", "csrc/kernels/low_latency.cu", "csrc/runtime/low_latency_ops.cpp")
 NVSHMEM_ENV = "DEEPEP_MEGATRON_NVSHMEM"
+#: NVSHMEM's device headers use the half/bf16 operators that torch's extension build switches off
+#: (its COMMON_NVCC_FLAGS define __CUDA_NO_HALF_OPERATORS__ etc.; ours come after them on the line).
+NVSHMEM_NVCC_FLAGS = ("-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                      "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__")
 
 
 def nvshmem_root() -> str | None:
@@ -78,9 +82,14 @@ def extension_kwargs() -> dict:
         define = "-DDEEPEP_MEGATRON_WITH_NVSHMEM"
         kwargs["sources"] += list(NVSHMEM_SOURCES)
         kwargs["include_dirs"].append(os.path.join(root, "include"))
-        kwargs["extra_compile_args"] = {"cxx": [*CXX_FLAGS, define], "nvcc": [*NVCC_FLAGS, "-rdc=true", define],
-                                        "nvcc_dlink": ["-dlink", os.path.join(lib, "libnvshmem_device.a")]}
-        kwargs["dlink"] = True
+        # The device link runs without CUDAExtension's dlink=True: that adds -dlto, and nvlink cannot
+        # load libnvshmem_device.a for LTO ("elfLink linker library load error"); torch's ninja build
+        # adds the device-link step whenever 'nvcc_dlink' is given.
+        kwargs["extra_compile_args"] = {"cxx": [*CXX_FLAGS, define],
+                                        "nvcc": [*NVCC_FLAGS, *NVSHMEM_NVCC_FLAGS, "-rdc=true", define],
+                                        "nvcc_dlink": ["-dlink", os.path.join(lib, "libnvshmem_device.a"),
+                                                       "-gencode=arch=compute_90,code=sm_90"]}
         kwargs["library_dirs"] = [lib]
-        kwargs["extra_link_args"] = ["-l:libnvshmem_host.so.3", f"-Wl,-rpath,{lib}"]
+        # libnvshmem_device.a also holds host code (nvshmemi_init_thread, behind nvshmemx_init_attr): link it too.
+        kwargs["extra_link_args"] = ["-l:libnvshmem_host.so.3", "-l:libnvshmem_device.a", f"-Wl,-rpath,{lib}"]
     return kwargs

@@ -834,18 +834,22 @@ class Buffer:
         if use_ue8m0 and not (use_fp8 and round_scale):
             raise ValueError("use_ue8m0=True needs use_fp8=True and round_scale=True (UE8M0 scales are powers of two)")
         _check_num_experts(num_experts, self.group_size)
-        _check_topk_idx(topk_idx, num_experts, num_tokens, x.device)
+        # The value range costs a host sync, which a CUDA graph capture cannot hold; the NVSHMEM
+        # kernels check it on the device instead (an error at the next call; ids outside are dropped).
+        _check_topk_idx(topk_idx, num_experts, num_tokens, x.device, values=self._host_checks_topk_range())
         self._check_low_latency(num_max_dispatch_tokens_per_rank, hidden, num_experts)
         if cumulative_local_expert_recv_stats is not None:
             _check_tensor(cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats", (torch.int32,),
                           (num_experts // self.group_size,), x.device)
         wait_stats = self._check_wait_stats(dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats")
+        extra, wait_stats = self._device_wait_stats(wait_stats)
         x = x.contiguous()
         started = time.perf_counter_ns()
         with nvtx_range("deepep/low_latency_dispatch"):
             (out, receive), event = self._run(
                 lambda: self.runtime.low_latency_dispatch(
-                    x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0, return_recv_hook
+                    x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0, return_recv_hook,
+                    **extra,
                 ),
                 [x, topk_idx], x.device, None, async_finish,
             )
@@ -890,13 +894,14 @@ class Buffer:
         num_local_experts = layout.num_experts // self.group_size
         slots = self.group_size * layout.num_max_dispatch_tokens_per_rank
         _check_tensor(x, "x", (torch.bfloat16,), (num_local_experts, slots, layout.hidden))
-        _check_topk_idx(topk_idx, layout.num_experts, handle.num_tokens, x.device)
+        _check_topk_idx(topk_idx, layout.num_experts, handle.num_tokens, x.device, values=self._host_checks_topk_range())
         if topk_idx.size(1) != handle.num_topk:
             raise ValueError(f"topk_idx has top-k {topk_idx.size(1)} but the dispatch used {handle.num_topk}")
         _check_tensor(topk_weights, "topk_weights", (torch.float32,), tuple(topk_idx.shape), x.device)
         if out is not None:
             _check_tensor(out, "out", (torch.bfloat16,), (handle.num_tokens, layout.hidden), x.device)
         wait_stats = self._check_wait_stats(combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats")
+        extra, wait_stats = self._device_wait_stats(wait_stats)
         self._check_low_latency(layout.num_max_dispatch_tokens_per_rank, layout.hidden, layout.num_experts)
         if zero_copy:
             staged = self._next_combine_buffer
@@ -909,18 +914,38 @@ class Buffer:
         started = time.perf_counter_ns()
         with nvtx_range("deepep/low_latency_combine"):
             (combined, receive), event = self._run(
-                lambda: self.runtime.low_latency_combine(x.contiguous(), topk_idx, topk_weights, layout, out, return_recv_hook),
+                lambda: self.runtime.low_latency_combine(x.contiguous(), topk_idx, topk_weights, layout, out, return_recv_hook,
+                                                         **extra),
                 [x, topk_idx, topk_weights], x.device, None, async_finish,
             )
         return combined, event, self._hook(receive, None, wait_stats, started)
 
+    def _host_checks_topk_range(self) -> bool:
+        """Whether a low-latency call checks topk_idx's values on the host (a sync): not under graph
+        capture, and not when the backend's kernels check them."""
+        return not (_capturing() or getattr(self.runtime, "low_latency_checks_topk_range", False))
+
+    def _device_wait_stats(self, wait_stats: Optional[torch.Tensor]) -> tuple[dict, Optional[torch.Tensor]]:
+        """(keyword arguments for the backend, what the hook accounts on the host): a backend whose
+        kernels measure their waits (the NVSHMEM low-latency kernels) gets the statistics tensor."""
+        if wait_stats is not None and getattr(self.runtime, "low_latency_wait_stats_on_device", False):
+            return {"wait_stats": wait_stats}, None
+        return {}, wait_stats
+
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
         """The bf16 tensor [E_local, R * max_tokens, H] that the next ``low_latency_combine(...,
         zero_copy=True)`` of ``handle``'s shapes sends from: experts write their outputs straight into
-        it (DeepEP's zero-copy combine). The same tensor is returned until its shape changes."""
+        it (DeepEP's zero-copy combine). With the NVSHMEM kernels it is the send region of the heap
+        half the next low-latency call uses (so fill it and combine before any other low-latency
+        call); otherwise the same tensor is returned until its shape changes."""
         self._check_alive()
         self._check_handle(handle, LowLatencyHandle)
         layout = handle.layout
+        in_heap = getattr(self.runtime, "low_latency_combine_buffer", None)
+        staged = in_heap(layout) if in_heap is not None else None
+        if staged is not None:
+            self._next_combine_buffer = staged
+            return staged
         shape = (layout.num_experts // self.group_size, self.group_size * layout.num_max_dispatch_tokens_per_rank, layout.hidden)
         device = layout.recv_src_info.device
         staged = self._next_combine_buffer
@@ -968,6 +993,11 @@ class Buffer:
             record(since)
 
         return hook
+
+
+def _capturing() -> bool:
+    """True while the current CUDA stream is being captured into a graph (no host syncs then)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _group_of(group: Any, comm: Any) -> dist.ProcessGroup:

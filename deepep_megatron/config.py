@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .layout import CONTROL_BYTES, FP8_BLOCK, MAX_TOPK, token_slot_bytes  # noqa: F401 - re-exported
+from .layout import CONTROL_BYTES, FP8_BLOCK, MAX_TOPK, ll_message_bytes, low_latency_layout, token_slot_bytes  # noqa: F401 - re-exported
 
 # FP8_BLOCK, MAX_TOPK and token_slot_bytes are re-exported: callers import them from here.
 #: Rank counts the intranode kernels accept (ranks of one NVLink domain).
@@ -131,21 +131,22 @@ def default_combine_config(num_ranks: int, num_sms: int = 20) -> Config:
 
 def low_latency_message_bytes(hidden: int, use_fp8: bool) -> int:
     """Bytes of one token message of the low-latency kernels: a 16-byte header (source token
-    index, flags) then the row, bf16 or e4m3 with its per-128-channel fp32 scales."""
-    if use_fp8:
-        return align_up(16 + hidden + hidden // FP8_BLOCK * 4, 16)
-    return align_up(16 + hidden * 2, 16)
+    index) then the row, bf16 or e4m3 with its per-128-channel fp32 scales (the layout header's
+    ``ll_message_bytes``)."""
+    return ll_message_bytes(hidden, use_fp8)
 
 
 def get_low_latency_rdma_size_hint(
     num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
 ) -> int:
-    """Bytes of RDMA buffer one rank needs for low-latency dispatch + combine.
+    """Bytes of RDMA (NVSHMEM) buffer one rank needs for low-latency dispatch + combine: the layout
+    header's ``ll_layout(...).total_bytes``.
 
-    Two halves (double buffering, so consecutive calls never overwrite data a peer is still
-    reading), each with a send region for this rank's tokens, a receive region of
-    ``num_experts x max_tokens`` messages (one slot per (local expert, source rank, token)) and
-    per-expert signal counters. Sized for the larger of the bf16 dispatch and the bf16 combine.
+    A control block, then two halves (double buffering, so consecutive calls never overwrite data a
+    peer is still reading), each with a send region (this rank's cast tokens, or the combine rows
+    ``[E_local, R * max_tokens, H]`` bf16 that a zero-copy combine sends from), a receive region of
+    ``num_experts x max_tokens`` messages (one slot per (local expert, source rank, token); combine's
+    rows back alias it) and the signals. Sized for the larger of the bf16 dispatch and the combine.
     """
     for name, value in (
         ("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank),
@@ -155,8 +156,4 @@ def get_low_latency_rdma_size_hint(
     ):
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
-    msg = low_latency_message_bytes(hidden, use_fp8=False)
-    send = num_max_dispatch_tokens_per_rank * msg * max(1, min(num_experts, MAX_TOPK))
-    recv = num_experts * num_max_dispatch_tokens_per_rank * msg
-    signals = align_up(num_experts * 8, BUFFER_ALIGN)
-    return 2 * align_up(send + recv + signals, BUFFER_ALIGN)
+    return low_latency_layout(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)["total_bytes"]

@@ -58,3 +58,39 @@ def token_slot_bytes(hidden_bytes: int) -> int:
     ``_C.slot_bytes``."""
     scales = (hidden_bytes // 2 + FP8_BLOCK - 1) // FP8_BLOCK * 4
     return _align_slot(hidden_bytes) + _align_slot(scales) + 2 * _align_slot(MAX_TOPK * 4) + SOURCE_INDEX_BYTES
+
+# Low-latency (NVSHMEM) region: the header's ll_layout(), mirrored (the GPU tests compare the totals
+# with _C.low_latency_layout_bytes).
+LL_HEADER_BYTES = _constant("kLLHeaderBytes")
+LL_CONTROL_BYTES = _constant("kLLControlBytes")
+LL_SIGNAL_BYTES = _constant("kLLSignalBytes")
+LL_REGION_ALIGN = _constant("kLLRegionAlign")
+LL_MAX_TOKENS = _constant("kLLMaxTokens")
+LL_MAX_LOCAL_EXPERTS = _constant("kLLMaxLocalExperts")
+LL_MAX_RANKS = _constant("kLLMaxRanks")
+LL_MAX_SMEM_TOPK_ENTRIES = _constant("kLLMaxSmemTopkEntries")
+
+
+def _align(value: int, alignment: int) -> int:
+    return (value + alignment - 1) // alignment * alignment
+
+
+def ll_message_bytes(hidden: int, fp8: bool) -> int:
+    """Bytes of one low-latency message: the header, the row (e4m3 + fp32 scales, or bf16), 16-aligned."""
+    return _align(LL_HEADER_BYTES + (hidden + hidden // FP8_BLOCK * 4 if fp8 else hidden * 2), 16)
+
+
+def low_latency_layout(max_tokens: int, hidden: int, num_ranks: int, num_experts: int) -> dict[str, int]:
+    """The header's ``ll_layout``: byte sizes and offsets of one PE's low-latency region."""
+    message = ll_message_bytes(hidden, False)
+    off_flags = num_experts * 8
+    off_scratch = off_flags + _align(num_ranks * 8, 16)
+    signal = off_scratch + num_experts * 4
+    off_data = LL_CONTROL_BYTES + 2 * LL_SIGNAL_BYTES
+    combine_rows = num_experts * max_tokens * hidden * 2
+    send = _align(max(max_tokens * message, combine_rows), LL_REGION_ALIGN)
+    recv = _align(max(num_experts * max_tokens * message, combine_rows), LL_REGION_ALIGN)
+    half = send + recv
+    return {"message_bytes": message, "off_flags": off_flags, "off_scratch": off_scratch, "signal_bytes": signal,
+            "off_data": off_data, "send_bytes": send, "recv_bytes": recv, "half_bytes": half,
+            "total_bytes": off_data + 2 * half}

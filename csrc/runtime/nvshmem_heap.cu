@@ -63,10 +63,10 @@ NvshmemHeap::NvshmemHeap(const std::string& unique_id, int rank, int num_ranks, 
 }
 
 NvshmemHeap::~NvshmemHeap() {
-  try {
-    destroy();
-  } catch (...) {  // best effort in a destructor: destroy() is the collective, checked path
-  }
+  // Nothing collective here: nvshmem_free / nvshmem_finalize wait for every PE, and a PE that is
+  // torn down without destroy() (an exception, interpreter exit) has peers that may be gone; under
+  // MPS the fault that follows takes the other clients of the GPU down too (seen on the H200). The
+  // process's exit releases the heap; destroy() is the collective, checked path.
 }
 
 void NvshmemHeap::destroy() {

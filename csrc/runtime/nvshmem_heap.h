@@ -34,7 +34,7 @@ class NvshmemHeap {
   // NVLink peers and PEs on this GPU; RDMA-only peers are reached with puts.
   bool peer_reachable(int pe) const;
   void barrier(cudaStream_t stream) const;  // every PE, ordered on `stream`
-  // Collective: frees the heap and finalizes NVSHMEM (the destructor does it too, best effort).
+  // Collective: frees the heap and finalizes NVSHMEM (the destructor does not: it is not collective).
   void destroy();
 
   // A check of the whole path, for the tests: every PE puts (rank * 1000 + pe) into slot [rank] of

@@ -21,6 +21,15 @@ def cuda_backend_available() -> bool:
     return is_available()
 
 
+def _low_latency_kernels_fit(num_rdma_bytes: int, low_latency_mode: bool) -> bool:
+    """True when the NVSHMEM low-latency kernels can serve a Buffer (built, a GPU, the mode and bytes)."""
+    if not (low_latency_mode and num_rdma_bytes > 0 and cuda_backend_available()):
+        return False
+    from .low_latency import unavailable_reason
+
+    return unavailable_reason(num_rdma_bytes, low_latency_mode) is None
+
+
 def create_backend(
     name: str,
     group: dist.ProcessGroup,
@@ -35,6 +44,9 @@ def create_backend(
     has NVLink bytes and the group is one node with a rank count the kernels support (2, 4, 8), else
     ``"reference"`` (so an EP1 group, e.g. a one-GPU run of the Megatron dispatcher, still works, and
     so does a group over ``num_nodes`` > 1 nodes, which only the reference backend serves so far).
+    A low-latency Buffer without NVLink bytes (DeepEP's ``Buffer(group, 0, num_rdma_bytes,
+    low_latency_mode=True)``) gets the NVSHMEM low-latency kernels under ``"auto"`` and ``"cuda"`` when
+    they are built (backends/low_latency.py), the reference backend otherwise.
     ``timeout_s`` bounds the cuda kernels' waits on peers (None: env or 100 s). Collective: every
     rank of ``group`` must call it."""
     if name not in BACKEND_NAMES:
@@ -43,6 +55,13 @@ def create_backend(
         from .cuda import resolve_timeout
 
         resolve_timeout(timeout_s)
+    if num_nvl_bytes == 0 and num_nodes == 1 and name in ("auto", "cuda") and _low_latency_kernels_fit(num_rdma_bytes, low_latency_mode):
+        # DeepEP's low-latency Buffer (no NVLink buffer): the NVSHMEM kernels for the low-latency calls.
+        from .cuda import resolve_timeout
+        from .low_latency import LowLatencyBackend
+
+        return LowLatencyBackend(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank,
+                                 resolve_timeout(timeout_s))
     if name == "auto":
         kernels_fit = num_nvl_bytes > 0 and num_nodes == 1 and dist.get_world_size(group) in SUPPORTED_NVL_RANK_COUNTS
         name = "cuda" if kernels_fit and cuda_backend_available() else "reference"

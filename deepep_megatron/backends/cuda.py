@@ -29,9 +29,11 @@ released.
   host wait) and by ``synchronize``; the Buffer then refuses work until ``reset()`` (collective),
   after which it is as new.
 
-Low-latency dispatch/combine are NOT implemented by kernels here: this backend delegates them to a
+Low-latency dispatch/combine run on the NVSHMEM kernels (backends/low_latency.py,
+csrc/kernels/low_latency.cu) when the extension was built with NVSHMEM and the Buffer has
+``low_latency_mode`` and ``num_rdma_bytes``; otherwise this backend delegates them to a
 :class:`~deepep_megatron.backends.reference.ReferenceBackend` over the same group (same results,
-torch.distributed speed), so that the API is complete.
+torch.distributed speed; a RuntimeWarning names the reason), so that the API is complete.
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ import torch.distributed as dist
 from ..config import NVL_CONTROL_BYTES, SUPPORTED_NVL_RANK_COUNTS, Config
 from ..layout import MAX_COMBINE_TOPK, MAX_LOCAL_EXPERTS, MAX_SEND_CHUNK, MAX_TOPK, WARPS_PER_BLOCK
 from .base import Backend, DispatchLayout, DispatchOutput, topk_range_error
-from .reference import ReferenceBackend
+from .low_latency import low_latency_engine
+from .reference import ReferenceBackend  # noqa: F401 - kept for the merge with main (low_latency_engine builds it now)
 
 try:  # the extension is optional: CPU-only installs never build it
     from .. import _C  # type: ignore[attr-defined]
@@ -168,7 +171,8 @@ class CudaBackend(Backend):
         dist.all_gather_object(peers, (self._runtime.ipc_handle(), num_nvl_bytes), group=group)
         self._runtime.open_peers([handle for handle, _ in peers], [size for _, size in peers])
         self._error: Optional[BaseException] = None
-        self._low_latency = ReferenceBackend(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank)
+        self._low_latency = low_latency_engine(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank,
+                                               resolve_timeout(timeout_s))
 
     @property
     def timeout_s(self) -> float:
@@ -395,27 +399,40 @@ class CudaBackend(Backend):
             layout.recv_src_idx, *self._ring(config, layout.num_channels),
         )
 
-    # ------------------------------------------------------------------ low-latency path (delegated)
-    def low_latency_dispatch(
-        self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0, return_recv_hook
-    ):
-        """Delegated to the reference backend (torch.distributed); no low-latency kernels in this backend."""
-        self.check_errors()
-        return self._low_latency.low_latency_dispatch(
-            x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0, return_recv_hook
-        )
+    # ------------------------------------------------------------------ low-latency path
+    @property
+    def low_latency_wait_stats_on_device(self) -> bool:
+        """Whether the low-latency calls measure wait costs themselves (the NVSHMEM kernels do)."""
+        return getattr(self._low_latency, "wait_stats_on_device", False)
 
-    def low_latency_combine(self, x, topk_idx, topk_weights, layout, out, return_recv_hook):
-        """Delegated to the reference backend (torch.distributed); no low-latency kernels in this backend."""
+    @property
+    def low_latency_checks_topk_range(self) -> bool:
+        """Whether the low-latency kernels check topk_idx's range themselves (no host sync)."""
+        return getattr(self._low_latency, "checks_topk_range", False)
+
+    def low_latency_dispatch(self, *args, **kwargs):
+        """The NVSHMEM kernels (backends/low_latency.py), or the reference backend when they are not built."""
         self.check_errors()
-        return self._low_latency.low_latency_combine(x, topk_idx, topk_weights, layout, out, return_recv_hook)
+        return self._low_latency.low_latency_dispatch(*args, **kwargs)
+
+    def low_latency_combine(self, *args, **kwargs):
+        """The NVSHMEM kernels (backends/low_latency.py), or the reference backend when they are not built."""
+        self.check_errors()
+        return self._low_latency.low_latency_combine(*args, **kwargs)
+
+    def low_latency_combine_buffer(self, layout):
+        """Zero-copy combine rows in the NVSHMEM heap (None: the Buffer allocates them)."""
+        engine = getattr(self._low_latency, "low_latency_combine_buffer", None)
+        return engine(layout) if engine is not None else None
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
-        """Nothing to reset: the delegated low-latency path keeps no signalling state."""
+        """Collective: zero the low-latency region of every rank (nothing to do for the delegated path)."""
+        self._low_latency.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
 
     def destroy(self) -> None:
         """Collective: wait for this rank's kernels, unmap the peers' buffers, then free this rank's.
         Works after a device error too (the kernels of an aborted rank have exited)."""
+        self._low_latency.destroy()
         if not self._runtime.is_open():
             return
         torch.cuda.synchronize(self.device)

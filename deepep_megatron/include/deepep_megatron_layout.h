@@ -121,6 +121,88 @@ constexpr SlotLayout dispatch_slot(int row_bytes, int num_scales, int hidden_byt
   return s;
 }
 
+// ----------------------------------------------------------------------------- low-latency (NVSHMEM)
+// The symmetric heap region of ONE PE (num_rdma_bytes, nvshmem_malloc'ed, zeroed at creation and by
+// clean_low_latency_buffer) that csrc/kernels/low_latency.cu reads and writes. Data sizes depend on
+// (max_tokens M, hidden H, ranks R, experts E = R * E_local); ll_layout() below computes every
+// offset, Python's layout.low_latency_layout mirrors it and get_low_latency_rdma_size_hint returns
+// its total. The signals sit at offsets that do not depend on the shape, so calls of different
+// shapes on one Buffer never read another shape's data as a signal.
+//
+//   offset            what                                             written by -> read by
+//   0                 control: u32 abort word, then u32 done counters   me -> me
+//                     [2 halves][kLLCounters] at kLLOffDone (the last
+//                     block of a kernel elects itself with them)
+//   kLLControlBytes   signals of half 0, then of half 1 (kLLSignalBytes each):
+//     + 0             u64 dispatch counts [E_local][R]: n + 1 once     source rank s -> me (after its
+//                     rank s sent all n of its pairs to local expert e  data; 0 = not yet)
+//     + off_flags     u64 combine flags [R]: 1 once rank r sent back   expert rank r -> me
+//                     every row it holds for me
+//     + off_scratch   i32 scratch [E]: pairs this rank sends to each    me -> me (summed during the
+//                     expert in the running dispatch                    send, read and cleared by its
+//                                                                       last block)
+//   off_data          data of half 0, then of half 1 (half_bytes each): consecutive low-latency
+//                     calls alternate halves (double buffering), so a call never overwrites data a
+//                     peer may still be reading from the call before.
+//     + 0             send: dispatch staging [M] messages (the cast     me -> me (the source of
+//                     row of each token), or combine rows              puts; zero_copy combine
+//                     [E_local][R * M][H] bf16                          rows are written by experts)
+//     + send_bytes    recv: dispatch slots [E_local][R][M] messages     source rank s -> me
+//                     (slot (e, s, i): the i-th pair of rank s whose
+//                     expert is my local expert e, in (token, k)
+//                     order), or combine rows [E][M] of 2H bytes        expert rank -> me (row (e, i):
+//                     (global expert e, slot i of MY dispatch)          expert e's output for my pair i)
+// A message (dispatch slot or staging): [kLLHeaderBytes header: i32 source token index, pad]
+// [row: H bytes e4m3 or 2H bytes bf16][FP8: H / 128 fp32 scales], 16-byte aligned
+// (ll_message_bytes). Receivers clear the signals they consumed, so the next use of the half
+// starts from zero; every wait is bounded and reports a Diagnostic (codes kWaitLowLatency*).
+constexpr int kLLHeaderBytes = 16;        // message header: source token index (+ pad)
+constexpr int kLLControlBytes = 4096;     // abort word + done counters
+constexpr int kLLSignalBytes = 1048576;   // signals of one half
+constexpr int kLLCounters = 4;            // done counters per half: dispatch send / recv, combine send / recv
+constexpr int kLLOffDone = 64;            // byte offset of the done counters in the control region
+constexpr int kLLRegionAlign = 128;       // every region is aligned to this
+constexpr int kLLWarpsPerBlock = 16;      // low-latency blocks: 512 threads
+constexpr int kLLMaxTokens = 4096;        // num_max_dispatch_tokens_per_rank limit
+constexpr int kLLMaxLocalExperts = 1024;  // experts per rank
+constexpr int kLLMaxRanks = 1024;         // PEs of one low-latency group (shared-memory tables)
+constexpr int kLLMaxSmemTopkEntries = 8192;  // T * K a send block stages in shared memory (int32)
+
+constexpr int64_t ll_align(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
+
+constexpr int64_t ll_message_bytes(int64_t hidden, bool fp8) {
+  return ll_align(kLLHeaderBytes + (fp8 ? hidden + hidden / kFp8Block * 4 : hidden * 2), 16);
+}
+
+struct LowLatencyLayout {
+  int64_t message_bytes;   // bf16 message (the larger; FP8 messages use the same slots)
+  int64_t off_flags;       // from a half's signals: u64 [R] (counts start at 0)
+  int64_t off_scratch;     // i32 [E]
+  int64_t signal_bytes;    // signals used by this shape (<= kLLSignalBytes)
+  int64_t off_data;        // from the region's start: data of half 0
+  int64_t send_bytes;      // send region of a half
+  int64_t recv_bytes;      // recv region of a half
+  int64_t half_bytes;      // data of a half
+  int64_t total_bytes;     // off_data + 2 * half_bytes
+};
+
+constexpr LowLatencyLayout ll_layout(int64_t max_tokens, int64_t hidden, int64_t num_ranks, int64_t num_experts) {
+  LowLatencyLayout l{};
+  l.message_bytes = ll_message_bytes(hidden, false);
+  l.off_flags = num_experts * 8;
+  l.off_scratch = l.off_flags + ll_align(num_ranks * 8, 16);
+  l.signal_bytes = l.off_scratch + num_experts * 4;
+  l.off_data = kLLControlBytes + 2 * static_cast<int64_t>(kLLSignalBytes);
+  const int64_t dispatch_send = max_tokens * l.message_bytes;
+  const int64_t combine_rows = num_experts * max_tokens * hidden * 2;  // [E_local][R * M][H] == [E][M][H]
+  l.send_bytes = ll_align(dispatch_send > combine_rows ? dispatch_send : combine_rows, kLLRegionAlign);
+  const int64_t dispatch_recv = num_experts * max_tokens * l.message_bytes;  // [E_local][R][M]
+  l.recv_bytes = ll_align(dispatch_recv > combine_rows ? dispatch_recv : combine_rows, kLLRegionAlign);
+  l.half_bytes = l.send_bytes + l.recv_bytes;
+  l.total_bytes = l.off_data + 2 * l.half_bytes;
+  return l;
+}
+
 // ----------------------------------------------------------------------------- host-mapped words
 // What a device-detected error reports (Diagnostic::code).
 enum ErrorCode : int32_t {
@@ -132,6 +214,10 @@ enum ErrorCode : int32_t {
   kFingerprintMismatch = 6,  // barrier: the peer is in another operation / geometry
   kBadExpertIds = 7,         // notify (num_worst_tokens): some rank's topk_idx out of range
   kWorstTokensExceeded = 8,  // notify (num_worst_tokens): a rank receives more rows than the bound
+  kWaitLowLatencyDispatch = 9,   // low-latency dispatch receiver: waited for a source rank's count signal
+  kWaitLowLatencyCombine = 10,   // low-latency combine receiver: waited for an expert rank's flag
+  kLowLatencySlotOverflow = 11,  // low-latency dispatch: more than max_tokens pairs of one rank for one expert
+  kLowLatencyBadExpertIds = 12,  // low-latency dispatch/combine: topk_idx outside [-1, num_experts)
 };
 
 // Filled by the first device-detected error of this rank (host-mapped memory).
