@@ -923,12 +923,12 @@ class Buffer:
     def _host_checks_topk_range(self) -> bool:
         """Whether a low-latency call checks topk_idx's values on the host (a sync): not under graph
         capture, and not when the backend's kernels check them."""
-        return not (_capturing() or getattr(self.runtime, "low_latency_checks_topk_range", False))
+        return not (_capturing() or self.runtime.low_latency_checks_topk_range)
 
     def _device_wait_stats(self, wait_stats: Optional[torch.Tensor]) -> tuple[dict, Optional[torch.Tensor]]:
         """(keyword arguments for the backend, what the hook accounts on the host): a backend whose
         kernels measure their waits (the NVSHMEM low-latency kernels) gets the statistics tensor."""
-        if wait_stats is not None and getattr(self.runtime, "low_latency_wait_stats_on_device", False):
+        if wait_stats is not None and self.runtime.low_latency_wait_stats_on_device:
             return {"wait_stats": wait_stats}, None
         return {}, wait_stats
 
@@ -941,8 +941,7 @@ class Buffer:
         self._check_alive()
         self._check_handle(handle, LowLatencyHandle)
         layout = handle.layout
-        in_heap = getattr(self.runtime, "low_latency_combine_buffer", None)
-        staged = in_heap(layout) if in_heap is not None else None
+        staged = self.runtime.low_latency_combine_buffer(layout)
         if staged is not None:
             self._next_combine_buffer = staged
             return staged

@@ -165,6 +165,12 @@ class Backend(ABC):
     #: Whether ``dispatch(num_worst_tokens=N)`` returns N-row outputs itself with no host sync (the
     #: Buffer pads the exact-size outputs of the others, which know their sizes on the host anyway).
     native_worst_tokens: bool = False
+    #: Whether the low-latency calls check ``topk_idx``'s values on the device (the Buffer then skips
+    #: its host-synced range check; an error surfaces at the next call).
+    low_latency_checks_topk_range: bool = False
+    #: Whether the low-latency calls fill DeepEP's wait-cost statistics themselves (``wait_stats=``);
+    #: else the Buffer's hook adds host nanoseconds.
+    low_latency_wait_stats_on_device: bool = False
 
     def __init__(
         self,
@@ -246,6 +252,11 @@ class Backend(ABC):
         return_recv_hook: bool,
     ) -> tuple[torch.Tensor, Optional[RecvHook]]:
         """Send each expert output back and reduce ``sum_k w[t, k] * y_k`` -> [T, H]."""
+
+    def low_latency_combine_buffer(self, layout: LowLatencyLayout) -> Optional[torch.Tensor]:
+        """The tensor a zero-copy low-latency combine sends from, where the backend owns it (a
+        communication heap); None: the Buffer allocates one."""
+        return None
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Reset low-latency signalling state (nothing to do for stateless backends)."""

@@ -47,7 +47,6 @@ from ..config import NVL_CONTROL_BYTES, SUPPORTED_NVL_RANK_COUNTS, Config
 from ..layout import MAX_COMBINE_TOPK, MAX_LOCAL_EXPERTS, MAX_SEND_CHUNK, MAX_TOPK, WARPS_PER_BLOCK
 from .base import Backend, DispatchLayout, DispatchOutput, topk_range_error
 from .low_latency import low_latency_engine
-from .reference import ReferenceBackend  # noqa: F401 - kept for the merge with main (low_latency_engine builds it now)
 
 try:  # the extension is optional: CPU-only installs never build it
     from .. import _C  # type: ignore[attr-defined]
@@ -301,8 +300,9 @@ class CudaBackend(Backend):
         Without ``cached_layout``: one ``_C.dispatch`` (notify, then unless ``num_worst_tokens`` the
         dispatch kernel launched speculatively into tensors sized from the previous call and the host
         wait for the sizes, then the exact kernel only if some rank's rows did not fit); returns
-        ``recv_topk_idx`` [N, K] int64 and ``recv_topk_weights`` [N, K] fp32 too. With it: barrier + dispatch of x only, on the channels of the dispatch that made
-        the layout (``config.num_sms`` is not used then).
+        ``recv_topk_idx`` [N, K] int64 and ``recv_topk_weights`` [N, K] fp32 too. With it: barrier +
+        dispatch of x only, on the channels of the dispatch that made the layout (``config.num_sms``
+        is not used then).
         """
         self._check_device(x, "x")
         if x_scales is not None and x_scales.dtype != torch.float32:
@@ -401,14 +401,14 @@ class CudaBackend(Backend):
 
     # ------------------------------------------------------------------ low-latency path
     @property
-    def low_latency_wait_stats_on_device(self) -> bool:
+    def low_latency_wait_stats_on_device(self) -> bool:  # type: ignore[override]
         """Whether the low-latency calls measure wait costs themselves (the NVSHMEM kernels do)."""
-        return getattr(self._low_latency, "wait_stats_on_device", False)
+        return self._low_latency.low_latency_wait_stats_on_device
 
     @property
-    def low_latency_checks_topk_range(self) -> bool:
+    def low_latency_checks_topk_range(self) -> bool:  # type: ignore[override]
         """Whether the low-latency kernels check topk_idx's range themselves (no host sync)."""
-        return getattr(self._low_latency, "checks_topk_range", False)
+        return self._low_latency.low_latency_checks_topk_range
 
     def low_latency_dispatch(self, *args, **kwargs):
         """The NVSHMEM kernels (backends/low_latency.py), or the reference backend when they are not built."""
@@ -422,8 +422,7 @@ class CudaBackend(Backend):
 
     def low_latency_combine_buffer(self, layout):
         """Zero-copy combine rows in the NVSHMEM heap (None: the Buffer allocates them)."""
-        engine = getattr(self._low_latency, "low_latency_combine_buffer", None)
-        return engine(layout) if engine is not None else None
+        return self._low_latency.low_latency_combine_buffer(layout)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Collective: zero the low-latency region of every rank (nothing to do for the delegated path)."""

@@ -80,9 +80,10 @@ class LowLatencyKernels:
     """The NVSHMEM low-latency kernels of one group (same interface as the reference backend's
     low-latency methods, plus ``wait_stats``)."""
 
-    wait_stats_on_device = True
-    #: topk_idx's value range is checked by the dispatch kernel (reported at the next call), not on the host.
-    checks_topk_range = True
+    #: As the Backend attributes of these names: the kernels fill the wait statistics, and check
+    #: topk_idx's value range on the device (reported at the next call), not on the host.
+    low_latency_wait_stats_on_device = True
+    low_latency_checks_topk_range = True
 
     def __init__(self, group: dist.ProcessGroup, num_rdma_bytes: int, timeout_s: float) -> None:
         self.group = group
@@ -230,18 +231,12 @@ class LowLatencyBackend(ReferenceBackend):
     low-latency calls; normal dispatch/combine on the reference backend."""
 
     name = "cuda"
+    low_latency_wait_stats_on_device = LowLatencyKernels.low_latency_wait_stats_on_device
+    low_latency_checks_topk_range = LowLatencyKernels.low_latency_checks_topk_range
 
     def __init__(self, group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank, timeout_s: float) -> None:
         super().__init__(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank)
         self._low_latency = LowLatencyKernels(group, num_rdma_bytes, timeout_s)
-
-    @property
-    def low_latency_wait_stats_on_device(self) -> bool:
-        return True
-
-    @property
-    def low_latency_checks_topk_range(self) -> bool:
-        return True
 
     def low_latency_dispatch(self, *args, **kwargs):
         return self._low_latency.low_latency_dispatch(*args, **kwargs)
