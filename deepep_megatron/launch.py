@@ -16,6 +16,7 @@ import os
 import queue
 import socket
 import subprocess
+import sys
 import time
 import traceback
 from typing import Any, Callable, Optional
@@ -172,3 +173,34 @@ def tree_commit(path: str) -> str:
     except OSError:
         return "unknown"
     return commit + (" + uncommitted" if dirty else "")
+
+
+def sanitize_ranks(script: str, world: int, tools: list[str], extra_env: Optional[dict[str, str]] = None,
+                   timeout_s: float = 900) -> int:
+    """Run ``script --child-rank R`` for every rank under ``compute-sanitizer --tool T`` for each tool
+    (ranks talk over MASTER_ADDR/PORT on this host), print each rank's output and one summary line
+    per tool; return 0 when every tool reports no error on every rank, else 1."""
+    summary = []
+    for tool in tools:
+        env = dict(os.environ, **NO_MULTICAST_ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                   PYTHONUNBUFFERED="1", **(extra_env or {}))
+        extra = ["--racecheck-report", "all"] if tool == "racecheck" else []
+        start = time.monotonic()
+        procs = [subprocess.Popen(["compute-sanitizer", "--tool", tool, "--error-exitcode", "99", *extra, sys.executable,
+                                   os.path.abspath(script), "--child-rank", str(rank)],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for rank in range(world)]
+        try:
+            outputs = [p.communicate(timeout=timeout_s)[0] for p in procs]
+        except subprocess.TimeoutExpired:  # a hung rank must not outlive the script
+            for p in procs:
+                p.kill()
+            raise
+        for rank, (p, text) in enumerate(zip(procs, outputs)):
+            print(f"===== {tool} rank {rank} (exit {p.returncode}) =====\n{text}", flush=True)
+        ok = all(p.returncode == 0 for p in procs) and all(
+            "ERROR SUMMARY: 0 errors" in t or "RACECHECK SUMMARY: 0 hazards" in t for t in outputs)
+        summary.append(f"{tool}: {'clean' if ok else 'FAILED'} (exit codes {[p.returncode for p in procs]}, "
+                       f"{time.monotonic() - start:.0f} s)")
+    print("\n".join(summary), flush=True)
+    return 0 if all("clean" in line for line in summary) else 1

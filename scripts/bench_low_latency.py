@@ -37,23 +37,8 @@ from deepep_megatron.profiling import seconds_per_call  # noqa: E402
 
 
 def _per_call(fn, group, repeats: int, before=None, after=None) -> float:
-    """Median seconds of one call of fn after a sync + barrier (``before()`` runs first and
-    ``after()`` last, untimed)."""
-    samples = []
-    for _ in range(repeats):
-        if before is not None:
-            before()
-        torch.cuda.synchronize()
-        dist.barrier(group=group)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3)
-        if after is not None:
-            after()
-    return statistics.median(samples)
+    """Median seconds of one call timed from an idle stream after a sync + barrier (host path included)."""
+    return _gpu_time(fn, group, repeats, before=before, after=after, sleep=False)
 
 
 #: Cycles of torch.cuda._sleep queued before the timed calls (~8 ms on an H200): the host enqueues the
@@ -61,16 +46,18 @@ def _per_call(fn, group, repeats: int, before=None, after=None) -> float:
 SLEEP_CYCLES = 16_000_000
 
 
-def _gpu_time(fn, group, repeats: int, iters: int = 1, before=None, after=None) -> float:
-    """Median seconds per call of ``iters`` calls queued behind a GPU sleep (host path hidden) after a
-    sync + barrier; cross-rank skew at the start is amortized over ``iters``."""
+def _gpu_time(fn, group, repeats: int, iters: int = 1, before=None, after=None, sleep: bool = True) -> float:
+    """Median seconds per call of ``iters`` calls after a sync + barrier, queued behind a GPU sleep
+    (host path hidden; cross-rank skew at the start amortized over ``iters``), or with ``sleep=False``
+    timed from an idle stream (host path included). ``before()`` runs first and ``after()`` last, untimed."""
     samples = []
     for _ in range(repeats):
         if before is not None:
             before()
         torch.cuda.synchronize()
         dist.barrier(group=group)
-        torch.cuda._sleep(SLEEP_CYCLES)
+        if sleep:
+            torch.cuda._sleep(SLEEP_CYCLES)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(iters):

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from deepep_megatron.launch import NO_MULTICAST_ENV, free_port  # noqa: E402 - after the path insert
+from deepep_megatron.launch import sanitize_ranks  # noqa: E402 - after the path insert
 
 
 def child(rank: int, world: int) -> None:
@@ -81,30 +79,7 @@ def main() -> int:
     if args.child_rank is not None:
         child(args.child_rank, world)
         return 0
-    summary = []
-    for tool in args.tools.split(","):
-        env = dict(os.environ, **NO_MULTICAST_ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), DEEPEP_MEGATRON_TIMEOUT_S="300",
-                   PYTHONUNBUFFERED="1")
-        extra = ["--racecheck-report", "all"] if tool == "racecheck" else []
-        procs = []
-        start = time.monotonic()
-        for rank in range(world):
-            cmd = ["compute-sanitizer", "--tool", tool, "--error-exitcode", "99", *extra,
-                   sys.executable, os.path.abspath(__file__), "--child-rank", str(rank)]
-            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        try:
-            outputs = [p.communicate(timeout=900)[0] for p in procs]
-        except subprocess.TimeoutExpired:  # a hung rank must not outlive the script
-            for p in procs:
-                p.kill()
-            raise
-        for rank, (p, text) in enumerate(zip(procs, outputs)):
-            print(f"===== {tool} rank {rank} (exit {p.returncode}) =====\n{text}", flush=True)
-        ok = all(p.returncode == 0 for p in procs) and all("ERROR SUMMARY: 0 errors" in t or "RACECHECK SUMMARY: 0 hazards" in t for t in outputs)
-        summary.append(f"{tool}: {'clean' if ok else 'FAILED'} (exit codes {[p.returncode for p in procs]}, {time.monotonic() - start:.0f} s)")
-    print("\n".join(summary), flush=True)
-    return 0 if all("clean" in s for s in summary) else 1
-
+    return sanitize_ranks(__file__, world, args.tools.split(","), {"DEEPEP_MEGATRON_TIMEOUT_S": "300"}, timeout_s=900)
 
 if __name__ == "__main__":
     sys.exit(main())

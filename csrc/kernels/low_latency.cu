@@ -52,16 +52,6 @@ constexpr int kCounterDispatchRecv = 1;
 constexpr int kCounterCombineSend = 2;
 constexpr int kCounterCombineRecv = 3;
 
-__device__ __forceinline__ uint64_t ld_acquire_sys_u64(const uint64_t* p) {
-  uint64_t v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void st_release_sys_u64(uint64_t* p, uint64_t v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
 // Data (send, recv) and signals of the call's half.
 __device__ __forceinline__ uint8_t* half_base(const LowLatencyContext& ctx, const LowLatencyShape& s) {
   return ctx.heap + s.layout.off_data + static_cast<int64_t>(s.half) * s.layout.half_bytes;
