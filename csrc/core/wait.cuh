@@ -5,33 +5,17 @@
 #pragma once
 
 #include "context.h"
+#include "diagnostic.cuh"
 #include "ptx.cuh"
 
 namespace deepep_megatron {
 
-// Record the first device-detected error of this rank: the abort word elects one reporter, which
-// fills the diagnostic and raises its flag last.
-static __device__ __noinline__ void report_error(const PeerContext& ctx, int code, int peer, int channel,
-                                                 int64_t expected, int64_t seen, const int32_t* mine = nullptr,
-                                                 const volatile int32_t* theirs = nullptr) {
-  uint32_t* abort_word = at<uint32_t>(ctx.buffers[ctx.rank], kOffAbort);
-  if (atomicCAS(abort_word, 0u, static_cast<uint32_t>(code)) == 0u) {
-    volatile Diagnostic* d = ctx.diagnostic;
-    d->code = code;
-    d->rank = ctx.rank;
-    d->peer = peer;
-    d->channel = channel;
-    d->expected = expected;
-    d->seen = seen;
-    d->block = static_cast<int>(blockIdx.x);
-    for (int i = 0; i < kFingerprintWords; ++i) {
-      d->mine[i] = mine != nullptr ? mine[i] : 0;
-      d->theirs[i] = theirs != nullptr ? theirs[i] : 0;
-    }
-    __threadfence_system();
-    d->flag = 1;
-    __threadfence_system();
-  }
+// Record the first device-detected error of this rank (record_error, diagnostic.cuh).
+static __device__ __forceinline__ void report_error(const PeerContext& ctx, int code, int peer, int channel,
+                                                    int64_t expected, int64_t seen, const int32_t* mine = nullptr,
+                                                    const volatile int32_t* theirs = nullptr) {
+  record_error(at<uint32_t>(ctx.buffers[ctx.rank], kOffAbort), ctx.diagnostic, code, ctx.rank, peer, channel, expected,
+               seen, mine, theirs);
 }
 
 __device__ __forceinline__ bool aborted(const PeerContext& ctx) {

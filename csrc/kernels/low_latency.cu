@@ -39,6 +39,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "diagnostic.cuh"
 #include "low_latency.h"
 #include "ptx.cuh"
 
@@ -73,23 +74,11 @@ __device__ __forceinline__ bool ll_aborted(const LowLatencyContext& ctx) {
   return ld_volatile(abort_word(ctx)) != 0u;
 }
 
-// The first device-detected error of this rank fills the host-mapped diagnostic (flag last).
-__device__ __noinline__ void ll_report(const LowLatencyContext& ctx, int code, int peer, int expert, int64_t expected,
-                                       int64_t seen) {
-  if (atomicCAS(abort_word(ctx), 0u, static_cast<uint32_t>(code)) == 0u) {
-    volatile Diagnostic* d = ctx.diagnostic;
-    d->code = code;
-    d->rank = ctx.rank;
-    d->peer = peer;
-    d->channel = expert;  // the expert (local id for dispatch) the wait was for; -1 for combine
-    d->block = static_cast<int>(blockIdx.x);
-    d->expected = expected;
-    d->seen = seen;
-    for (int i = 0; i < kFingerprintWords; ++i) d->mine[i] = d->theirs[i] = 0;
-    __threadfence_system();
-    d->flag = 1;
-    __threadfence_system();
-  }
+// The first device-detected error of this rank (record_error, diagnostic.cuh); `expert` goes in the
+// channel field: the (local, for dispatch) expert the wait was for, -1 for combine.
+__device__ __forceinline__ void ll_report(const LowLatencyContext& ctx, int code, int peer, int expert, int64_t expected,
+                                          int64_t seen) {
+  record_error(abort_word(ctx), ctx.diagnostic, code, ctx.rank, peer, expert, expected, seen);
 }
 
 // Spin until the u64 signal at `p` is nonzero; returns it, or 0 after a timeout (reported) or an abort.
