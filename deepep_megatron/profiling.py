@@ -11,7 +11,7 @@ import contextlib
 import functools
 import statistics
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -121,6 +121,38 @@ class StageClock:
             self._cpu_s[name] = 0.0
             self._cuda_events[name] = []
         return result
+
+
+#: How far ahead of now :func:`start_together` sets the common start (covers the broadcast's spread).
+START_MARGIN_NS = 2_000_000
+
+
+def start_together(group: Any = None) -> Optional[int]:
+    """Return on every rank of ``group`` at (nearly) the same instant: after a barrier, rank 0
+    broadcasts a deadline on the host's monotonic clock ``START_MARGIN_NS`` ahead and every rank
+    spins until it. A barrier alone releases ranks tens of microseconds apart (its last message
+    reaches them at different times), which a one-call timing then counts as the operation's time;
+    the deadline leaves about a microsecond. Ranks must share one host (one clock); where they do
+    not (several nodes), this is a plain barrier. Returns the deadline (``time.monotonic_ns``), or
+    None after a plain barrier."""
+    dist.barrier(group=group)
+    if not _one_host(group):
+        return None
+    deadline = [time.monotonic_ns() + START_MARGIN_NS]
+    dist.broadcast_object_list(deadline, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    while time.monotonic_ns() < deadline[0]:
+        pass
+    return deadline[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _one_host(group: Any) -> bool:
+    """Whether every rank of ``group`` (None: the world) runs on this host (asked once per group)."""
+    import socket
+
+    names: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(names, socket.gethostname(), group=group)
+    return len(set(names)) == 1
 
 
 def seconds_per_call(fn: Callable[[], Any], iters: int, repeats: int = 5, warmup: int = 3,

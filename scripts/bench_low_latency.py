@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from deepep_megatron.launch import local_backend, run_ranks, tree_commit  # noqa: E402
-from deepep_megatron.profiling import seconds_per_call  # noqa: E402
+from deepep_megatron.profiling import seconds_per_call, start_together  # noqa: E402
 
 
 def _per_call(fn, group, repeats: int, before=None, after=None) -> float:
@@ -55,7 +55,7 @@ def _gpu_time(fn, group, repeats: int, iters: int = 1, before=None, after=None, 
         if before is not None:
             before()
         torch.cuda.synchronize()
-        dist.barrier(group=group)
+        start_together(group)
         if sleep:
             torch.cuda._sleep(SLEEP_CYCLES)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

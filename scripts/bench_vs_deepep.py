@@ -22,7 +22,8 @@ Ops, each with ``Config(num_sms, chunks...)`` built from the same numbers for bo
   dispatch fp8 ((e4m3 [T, H], fp32 scales [T, H/128])), dispatch with num_worst_tokens = 4096 * ranks,
   cached dispatch (handle), combine (bf16 rows, no weights).
 Per (op, SMs), medians in microseconds, the slowest rank:
-  one-call:     torch.cuda.synchronize(); barrier; t0; op; [host]; torch.cuda.synchronize(); t1 (--iters calls)
+  one-call:     torch.cuda.synchronize(); start together (barrier + a common deadline on the host clock);
+                t0; op; [host]; torch.cuda.synchronize(); t1 (--iters calls)
   back-to-back: --iters calls between two CUDA events (median over --repeats)
   host:         t0 to the op's return, without a sync (Python + binding + any host wait inside the op)
 The markdown table comes last; --out writes it, --json writes the raw results.
@@ -51,7 +52,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from deepep_megatron.config import default_combine_config, default_dispatch_config  # noqa: E402 - after the path insert
 from deepep_megatron.fp8 import per_token_cast_to_fp8  # noqa: E402
 from deepep_megatron.launch import local_backend, run_ranks, tree_commit  # noqa: E402
-from deepep_megatron.profiling import copy_roofline, seconds_per_call  # noqa: E402
+from deepep_megatron.profiling import copy_roofline, seconds_per_call, start_together  # noqa: E402
 from harness import mps_running  # noqa: E402 - tests/harness.py
 
 IMPLS = ("deep_ep", "deepep_megatron")
@@ -92,11 +93,12 @@ def _load(impl: str) -> tuple[Any, Any, dict[str, Any], str]:
 
 def _one_call(op: Callable[[], Any], iters: int, warmup: int) -> tuple[float, float]:
     """Median seconds of (op with the GPU work it queued, op's host time), one call at a time after
-    a sync and a barrier, so every rank starts each call together and no earlier call overlaps."""
+    a sync and :func:`start_together`, so every rank starts each call at the same instant (not a
+    barrier's spread apart) and no earlier call overlaps."""
     walls, hosts = [], []
     for i in range(warmup + iters):
         torch.cuda.synchronize()
-        dist.barrier()
+        start_together()
         t0 = time.perf_counter()
         result = op()
         returned = time.perf_counter()

@@ -8,7 +8,7 @@ per call (events around back-to-back calls, as bench_intranode.py), the time the
 spinning in wait_notify (≈ 0 means the host, not the GPU, paces the loop), then on rank 0 a
 cProfile of the same calls (top functions by own time). Full, num_worst_tokens and cached dispatch, then combine.
 
-``--one-call``: instead, each op one call at a time after a sync and a barrier (what a training step
+``--one-call``: instead, each op one call at a time after a sync and ``start_together`` (what a training step
 sees). Per op on rank 0: host time split into Python (Buffer + backend) and ``_C`` (checks,
 allocation, launches, the notify wait), then from a torch.profiler trace of the same loop the GPU
 timeline relative to the call's start: when the first kernel started (launch latency), each
@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from deepep_megatron.launch import local_backend, run_ranks  # noqa: E402 - after the path insert
+from deepep_megatron.profiling import start_together  # noqa: E402
 
 
 class _Timed:
@@ -61,7 +62,7 @@ def _one_call_timeline(rank: int, name: str, fn, timed: "_Timed", calls: int) ->
     hosts, in_c = [], []
     for _ in range(calls):
         torch.cuda.synchronize()
-        dist.barrier()
+        start_together()
         timed.spent.clear()
         t0 = time.perf_counter()
         fn()
@@ -75,7 +76,7 @@ def _one_call_timeline(rank: int, name: str, fn, timed: "_Timed", calls: int) ->
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(calls):
             torch.cuda.synchronize()
-            dist.barrier()
+            start_together()
             with torch.profiler.record_function("one_call"):
                 fn()
             torch.cuda.synchronize()

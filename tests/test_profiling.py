@@ -223,3 +223,29 @@ def test_expert_load_and_stage_times_of_a_step():
             delay_ms = 1e3 * DISPATCH_DELAY_S * step["delayed_calls"]
             assert delay_ms <= step["dispatch_ms"] <= 1e3 * step["seconds"], step
             assert 0 < step["combine_ms"] < delay_ms, step
+
+
+def _start_together(rank: int, world_size: int) -> list:
+    import time as _time
+
+    from deepep_megatron.profiling import start_together
+
+    out = []
+    for _ in range(3):
+        deadline = start_together()
+        out.append((deadline, _time.monotonic_ns()))
+    return out
+
+
+def test_start_together_releases_every_rank_at_one_deadline():
+    """Ranks on one host get the same deadline each round (a fresh one, later than the last) and
+    none returns before it: what makes one-call timings free of the barrier's release spread."""
+    results = run_ranks(_start_together, 2)
+    for round_ in range(3):
+        deadlines = {rank_rounds[round_][0] for rank_rounds in results}
+        assert len(deadlines) == 1 and None not in deadlines, deadlines
+        for rank_rounds in results:
+            deadline, returned = rank_rounds[round_]
+            assert returned >= deadline
+    firsts = [results[0][i][0] for i in range(3)]
+    assert firsts == sorted(firsts) and len(set(firsts)) == 3
