@@ -288,8 +288,8 @@ class Buffer:
         low_latency_mode: enable ``low_latency_dispatch``/``low_latency_combine``.
         num_qps_per_rank: RDMA queue pairs per peer (internode/low-latency kernels).
         allow_nvlink_for_low_latency_mode: DeepEP's switch for NVLink traffic in low-latency mode.
-            Accepted and recorded; no backend here has NVSHMEM low-latency kernels yet, so it changes
-            nothing (the low-latency path runs on the reference backend).
+            Accepted and recorded; it changes nothing: the NVSHMEM low-latency kernels always use
+            loads and stores where NVSHMEM reaches a peer that way (NVLink, the same GPU), puts elsewhere.
         allow_mnnvl: DeepEP's multi-node NVLink switch. Accepted and recorded; MNNVL is not supported
             here, so it changes nothing.
         explicitly_destroy: as DeepEP: when True you must call :meth:`destroy` (collective) to release
