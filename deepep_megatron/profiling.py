@@ -156,17 +156,25 @@ def _one_host(group: Any) -> bool:
 
 
 def seconds_per_call(fn: Callable[[], Any], iters: int, repeats: int = 5, warmup: int = 3,
-                     group: Any = None) -> float:
+                     group: Any = None, sleep_cycles: int = 0, before: Optional[Callable[[], Any]] = None,
+                     after: Optional[Callable[[], Any]] = None) -> float:
     """Seconds per call of ``iters`` calls of ``fn`` queued back to back between two CUDA events on
     the current stream, median over ``repeats`` (after ``warmup`` calls). With a process ``group``
-    every repeat starts after a sync and a barrier of it, so the ranks start together."""
+    every repeat starts after a sync and :func:`start_together`, so the ranks start together.
+    ``sleep_cycles`` > 0 queues a GPU sleep first, so the host enqueues the calls while the GPU
+    sleeps and the events time the GPU work alone; ``before()`` / ``after()`` run untimed around
+    each repeat."""
     for _ in range(warmup):
         fn()
     samples = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         torch.cuda.synchronize()
         if group is not None:
-            dist.barrier(group=group)
+            start_together(group)
+        if sleep_cycles > 0:
+            torch.cuda._sleep(sleep_cycles)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(iters):
@@ -174,6 +182,8 @@ def seconds_per_call(fn: Callable[[], Any], iters: int, repeats: int = 5, warmup
         end.record()
         torch.cuda.synchronize()
         samples.append(start.elapsed_time(end) / 1e3 / iters)
+        if after is not None:
+            after()
     return statistics.median(samples)
 
 

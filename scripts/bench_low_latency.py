@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import sys
 
 import torch
@@ -33,7 +32,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from deepep_megatron.launch import local_backend, run_ranks, tree_commit  # noqa: E402
-from deepep_megatron.profiling import seconds_per_call, start_together  # noqa: E402
+from deepep_megatron.profiling import seconds_per_call  # noqa: E402
 
 
 def _per_call(fn, group, repeats: int, before=None, after=None) -> float:
@@ -47,27 +46,12 @@ SLEEP_CYCLES = 16_000_000
 
 
 def _gpu_time(fn, group, repeats: int, iters: int = 1, before=None, after=None, sleep: bool = True) -> float:
-    """Median seconds per call of ``iters`` calls after a sync + barrier, queued behind a GPU sleep
-    (host path hidden; cross-rank skew at the start amortized over ``iters``), or with ``sleep=False``
-    timed from an idle stream (host path included). ``before()`` runs first and ``after()`` last, untimed."""
-    samples = []
-    for _ in range(repeats):
-        if before is not None:
-            before()
-        torch.cuda.synchronize()
-        start_together(group)
-        if sleep:
-            torch.cuda._sleep(SLEEP_CYCLES)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3 / iters)
-        if after is not None:
-            after()
-    return statistics.median(samples)
+    """Median seconds per call of ``iters`` calls after a sync + start_together, queued behind a GPU
+    sleep (host path hidden; cross-rank skew at the start amortized over ``iters``), or with
+    ``sleep=False`` timed from an idle stream (host path included). ``before()`` runs first and
+    ``after()`` last, untimed."""
+    return seconds_per_call(fn, iters, repeats=repeats, warmup=0, group=group, sleep_cycles=SLEEP_CYCLES if sleep else 0,
+                            before=before, after=after)
 
 
 def _worker(rank: int, world: int, tokens: int, hidden: int, topk: int, experts: int, iters: int) -> list | None:
