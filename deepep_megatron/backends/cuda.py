@@ -10,8 +10,10 @@ launches and, for a dispatch that must know its sizes, spins on host-mapped memo
 released.
 
 * Two launches per operation, like DeepEP: a normal dispatch runs ``notify`` (per-channel counts,
-  the topk_idx range check, the exchange with every peer) -> (one host wait for the receive sizes)
-  -> ``dispatch`` (whose sender blocks also build their channel's streams); a cached dispatch or a
+  the topk_idx range check, the exchange with every peer) -> ``dispatch`` (whose sender blocks also
+  build their channel's streams), launched right behind notify into receive tensors sized from the
+  previous call -> one host wait for the receive sizes (and a second, exact ``dispatch`` only when
+  some rank's rows did not fit those tensors); a cached dispatch or a
   combine runs a cross-rank barrier then its kernel; ``get_dispatch_layout`` is one kernel.
   With ``num_worst_tokens`` > 0 nothing waits on the host: the outputs have that many rows,
   padding rows get top-k -1 / weight 0 / source -1, and the counts stay on the device. That
@@ -46,7 +48,7 @@ import torch.distributed as dist
 from ..config import NVL_CONTROL_BYTES, SUPPORTED_NVL_RANK_COUNTS, Config
 from ..layout import MAX_COMBINE_TOPK, MAX_LOCAL_EXPERTS, MAX_SEND_CHUNK, MAX_TOPK, WARPS_PER_BLOCK
 from .base import Backend, DispatchLayout, DispatchOutput, topk_range_error
-from .low_latency import low_latency_engine
+from .low_latency import LowLatencyDelegate, low_latency_engine
 
 try:  # the extension is optional: CPU-only installs never build it
     from .. import _C  # type: ignore[attr-defined]
@@ -115,7 +117,7 @@ def _describe_fingerprint(words: list[int]) -> str:
     return ", ".join(parts)
 
 
-class CudaBackend(Backend):
+class CudaBackend(LowLatencyDelegate, Backend):
     """Intranode normal dispatch/combine over CUDA IPC with persistent channel kernels.
 
     Args (as :class:`~deepep_megatron.backends.base.Backend`): ``num_nvl_bytes`` must be positive
@@ -400,33 +402,9 @@ class CudaBackend(Backend):
         )
 
     # ------------------------------------------------------------------ low-latency path
-    @property
-    def low_latency_wait_stats_on_device(self) -> bool:  # type: ignore[override]
-        """Whether the low-latency calls measure wait costs themselves (the NVSHMEM kernels do)."""
-        return self._low_latency.low_latency_wait_stats_on_device
-
-    @property
-    def low_latency_checks_topk_range(self) -> bool:  # type: ignore[override]
-        """Whether the low-latency kernels check topk_idx's range themselves (no host sync)."""
-        return self._low_latency.low_latency_checks_topk_range
-
-    def low_latency_dispatch(self, *args, **kwargs):
-        """The NVSHMEM kernels (backends/low_latency.py), or the reference backend when they are not built."""
+    def _before_low_latency(self) -> None:
+        """The low-latency calls (LowLatencyDelegate) first raise this rank's recorded error."""
         self.check_errors()
-        return self._low_latency.low_latency_dispatch(*args, **kwargs)
-
-    def low_latency_combine(self, *args, **kwargs):
-        """The NVSHMEM kernels (backends/low_latency.py), or the reference backend when they are not built."""
-        self.check_errors()
-        return self._low_latency.low_latency_combine(*args, **kwargs)
-
-    def low_latency_combine_buffer(self, layout):
-        """Zero-copy combine rows in the NVSHMEM heap (None: the Buffer allocates them)."""
-        return self._low_latency.low_latency_combine_buffer(layout)
-
-    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
-        """Collective: zero the low-latency region of every rank (nothing to do for the delegated path)."""
-        self._low_latency.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
 
     def destroy(self) -> None:
         """Collective: wait for this rank's kernels, unmap the peers' buffers, then free this rank's.

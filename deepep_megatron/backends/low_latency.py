@@ -225,30 +225,55 @@ def low_latency_engine(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, n
     return ReferenceBackend(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank)
 
 
-class LowLatencyBackend(ReferenceBackend):
+class LowLatencyDelegate:
+    """The low-latency part of a backend that hands it to ``self._low_latency`` (the kernels, or a
+    reference backend): one set of forwards for the cuda backend and :class:`LowLatencyBackend`.
+    ``_before_low_latency`` runs before each call (the cuda backend raises its recorded errors there)."""
+
+    _low_latency: "LowLatencyKernels | ReferenceBackend"
+
+    def _before_low_latency(self) -> None:
+        """Nothing by default."""
+
+    @property
+    def low_latency_wait_stats_on_device(self) -> bool:
+        """Whether the low-latency calls measure wait costs themselves (the NVSHMEM kernels do)."""
+        return self._low_latency.low_latency_wait_stats_on_device
+
+    @property
+    def low_latency_checks_topk_range(self) -> bool:
+        """Whether the low-latency kernels check topk_idx's range themselves (no host sync)."""
+        return self._low_latency.low_latency_checks_topk_range
+
+    def low_latency_dispatch(self, *args, **kwargs):
+        """The NVSHMEM kernels, or the reference backend when they are not built."""
+        self._before_low_latency()
+        return self._low_latency.low_latency_dispatch(*args, **kwargs)
+
+    def low_latency_combine(self, *args, **kwargs):
+        """The NVSHMEM kernels, or the reference backend when they are not built."""
+        self._before_low_latency()
+        return self._low_latency.low_latency_combine(*args, **kwargs)
+
+    def low_latency_combine_buffer(self, layout: LowLatencyLayout) -> Optional[torch.Tensor]:
+        """Zero-copy combine rows in the NVSHMEM heap (None: the Buffer allocates them)."""
+        return self._low_latency.low_latency_combine_buffer(layout)
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Collective: zero the low-latency region of every rank (nothing to do for the reference path)."""
+        self._low_latency.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+
+
+class LowLatencyBackend(LowLatencyDelegate, ReferenceBackend):
     """``backend='cuda'`` for a low-latency Buffer without an NVLink buffer (DeepEP's
     ``Buffer(group, 0, num_rdma_bytes, low_latency_mode=True)``): the NVSHMEM kernels for the
     low-latency calls; normal dispatch/combine on the reference backend."""
 
     name = "cuda"
-    low_latency_wait_stats_on_device = LowLatencyKernels.low_latency_wait_stats_on_device
-    low_latency_checks_topk_range = LowLatencyKernels.low_latency_checks_topk_range
 
     def __init__(self, group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank, timeout_s: float) -> None:
         super().__init__(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank)
         self._low_latency = LowLatencyKernels(group, num_rdma_bytes, timeout_s)
-
-    def low_latency_dispatch(self, *args, **kwargs):
-        return self._low_latency.low_latency_dispatch(*args, **kwargs)
-
-    def low_latency_combine(self, *args, **kwargs):
-        return self._low_latency.low_latency_combine(*args, **kwargs)
-
-    def low_latency_combine_buffer(self, layout: LowLatencyLayout) -> torch.Tensor:
-        return self._low_latency.low_latency_combine_buffer(layout)
-
-    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
-        self._low_latency.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
 
     def reset(self) -> None:
         self._low_latency.clean_low_latency_buffer(0, 0, 0)
