@@ -238,16 +238,26 @@ def test_low_latency_cuda_graph_replay() -> None:
     assert run_ranks(_graph, 2, backend=backend, timeout_s=120) == [3, 3]
 
 
-def _timeout(rank: int, world_size: int) -> str:
+def _small_case(world_size: int, timeout_s: float):
+    """(a low-latency-only cuda Buffer for 8 tokens of hidden 256 over 4 experts, x [8, 256] bf16,
+    topk_idx [8, 1]: token t to expert t % 4)."""
     import torch.distributed as dist
 
     from deepep_megatron import Buffer
 
     device = torch.device("cuda", torch.cuda.current_device())
     hint = Buffer.get_low_latency_rdma_size_hint(8, 256, world_size, 4)
-    fast = Buffer(dist.group.WORLD, 0, hint, low_latency_mode=True, backend="cuda", explicitly_destroy=True, timeout_s=1)
+    fast = Buffer(dist.group.WORLD, 0, hint, low_latency_mode=True, backend="cuda", explicitly_destroy=True,
+                  timeout_s=timeout_s)
     x = torch.randn(8, 256, device=device).to(torch.bfloat16)
     topk_idx = torch.arange(8, device=device).remainder(4).view(8, 1).to(torch.int64)
+    return fast, x, topk_idx
+
+
+def _timeout(rank: int, world_size: int) -> str:
+    import torch.distributed as dist
+
+    fast, x, topk_idx = _small_case(world_size, timeout_s=1)
     message = ""
     if rank == 0:  # rank 1 never dispatches: rank 0's receive times out
         fast.low_latency_dispatch(x, topk_idx, 8, 4, use_fp8=False)
@@ -265,15 +275,7 @@ def _timeout(rank: int, world_size: int) -> str:
 
 
 def _bad_ids(rank: int, world_size: int) -> str:
-    import torch.distributed as dist
-
-    from deepep_megatron import Buffer
-
-    device = torch.device("cuda", torch.cuda.current_device())
-    hint = Buffer.get_low_latency_rdma_size_hint(8, 256, world_size, 4)
-    fast = Buffer(dist.group.WORLD, 0, hint, low_latency_mode=True, backend="cuda", explicitly_destroy=True, timeout_s=10)
-    x = torch.randn(8, 256, device=device).to(torch.bfloat16)
-    topk_idx = torch.arange(8, device=device).remainder(4).view(8, 1).to(torch.int64)
+    fast, x, topk_idx = _small_case(world_size, timeout_s=10)
     bad = topk_idx.clone()
     bad[3, 0] = 4  # == num_experts: out of range, checked on the device (no host sync)
     fast.low_latency_dispatch(x, bad, 8, 4, use_fp8=False)
