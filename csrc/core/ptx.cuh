@@ -58,6 +58,14 @@ __device__ __forceinline__ int4 ld_ring_int4(const int4* p) { return __ldcg(p); 
 
 __device__ __forceinline__ void st_ring_int4(int4* p, const int4& v) { __stcg(p, v); }
 
+// Programmatic dependent launch (sm_90). The primary kernel lets the kernel launched behind it with
+// the programmatic-serialization attribute start early; a thread of that dependent kernel that
+// must see the primary's results first waits for the primary to finish (its writes visible). Both
+// are no-ops for kernels launched without the attribute.
+__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+
+__device__ __forceinline__ void pdl_wait_for_primary() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
 // Named barrier for a group of warps of one block (id 1..15; 0 is __syncthreads).
 __device__ __forceinline__ void group_barrier(int id, int num_threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");

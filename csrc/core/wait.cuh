@@ -93,14 +93,60 @@ __device__ __forceinline__ bool cross_rank_barrier(const PeerContext& ctx, const
   return passed;
 }
 
+// The go word (kOffGo): the verdict of the barrier that opens the running data kernel, written by
+// notify after its first barrier (a dispatch launched behind it) or by block 0 of a kernel that
+// carries its own barrier (fused_barrier); the kernel's last block (finish_block) resets it to 0.
+constexpr uint32_t kGoPassed = 1u;
+constexpr uint32_t kGoFailed = 2u;
+
+__device__ __forceinline__ void publish_go(const PeerContext& ctx, bool passed) {
+  st_release_sys(at<uint32_t>(ctx.buffers[ctx.rank], kOffGo), passed ? kGoPassed : kGoFailed);
+}
+
+// Called by EVERY thread of a block: wait (thread 0, bounded by twice the timeout so that the
+// barrier's own timeout is the one reported) until the go word holds a verdict. Returns whether it
+// passed, on every thread.
+__device__ __forceinline__ bool wait_go(const PeerContext& ctx) {
+  __shared__ int passed;
+  if (threadIdx.x == 0) {
+    const uint32_t* go = at<uint32_t>(ctx.buffers[ctx.rank], kOffGo);
+    const uint64_t start = global_timer_ns();
+    uint32_t verdict = ld_acquire_sys(go);
+    for (uint32_t iter = 1; verdict == 0u; ++iter) {
+      if ((iter & 63u) == 0u && (aborted(ctx) || global_timer_ns() - start > 2 * ctx.timeout_ns)) {
+        report_error(ctx, kWaitBarrier, ctx.rank, -1, kGoPassed, 0);  // the barrier never got through
+        break;
+      }
+      verdict = ld_acquire_sys(go);
+    }
+    passed = verdict == kGoPassed ? 1 : 0;
+  }
+  __syncthreads();
+  const bool ok = passed != 0;
+  __syncthreads();  // `passed` is rewritten by the next wait of this block
+  return ok;
+}
+
+// The barrier a data kernel carries itself (a cached dispatch, a combine: one launch instead of a
+// barrier kernel and the data kernel), called by EVERY thread of every block before any of them
+// touches a peer: block 0 runs cross_rank_barrier and publishes its verdict in the go word, the
+// other blocks wait for it. Returns whether the barrier passed.
+__device__ __forceinline__ bool fused_barrier(const PeerContext& ctx, const Fingerprint& fp) {
+  if (blockIdx.x != 0) return wait_go(ctx);
+  const bool ok = cross_rank_barrier(ctx, fp);
+  if (threadIdx.x == 0) publish_go(ctx, ok);
+  return ok;
+}
+
 }  // namespace deepep_megatron
 
 namespace deepep_megatron {
 
 // Called by EVERY thread of every block at the very end of a data kernel (dispatch, combine; their
-// bodies return into it). The last block to finish resets the done counter for the next kernel and,
-// when this rank was aborted before or during the operation, overwrites every output region with
-// 0xFF bytes (NaN for floats, -1 for ints), so no plausible data survives a failed operation.
+// bodies return into it). The last block to finish resets the done counter and the go word for the
+// next kernel and, when this rank was aborted before or during the operation, overwrites every
+// output region with 0xFF bytes (NaN for floats, -1 for ints), so no plausible data survives a
+// failed operation.
 template <typename PoisonList>
 __device__ __forceinline__ void finish_block(const PeerContext& ctx, const PoisonList& poison) {
   __shared__ int last;
@@ -113,7 +159,10 @@ __device__ __forceinline__ void finish_block(const PeerContext& ctx, const Poiso
   __syncthreads();
   if (!last) return;
   __threadfence();
-  if (threadIdx.x == 0) *reinterpret_cast<volatile uint32_t*>(done) = 0u;
+  if (threadIdx.x == 0) {
+    *reinterpret_cast<volatile uint32_t*>(done) = 0u;
+    *reinterpret_cast<volatile uint32_t*>(at<uint32_t>(ctx.buffers[ctx.rank], kOffGo)) = 0u;  // for the next kernel
+  }
   if (!aborted(ctx)) return;
   const int4 fill = make_int4(-1, -1, -1, -1);
   for (int r = 0; r < poison.count; ++r) {

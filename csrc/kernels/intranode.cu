@@ -5,11 +5,15 @@
 // notify (1 block)                           who signals whom
 //   barrier(fingerprint of the dispatch)     every rank <-> every rank (kOffBarrier); a peer in
 //                                            another operation or geometry aborts every rank here
+//   -> go word (kOffGo) = the verdict, then griddepcontrol.launch_dependents: the dispatch kernel
+//      launched behind notify (programmatic dependent launch) starts now, its senders filling the
+//      peers' rings while the rest of notify runs
+//   count pass (local): channel_count[r][c] = tokens of channel c for rank r, topk_idx min / max
 //   rank s writes into rank d's buffer:      notify_channel[s][c] = channel_count[d][c]
 //                                            notify_expert[s][e]  = num_tokens_per_expert[d*E_l + e]
 //                                            notify_send[s][*]    = s's rows to every rank
 //                                            notify_flags[s] = 1 if s's topk_idx has ids outside
-//                                            [-1, E) (its min/max, taken here), else 0
+//                                            [-1, E), else 0; notify_capacity[s] = s's receive rows
 //   barrier
 //   rank d reads its own region and writes (device memory):
 //     recv_channel_offset [R, C+1] int32     first output row of (source s, channel c); rows are
@@ -19,20 +23,24 @@
 //                                            source, then per local expert rounded up to the alignment)
 //   then either (num_worst_tokens == 0) publishes counts and the range verdicts to the host-mapped
 //   NotifyResult (the host spins on its sequence word, written last: no stream sync, no copy) and
-//   whether every rank's rows fit the receive capacity it allocated before its wait
-//   (notify_capacity; 0 = none): then the speculative dispatch kernels, launched right behind
-//   notify into those allocations, move the data on every rank, else none of them does; or
+//   whether every rank's rows fit the receive capacity it allocated before its wait (the fits
+//   word): then the speculative dispatch kernels behind notify write their outputs on every rank,
+//   else on none (they drain the rings) and every host launches the exact one; or
 //   (num_worst_tokens > 0, nothing on the host waits) turns bad ids on any rank, or any rank
 //   receiving more than num_worst_tokens rows, into the same abort on every rank.
 //
 // dispatch (2*C blocks of 24 warps; block 2c sends channel c, block 2c+1 receives channel c)
-//   a speculative launch (args.fits set) returns at once when notify's fits word is 0
+//   opened (Opening, launch.h) by notify's go word (launched behind it), by its own barrier (a
+//   cached dispatch: fused_barrier, block 0 runs it) or by nothing (the exact dispatch after a host
+//   wait). The threads that read notify's results (receivers, the own-rank group) first wait for
+//   notify to end (griddepcontrol.wait); a speculative launch whose rows some rank cannot fit
+//   (notify's fits word, alike on every rank) writes no output: its receivers drain the rings.
 //   sender block: in a full dispatch it first builds the channel's streams from is_token_in_rank
-//     (streams.cuh: send_position for the combine, send_tokens for a cached dispatch), so the
-//     streams cost no launch of their own. Then one warp group per destination (24/R warps each):
-//     the group for me copies this rank's own tokens straight from x into output rows
-//     recv_channel_offset[me][c] + p (own tokens never enter a ring, nothing to wait for); the group
-//     for d walks the stream (c, me -> d): token = send_tokens[d][begin_c + p]. In steps of
+//     (streams.cuh: send_position for the combine, send_tokens for a cached dispatch, the stream
+//     lengths), so the streams cost no launch of their own. Then one warp group per destination
+//     (24/R warps each): the group for me copies this rank's own tokens straight from x into output
+//     rows recv_channel_offset[me][c] + p (own tokens never enter a ring, nothing to wait for); the
+//     group for d walks the stream (c, me -> d): token = send_tokens[d][begin_c + p]. In steps of
 //     send_chunk tokens it waits until ring (c, me) of rank d has room (its own ring_head[c][d],
 //     written by d), writes each token's slot into d's buffer:
 //        slot = [x row | fp32 scales | int32 global topk ids | fp32 topk weights | int32 source idx]
@@ -44,7 +52,7 @@
 //     weight 0 where not local), then st.release.sys of ring_head[c][me] in s's buffer (frees the
 //     slots).
 //
-// combine (2*C blocks; the reverse direction)
+// combine (2*C blocks; the reverse direction; opened by its own barrier, fused_barrier)
 //   sender block on rank d, group for the tokens' home rank s (all 24 warps split over the R-1
 //     peers; own rows are not sent): rows
 //     [recv_channel_offset[s][c], recv_channel_offset[s][c+1]) of x (in order), slot = [row | fp32
@@ -63,6 +71,7 @@
 // ---------------------------------------------------------------------------------------------
 #include <cuda_bf16.h>
 
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -83,17 +92,31 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(PeerContext c
   __shared__ int channel_counts[kMaxRanks * kMaxChannels];  // [R, C] this rank's send streams
   __shared__ long long warp_low[kNotifyThreads / 32], warp_high[kNotifyThreads / 32];
   const int num_ranks = ctx.num_ranks, me = ctx.rank, num_channels = a.num_channels;
+  const int lane = threadIdx.x % 32;
 
-  // Local work first, while peers may still be on their way to the barrier: the tokens each
-  // channel (a contiguous slice) sends to each rank, and the min / max of topk_idx.
   for (int i = threadIdx.x; i < num_ranks * num_channels; i += kNotifyThreads) channel_counts[i] = 0;
   if (threadIdx.x == 0 && a.fits != nullptr) *a.fits = 0;  // stays 0 if this notify stops early
-  __syncthreads();
+  // The first barrier opens the dispatch kernel launched behind this one (every dispatch launches
+  // one): its senders start filling the peers' rings while the rest of notify runs (they need
+  // nothing notify computes).
+  const bool passed = cross_rank_barrier(ctx, fp);
+  if (threadIdx.x == 0) publish_go(ctx, passed);
+  pdl_launch_dependents();
+  if (!passed) return;
+
+  // The tokens each channel (a contiguous slice) sends to each rank: lanes of one channel add their
+  // ballot once (a warp spans at most a few channels), and the min / max of topk_idx.
   const int per_channel = (a.num_tokens + num_channels - 1) / max(num_channels, 1);
-  for (int t = threadIdx.x; t < a.num_tokens; t += kNotifyThreads) {
-    const int c = t / per_channel;
+  for (int base = threadIdx.x - lane; base < a.num_tokens; base += kNotifyThreads) {
+    const int t = base + lane;
+    const bool valid = t < a.num_tokens;
+    const int c = valid ? t / per_channel : -1;
+    const unsigned same_channel = __match_any_sync(0xffffffffu, c);
+    const bool group_leader = valid && lane == __ffs(same_channel) - 1;
     for (int r = 0; r < num_ranks; ++r) {
-      if (a.is_token_in_rank[static_cast<int64_t>(t) * num_ranks + r]) atomicAdd(&channel_counts[r * num_channels + c], 1);
+      const bool hit = valid && a.is_token_in_rank[static_cast<int64_t>(t) * num_ranks + r];
+      const int count = __popc(__ballot_sync(0xffffffffu, hit) & same_channel);
+      if (group_leader && count > 0) atomicAdd(&channel_counts[r * num_channels + c], count);
     }
   }
   long long low = INT64_MAX, high = INT64_MIN;
@@ -107,7 +130,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(PeerContext c
     low = min(low, __shfl_xor_sync(0xffffffffu, low, offset));
     high = max(high, __shfl_xor_sync(0xffffffffu, high, offset));
   }
-  if (threadIdx.x % 32 == 0) {
+  if (lane == 0) {
     warp_low[threadIdx.x / 32] = low;
     warp_high[threadIdx.x / 32] = high;
   }
@@ -121,7 +144,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(PeerContext c
     warp_low[0] = low;
     warp_high[0] = high;
   }
-  if (!cross_rank_barrier(ctx, fp)) return;
+  __syncthreads();
 
   for (int i = threadIdx.x; i < num_ranks * num_channels; i += blockDim.x) {
     const int d = i / num_channels, c = i % num_channels;
@@ -222,7 +245,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(PeerContext c
     // Every rank sees the same flags, capacities and send matrix, so every rank's speculative
     // dispatch kernel (if launched) either moves the data or, alike on every rank, does nothing.
     int fits = mask == 0 ? 1 : 0;
-    for (int d = 0; d < num_ranks; ++d) fits &= (capacity[d] > 0 && recv_totals[d] <= capacity[d]) ? 1 : 0;
+    for (int d = 0; d < num_ranks; ++d) fits &= recv_totals[d] <= capacity[d] ? 1 : 0;
     if (a.fits != nullptr) *a.fits = fits;
     a.result->fits = fits;
   }
@@ -353,6 +376,13 @@ __device__ __forceinline__ bool send_stream(const PeerContext& ctx, const RingGe
 }
 
 // ------------------------------------------------------------------------------------- dispatch
+// Whether this dispatch writes its outputs: always, except a speculative launch whose rows some rank
+// could not fit (notify's verdict, alike on every rank); its receivers then drain the rings
+// without writing, so every ring stays consistent for the next operation.
+__device__ __forceinline__ bool writes_outputs(const DispatchArgs& a) {
+  return a.fits == nullptr || *reinterpret_cast<const volatile int*>(a.fits) != 0;
+}
+
 // A sender block: (full dispatch) build this channel's streams, then the own-rank group copies this
 // rank's tokens of the channel straight from x into its output rows (no ring, nothing to wait for)
 // while the other groups push to the peers' rings.
@@ -374,6 +404,10 @@ __device__ __forceinline__ void dispatch_sender(const PeerContext& ctx, const Ri
   int peer, warp_in_group, group_warps;
   if (!WarpGroups<kNumRanks, kWarpsPerBlock / kNumRanks>::assign(warp, me, peer, warp_in_group, group_warps)) return;
   if (peer == me) {
+    // Own tokens go straight to their output rows, which notify computes: wait for it (a kernel
+    // launched behind notify), and write nothing when a speculative launch's rows do not fit.
+    pdl_wait_for_primary();
+    if (!writes_outputs(a)) return;
     const int out_begin = a.recv_channel_offset[me * (ring.num_channels + 1) + channel];
     const int total = a.recv_channel_offset[me * (ring.num_channels + 1) + channel + 1] - out_begin;
     const int* tokens = stream_tokens(me);
@@ -394,8 +428,9 @@ __device__ __forceinline__ void dispatch_sender(const PeerContext& ctx, const Ri
     return;
   }
   const int* tokens = stream_tokens(peer);
+  const int length = a.is_token_in_rank != nullptr ? lengths[peer] : a.channel_count[peer * ring.num_channels + channel];
   send_stream<kNumRanks>(
-      ctx, ring, channel, peer, a.channel_count[peer * ring.num_channels + channel], warp_in_group, group_warps, lane,
+      ctx, ring, channel, peer, length, warp_in_group, group_warps, lane,
       kWaitDispatchSpace, &step[peer], [&](int position, uint8_t* slot) {
         const int token = tokens[position];
         warp_copy<8, LoadInput, StoreRing>(slot, a.x + static_cast<int64_t>(token) * a.slot.row_bytes, a.slot.row_bytes,
@@ -420,7 +455,9 @@ __device__ __forceinline__ void dispatch_receiver(const PeerContext& ctx, const 
                                                   const DispatchArgs& a, int channel, int* step) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int me = ctx.rank;
-  if (a.pad_rows) {
+  pdl_wait_for_primary();  // launched behind notify: its offsets (and verdict) first
+  const bool write = writes_outputs(a);
+  if (a.pad_rows && write) {
     // Rows past the received ones (their count is on the device only) get top-k -1 / weight 0 /
     // source -1, split over the receiver blocks; x and scales stay as they are (DeepEP's semantics:
     // no expert reads a row whose top-k is all -1).
@@ -460,7 +497,7 @@ __device__ __forceinline__ void dispatch_receiver(const PeerContext& ctx, const 
     group_barrier(barrier_id, group_threads);
     const int available = step[source];
     if (available < 0) break;
-    for (int i = consumed + warp_in_group; i < available; i += group_warps) {
+    for (int i = consumed + warp_in_group; write && i < available; i += group_warps) {
       const uint8_t* slot = ring_slot(own, ring, kNumRanks, channel, source, static_cast<uint32_t>(i));
       const int64_t row = out_begin + i;
       warp_copy<4, LoadRing, StoreOutput>(a.recv_x + row * a.slot.row_bytes, slot, a.slot.row_bytes, lane);
@@ -489,10 +526,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   const int channel = blockIdx.x / 2;
   int begin, end;
   channel_range(a.num_tokens, ring.num_channels, channel, begin, end);
-  // A speculative launch whose outputs some rank's rows do not fit does nothing (alike on every
-  // rank: notify saw every capacity); the host then launches the exact dispatch.
-  const bool skipped = a.fits != nullptr && *a.fits == 0;
-  if (!skipped && !aborted(ctx)) {  // aborted: the barrier / notify before failed, finish_block poisons
+  bool opened = true;
+  if (a.opening == Opening::kAfterNotify) opened = wait_go(ctx);
+  if (a.opening == Opening::kOwnBarrier) opened = fused_barrier(ctx, a.barrier_fp);
+  if (opened && !aborted(ctx)) {  // else the barrier / notify failed: finish_block poisons
     if (blockIdx.x % 2 == 0) {
       dispatch_sender<kNumRanks>(ctx, ring, a, channel, begin, step);
     } else {
@@ -671,13 +708,35 @@ __device__ __forceinline__ void combine_body(const PeerContext& ctx, const RingG
 template <int kNumRanks, typename T>
 __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     combine_kernel(PeerContext ctx, RingGeometry ring, CombineArgs a) {
-  if (!aborted(ctx)) combine_body<kNumRanks, T>(ctx, ring, a);  // else: the barrier failed, poison below
+  // The barrier is carried here (one launch); if it fails, finish_block poisons the outputs.
+  if (fused_barrier(ctx, a.barrier_fp) && !aborted(ctx)) combine_body<kNumRanks, T>(ctx, ring, a);
   finish_block(ctx, a.poison);
+}
+
+// Programmatic dependent launch of a dispatch behind notify; DEEPEP_MEGATRON_PDL=0 turns it off (the
+// kernel then starts after notify ends, with the same results), e.g. to measure what it saves.
+bool dependent_launch_enabled() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("DEEPEP_MEGATRON_PDL");
+    return value == nullptr || std::string(value) != "0";
+  }();
+  return enabled;
 }
 
 template <int kNumRanks>
 void launch_dispatch_for(const PeerContext& ctx, const RingGeometry& ring, const DispatchArgs& args, cudaStream_t stream) {
-  dispatch_kernel<kNumRanks><<<2 * ring.num_channels, kThreadsPerBlock, 0, stream>>>(ctx, ring, args);
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(2 * ring.num_channels);
+  config.blockDim = dim3(kThreadsPerBlock);
+  config.stream = stream;
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  if (args.opening == Opening::kAfterNotify && dependent_launch_enabled()) {
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+  }
+  check_cuda(cudaLaunchKernelEx(&config, dispatch_kernel<kNumRanks>, ctx, ring, args), "dispatch kernel launch");
 }
 
 template <int kNumRanks>

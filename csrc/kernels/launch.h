@@ -38,9 +38,9 @@ struct NotifyArgs {
   int* rank_prefix_matrix;           // [R, R] rows ranks 0..i send to rank j
   int* recv_counts;                  // [R + E_l] rows per source rank, then per local expert (aligned)
   NotifyResult* result;              // host-mapped, written only when num_worst_tokens == 0
-  // speculation (host mode): rows this rank allocated before its wait (0: none); notify writes
-  // 1 to *fits (device) and result->fits when every rank's rows fit its capacity and no rank
-  // refused, else 0
+  // speculation (host mode): rows this rank allocated before its wait (every rank launches the
+  // speculative dispatch); notify writes 1 to *fits (device) and result->fits when every rank's
+  // rows fit its capacity and no rank refused, else 0
   int capacity;
   int* fits;
 };
@@ -55,6 +55,13 @@ struct PoisonList {
   int count;
 };
 
+// What opens a data kernel, i.e. lets its blocks touch the peers' buffers (the go word, wait.cuh).
+enum class Opening : int {
+  kNone = 0,        // nothing to wait for: the exact dispatch after a host wait, behind a complete notify
+  kAfterNotify = 1, // launched behind notify (programmatic dependent launch): notify's first barrier
+  kOwnBarrier = 2,  // the kernel carries its barrier (fused_barrier): a cached dispatch, a combine
+};
+
 struct DispatchArgs {
   // sender side (this rank's tokens)
   const uint8_t* x;               // [T, row_bytes]
@@ -64,7 +71,8 @@ struct DispatchArgs {
   const bool* is_token_in_rank;   // [T, R]: the sender blocks build the streams (full dispatch); null: cached
   int* send_position;             // [T, R] written with the streams (full dispatch)
   int* send_tokens;               // [R, T] token at each position of stream (channel, me -> r)
-  const int* channel_count;       // [R, C] length of stream (channel c, me -> r) (notify's output)
+  const int* channel_count;       // [R, C] length of stream (channel c, me -> r): a cached dispatch's
+                                  // (a full one counts its streams itself)
   int num_tokens;
   int num_scales;                 // 0 without FP8
   int num_topk;                   // 0 for cached dispatch
@@ -79,9 +87,11 @@ struct DispatchArgs {
   int* recv_src_idx;               // [N] or null
   int num_local_experts;
   // A speculative dispatch (launched before the host knew the sizes, into outputs of num_recv_rows
-  // >= any count notify may find) moves data only when notify set *fits; else it does nothing and
-  // the host launches the exact one. null: not speculative.
+  // rows) writes its outputs only when notify set *fits; else its receivers drain the rings without
+  // writing (every rank alike) and the host launches the exact one. null: not speculative.
   const int* fits;
+  Opening opening;
+  Fingerprint barrier_fp;          // kOwnBarrier: the barrier's fingerprint
   SlotLayout slot;
   PoisonList poison;
 };
@@ -100,6 +110,7 @@ struct CombineArgs {
   int num_topk;                   // 0 without weights
   bool is_bf16;                   // else fp32
   int off_weights;
+  Fingerprint barrier_fp;         // combine carries its barrier (fused_barrier, wait.cuh)
   PoisonList poison;
 };
 

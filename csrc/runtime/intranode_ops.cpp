@@ -129,7 +129,7 @@ constexpr int64_t kSpeculativeMarginDivisor = 16;
 // allocator call instead of three): [N, K] int64 ids, [N, K] fp32 weights, [N] int32 sources,
 // each region 8-byte aligned (int64 first).
 struct ReceiveTensors {
-  int64_t capacity = 0;  // rows allocated; 0: none
+  int64_t capacity = 0;  // rows allocated
   int num_topk = 0;
   at::Tensor x, meta;
   std::optional<at::Tensor> x_scales;
@@ -285,10 +285,12 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
   notify.recv_counts = out.recv_counts.data_ptr<int>();
   notify.result = rt.notify_result_device();
   notify.fits = fits;
-  // Host mode: receive tensors for the rows the previous dispatch received (plus a margin), so the
-  // dispatch kernel can be launched right behind notify (speculative) instead of after the wait.
+  // Host mode: receive tensors for the most rows recent dispatches received (plus a margin), so the
+  // dispatch kernel is launched right behind notify (speculative) instead of after the wait. Every
+  // rank launches it (with 0 rows before its first dispatch): when some rank's rows do not fit,
+  // every rank's kernel drains the rings without writing, and every rank launches the exact one.
   ReceiveTensors speculative;
-  if (num_worst_tokens == 0 && rt.receive_rows_hint() > 0) {
+  if (num_worst_tokens == 0) {
     const int64_t hint = rt.receive_rows_hint();
     speculative = ReceiveTensors::allocate(x, hint + hint / kSpeculativeMarginDivisor, num_scales, num_topk);
   }
@@ -312,7 +314,8 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
   a.pad_rows = num_worst_tokens > 0;
   a.num_local_experts = num_local_experts;
   a.slot = dispatch_slot(row_bytes, num_scales, hidden_bytes);
-  if (speculative.capacity > 0) {
+  a.opening = Opening::kAfterNotify;
+  if (num_worst_tokens == 0) {
     a.fits = fits;
     speculative.point(a);
     launch_dispatch(ctx, ring, a, stream);
@@ -348,6 +351,9 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
   } else {
     recv = ReceiveTensors::allocate(x, num_rows, num_scales, num_topk);
     a.fits = nullptr;
+    // The exact dispatch after the host wait (notify has ended: nothing to wait for), or the
+    // num_worst_tokens one right behind notify.
+    if (num_worst_tokens == 0) a.opening = Opening::kNone;
     recv.point(a);
     launch_dispatch(ctx, ring, a, stream);
   }
@@ -381,7 +387,6 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> cached_dispatch(
   const int64_t num_recv_rows = recv_src_idx.size(0);  // the rows the dispatch that made the layout allocated
 
   const PeerContext ctx = rt.context();
-  launch_barrier(ctx, fingerprint(rt, kOpCachedDispatch, row_bytes, num_scales, 0, ring), stream);
   at::Tensor recv_x = at::empty({num_recv_rows, x.size(1)}, x.options());
   std::optional<at::Tensor> recv_x_scales;
   if (num_scales > 0) recv_x_scales = at::empty({num_recv_rows, num_scales}, x.options().dtype(at::kFloat));
@@ -398,6 +403,8 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> cached_dispatch(
   a.recv_x_scales = static_cast<float*>(ptr(recv_x_scales));
   a.slot = dispatch_slot(row_bytes, num_scales, hidden_bytes);
   a.poison = poison_list({recv_x, recv_x_scales});
+  a.opening = Opening::kOwnBarrier;  // one launch: the kernel runs its barrier
+  a.barrier_fp = fingerprint(rt, kOpCachedDispatch, row_bytes, num_scales, 0, ring);
   launch_dispatch(ctx, ring, a, stream);
   return {recv_x, recv_x_scales};
 }
@@ -429,7 +436,6 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> combine(Runtime& rt, const at:
   const int64_t T = send_position.size(0);
 
   const PeerContext ctx = rt.context();
-  launch_barrier(ctx, fingerprint(rt, kOpCombine, row_bytes, 0, num_topk, ring), stream);
   at::Tensor combined = at::empty({T, x.size(1)}, x.options());
   std::optional<at::Tensor> combined_weights;
   if (topk_weights.has_value()) combined_weights = at::empty({T, num_topk}, x.options().dtype(at::kFloat));
@@ -446,6 +452,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> combine(Runtime& rt, const at:
   a.is_bf16 = x.scalar_type() == at::kBFloat16;
   a.off_weights = off_weights;
   a.poison = poison_list({combined, combined_weights});
+  a.barrier_fp = fingerprint(rt, kOpCombine, row_bytes, 0, num_topk, ring);  // one launch: the kernel runs it
   launch_combine(ctx, ring, a, stream);
   return {combined, combined_weights};
 }

@@ -47,9 +47,18 @@ class Runtime {
 
   PeerContext context() const;
   uint32_t next_ticket() { return ++ticket_; }
-  // Rows the last host-waited dispatch received: what the next one allocates for while notify runs.
-  int64_t receive_rows_hint() const { return receive_rows_hint_; }
-  void set_receive_rows_hint(int64_t rows) { receive_rows_hint_ = rows; }
+  // The most rows any of the last kReceiveHintWindow host-waited dispatches received: what the next
+  // one allocates for while notify runs (a window, so that the MoE layers sharing this buffer,
+  // whose counts differ, rarely miss). 0 before the first.
+  static constexpr int kReceiveHintWindow = 32;
+  int64_t receive_rows_hint() const {
+    int64_t most = 0;
+    for (int64_t rows : recent_receive_rows_) most = rows > most ? rows : most;
+    return most;
+  }
+  void set_receive_rows_hint(int64_t rows) {
+    recent_receive_rows_[num_receive_hints_++ % kReceiveHintWindow] = rows;
+  }
   NotifyResult* notify_result_device() const { return device_notify_; }
   // Spin (the caller releases the GIL) until notify published `ticket`: true; false when a kernel of
   // this rank reported an error first; throws after host_timeout_s (the stream never got there).
@@ -71,7 +80,8 @@ class Runtime {
   NotifyResult* host_notify_ = nullptr;
   NotifyResult* device_notify_ = nullptr;
   uint32_t ticket_ = 0;
-  int64_t receive_rows_hint_ = 0;
+  int64_t recent_receive_rows_[kReceiveHintWindow] = {};
+  int64_t num_receive_hints_ = 0;
   int64_t min_buffer_bytes_ = 0;
 };
 

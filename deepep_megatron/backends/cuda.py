@@ -9,12 +9,16 @@ the call overlaps, else the caller's stream),
 launches and, for a dispatch that must know its sizes, spins on host-mapped memory with the GIL
 released.
 
-* Two launches per operation, like DeepEP: a normal dispatch runs ``notify`` (per-channel counts,
-  the topk_idx range check, the exchange with every peer) -> ``dispatch`` (whose sender blocks also
-  build their channel's streams), launched right behind notify into receive tensors sized from the
-  previous call -> one host wait for the receive sizes (and a second, exact ``dispatch`` only when
-  some rank's rows did not fit those tensors); a cached dispatch or a
-  combine runs a cross-rank barrier then its kernel; ``get_dispatch_layout`` is one kernel.
+* A normal dispatch is two launches: ``notify`` (its cross-rank barrier, per-channel counts, the
+  topk_idx range check, the exchange with every peer) and ``dispatch`` (whose sender blocks also
+  build their channel's streams), launched behind notify as a programmatic dependent launch: its
+  senders start filling the peers' rings as soon as notify's barrier has passed, its receivers wait
+  for notify's offsets. Host-waited, it writes into receive tensors sized from the most rows recent
+  calls received, then one host wait reads the receive sizes (when some rank's rows do not fit,
+  every rank's kernel drains the rings without writing and every rank launches an exact
+  ``dispatch``; ``DEEPEP_MEGATRON_PDL=0`` turns the early start off). A cached dispatch and a
+  combine are one launch each: the kernel runs its own barrier (block 0) before any block touches
+  a peer. ``get_dispatch_layout`` is one kernel.
   With ``num_worst_tokens`` > 0 nothing waits on the host: the outputs have that many rows,
   padding rows get top-k -1 / weight 0 / source -1, and the counts stay on the device. That
   dispatch, a cached dispatch and a combine can be captured in a CUDA graph (their barrier's epoch
@@ -299,12 +303,12 @@ class CudaBackend(LowLatencyDelegate, Backend):
     ) -> DispatchOutput:
         """Dispatch ``x`` [T, H] (bf16/fp32, or e4m3 with ``x_scales`` [T, H/128] fp32).
 
-        Without ``cached_layout``: one ``_C.dispatch`` (notify, then unless ``num_worst_tokens`` the
-        dispatch kernel launched speculatively into tensors sized from the previous call and the host
-        wait for the sizes, then the exact kernel only if some rank's rows did not fit); returns
-        ``recv_topk_idx`` [N, K] int64 and ``recv_topk_weights`` [N, K] fp32 too. With it: barrier +
-        dispatch of x only, on the channels of the dispatch that made the layout (``config.num_sms``
-        is not used then).
+        Without ``cached_layout``: one ``_C.dispatch`` (notify and the dispatch kernel behind it;
+        unless ``num_worst_tokens``, into tensors sized from recent calls, then the host wait for the
+        sizes, then the exact kernel only if some rank's rows did not fit); returns
+        ``recv_topk_idx`` [N, K] int64 and ``recv_topk_weights`` [N, K] fp32 too. With it: one
+        kernel (its own barrier, then x only) on the channels of the dispatch that made the layout
+        (``config.num_sms`` is not used then).
         """
         self._check_device(x, "x")
         if x_scales is not None and x_scales.dtype != torch.float32:

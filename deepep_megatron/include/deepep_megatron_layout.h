@@ -13,6 +13,10 @@
 //                          device-detected error of this rank
 //   kOffDoneCounter        u32 blocks of the running data kernel that  me -> me
 //                          finished (the last one resets it)
+//   kOffGo                 u32 go word: verdict of the barrier that    me (notify, or block 0 of a
+//                          opens the running data kernel (1 passed,    data kernel that carries its
+//                          2 failed, 0 not yet); the kernel's last     barrier) -> me (the data
+//                          block resets it                             kernel's blocks)
 //   kOffBarrier            BarrierSignal[2][kMaxRanks]: parity p of    peer s (remote) -> me
 //                          epoch, slot s = peer s's signal + the
 //                          fingerprint of the operation it is in
@@ -26,9 +30,9 @@
 //   kOffNotifyFlags        i32 [kMaxRanks]: 1 when peer s's topk_idx   peer s (remote) -> me
 //                          had ids outside [-1, num_experts)
 //   kOffNotifyCapacity     i32 [kMaxRanks]: receive rows peer s        peer s (remote) -> me
-//                          allocated before its host wait (0: none), so
-//                          every rank knows whether every rank's
-//                          speculative dispatch kernel fits
+//                          allocated before its host wait, so every
+//                          rank knows whether every rank's speculative
+//                          dispatch kernel fits
 //   kOffRingTail           u32 [kMaxChannels][kMaxRanks]               sender s (remote) -> me
 //   kOffRingHead           u32 [kMaxChannels][kMaxRanks]               receiver d (remote) -> me
 //   kOffTailShadow         u32 [kMaxChannels][kMaxRanks]               me -> me (last tail I wrote to d)
@@ -83,6 +87,7 @@ static_assert(sizeof(BarrierSignal) == 64, "BarrierSignal is one 64-byte record"
 constexpr size_t kOffEpoch = 0;
 constexpr size_t kOffAbort = 128;
 constexpr size_t kOffDoneCounter = 192;
+constexpr size_t kOffGo = 224;
 constexpr size_t kOffBarrier = 256;
 constexpr size_t kOffNotifyChannel = kOffBarrier + sizeof(BarrierSignal) * 2 * kMaxRanks;
 constexpr size_t kOffNotifyExpert = kOffNotifyChannel + sizeof(int32_t) * kMaxRanks * kMaxChannels;

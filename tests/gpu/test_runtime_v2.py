@@ -272,13 +272,14 @@ def test_stalled_peer_times_out_then_reset_recovers() -> None:
 
 
 # ------------------------------------------------------------------------ speculative dispatch
-#: (tokens per rank, the rank that receives nothing or None) of consecutive full dispatches: counts
-#: that grow a little (the speculative kernel moves the data), jump (it fits on no rank: every rank
-#: skips it and launches the exact one), shrink a little, collapse (it fits but holds too much: copies
-#: are returned), then rounds where rank 1 receives nothing (it fits there but not on rank 0, so every
-#: rank skips) and one after it (rank 1 allocated nothing: no speculation anywhere).
-SPECULATION_ROUNDS = ((300, None), (306, None), (900, None), (880, None), (40, None), (41, None), (300, 1), (300, None),
-                      (300, 1), (300, 1), (310, None))
+#: (tokens per rank, the rank that receives nothing or None) of consecutive full dispatches. The
+#: speculative kernel writes tensors sized for the most rows of recent calls (+1/16) when every rank's
+#: rows fit, else every rank's kernel drains the rings and every rank launches the exact one: the
+#: first call (nothing allocated), a jump on every rank, a shrink (fits), a jump on rank 0 alone
+#: (rank 1, starved, fits: every rank still misses), a collapse (fits but holds too much: copies are
+#: returned), then rounds where rank 1 receives nothing and one after them.
+SPECULATION_ROUNDS = ((300, None), (306, None), (900, None), (880, None), (900, 1), (40, None), (41, None), (300, 1),
+                      (300, None), (300, 1), (300, 1), (310, None))
 
 
 def _speculation(rank: int, world_size: int) -> int:
@@ -291,7 +292,10 @@ def _speculation(rank: int, world_size: int) -> int:
     return len(SPECULATION_ROUNDS)
 
 
-def test_speculative_dispatch_stays_correct_when_sizes_change() -> None:
-    """The host-waited dispatch launches its kernel right behind notify into tensors sized from the
-    previous call; every change of the receive counts, on one rank or all, stays bit-exact."""
-    assert run_ranks(_speculation, WORLD, backend=_launch(), timeout_s=300) == [len(SPECULATION_ROUNDS)] * WORLD
+@pytest.mark.parametrize("dependent_launch", ["1", "0"])
+def test_speculative_dispatch_stays_correct_when_sizes_change(dependent_launch: str) -> None:
+    """The host-waited dispatch launches its kernel behind notify (early, as a programmatic dependent
+    launch, or after notify with DEEPEP_MEGATRON_PDL=0) into tensors sized from recent calls; every
+    change of the receive counts, on one rank or all, stays bit-exact."""
+    results = run_ranks(_speculation, WORLD, backend=_launch(), timeout_s=300, env={"DEEPEP_MEGATRON_PDL": dependent_launch})
+    assert results == [len(SPECULATION_ROUNDS)] * WORLD
