@@ -130,8 +130,10 @@ __device__ __forceinline__ bool wait_go(const PeerContext& ctx) {
 // The barrier a data kernel carries itself (a cached dispatch, a combine: one launch instead of a
 // barrier kernel and the data kernel), called by EVERY thread of every block before any of them
 // touches a peer: block 0 runs cross_rank_barrier and publishes its verdict in the go word, the
-// other blocks wait for it. Returns whether the barrier passed.
-__device__ __forceinline__ bool fused_barrier(const PeerContext& ctx, const Fingerprint& fp) {
+// other blocks wait for it. Returns whether the barrier passed. `fp` is taken by value: a reference
+// into the kernel's argument struct would make the compiler copy that whole struct to local memory
+// (the barrier's error report takes the fingerprint's address), which slows every later access.
+__device__ __forceinline__ bool fused_barrier(const PeerContext& ctx, const Fingerprint fp) {
   if (blockIdx.x != 0) return wait_go(ctx);
   const bool ok = cross_rank_barrier(ctx, fp);
   if (threadIdx.x == 0) publish_go(ctx, ok);
