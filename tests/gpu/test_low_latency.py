@@ -35,8 +35,9 @@ def _cases(w: int) -> list[tuple[int, Case]]:
     """(max_tokens, case) pairs."""
     return [
         (128, Case(w, tokens=(128,) * w, hidden=7168, num_topk=8, num_experts=8 * w * (4 if w <= 2 else 1), seed=21)),
-        (64, Case(w, tokens=tuple(37 + 9 * r for r in range(w)), hidden=2048, num_topk=6, num_experts=4 * w, seed=22,
-                  starved_rank=w - 1, drop=0.3, empty_tokens=0.2)),
+        # 37..55 tokens (at most max_tokens=64 on every rank, whatever w)
+        (64, Case(w, tokens=tuple(37 + 9 * (r % 3) for r in range(w)), hidden=2048, num_topk=6, num_experts=4 * w,
+                  seed=22, starved_rank=w - 1, drop=0.3, empty_tokens=0.2)),
         (16, Case(w, tokens=(0,) + (16,) * (w - 1), hidden=512, num_topk=3, num_experts=2 * w, seed=23)),
     ]
 
