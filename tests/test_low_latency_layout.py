@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from deepep_megatron import Buffer
-from deepep_megatron.backends.low_latency import unavailable_reason
+from deepep_megatron.backends.low_latency import MAX_DEFAULT_BLOCKS, low_latency_blocks, unavailable_reason
 from deepep_megatron.layout import LL_CONTROL_BYTES, LL_SIGNAL_BYTES, ll_message_bytes, low_latency_layout
 
 
@@ -35,3 +35,21 @@ def test_reference_serves_low_latency_without_nvshmem() -> None:
     assert "num_rdma_bytes" in unavailable_reason(0, True)
     reason = unavailable_reason(1 << 20, True)
     assert reason is None or "NVSHMEM" in reason  # a CPU-only install has no NVSHMEM build
+
+
+def test_low_latency_blocks_default_and_override() -> None:
+    # default: the GPU's SMs over the ranks sharing it, less 2, at most MAX_DEFAULT_BLOCKS
+    assert low_latency_blocks(None, 132, 1) == MAX_DEFAULT_BLOCKS
+    assert low_latency_blocks("", 132, 2) == min(MAX_DEFAULT_BLOCKS, 132 // 2 - 2)
+    assert low_latency_blocks(None, 132, 8) == 132 // 8 - 2
+    assert low_latency_blocks(None, 132, 200) == 1
+    assert low_latency_blocks("32", 132, 2) == 32
+    assert low_latency_blocks("66", 132, 2) == 66  # every rank's blocks fit exactly
+
+
+@pytest.mark.parametrize("override", ["128", "67", "0", "-3", "many"])
+def test_low_latency_blocks_override_that_cannot_fit_is_refused(override: str) -> None:
+    # 2 ranks on a 132-SM GPU: 67+ blocks each would leave some receive block spinning for senders
+    # that can never be scheduled (a hang until the kernel timeout), so it is refused up front
+    with pytest.raises(ValueError, match="DEEPEP_MEGATRON_LL_SMS"):
+        low_latency_blocks(override, 132, 2)

@@ -40,8 +40,8 @@ try:
 except ImportError:  # pragma: no cover - CPU-only install
     _C = None
 
-#: Blocks per rank for the low-latency kernels (else: the SMs of the GPU over the ranks sharing it, less a margin of
-#: 2, at most 64).
+#: Blocks per rank for the low-latency kernels (low_latency_blocks: else the SMs of the GPU over the ranks sharing
+#: it, less a margin of 2, at most 64).
 SMS_ENV = "DEEPEP_MEGATRON_LL_SMS"
 MAX_DEFAULT_BLOCKS = 64
 _TAG = "cuda-low-latency"
@@ -68,6 +68,28 @@ def unavailable_reason(num_rdma_bytes: int, low_latency_mode: bool) -> Optional[
     return None
 
 
+def low_latency_blocks(override: Optional[str], num_sms: int, ranks_sharing_gpu: int) -> int:
+    """Blocks per rank of every low-latency kernel: ``override`` (the value of $DEEPEP_MEGATRON_LL_SMS,
+    None/empty for the default), else the GPU's SMs over the ranks sharing it less a margin of 2, at
+    most :data:`MAX_DEFAULT_BLOCKS`. The blocks of all ranks sharing a GPU must fit on it at once (a
+    receive block spins for senders that could otherwise never be scheduled), so a larger override
+    raises ValueError instead of hanging until the kernels' timeout."""
+    sharing = max(1, ranks_sharing_gpu)
+    fit = num_sms // sharing
+    if not override:
+        return max(1, min(MAX_DEFAULT_BLOCKS, fit - 2))
+    try:
+        blocks = int(override)
+    except ValueError:
+        raise ValueError(f"{SMS_ENV}={override!r} must be a positive integer (blocks per rank)") from None
+    if blocks < 1 or blocks > fit:
+        raise ValueError(
+            f"{SMS_ENV}={blocks}: the low-latency kernels of the {sharing} rank(s) sharing this GPU must fit on its "
+            f"{num_sms} SMs at once, so use 1..{fit} blocks per rank (or unset it for the default)"
+        )
+    return blocks
+
+
 def _ranks_sharing_my_gpu(group: dist.ProcessGroup) -> int:
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     me = (os.uname().nodename, str(getattr(props, "uuid", torch.cuda.current_device())))
@@ -92,9 +114,8 @@ class LowLatencyKernels:
         self.device = torch.device("cuda", torch.cuda.current_device())
         sharing = _ranks_sharing_my_gpu(group)
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        raw = os.environ.get(SMS_ENV)
         #: Blocks of every low-latency kernel: all ranks sharing a GPU must fit on it at once (the receive spins).
-        self.num_blocks = int(raw) if raw else max(1, min(MAX_DEFAULT_BLOCKS, sms // sharing - 2))
+        self.num_blocks = low_latency_blocks(os.environ.get(SMS_ENV), sms, sharing)
         self.heap = nvshmem.open_heap(group, num_rdma_bytes)
         self._ll = _C.LowLatency(self.heap, self.rank, self.num_ranks, self.device.index, timeout_s)
         self._half = 0
