@@ -175,6 +175,33 @@ def tree_commit(path: str) -> str:
     return commit + (" + uncommitted" if dirty else "")
 
 
+def sanitize_main(script: str, child: Callable[[int, int], None], world: int,
+                  extra_env: Optional[dict[str, str]] = None, timeout_s: float = 900) -> int:
+    """The command line of a sanitizer script (scripts/sanitize_*.py): ``--tools T1,T2`` (default
+    memcheck,racecheck) runs ``script`` once per rank under each tool (:func:`sanitize_ranks`);
+    ``--child-rank R``, which is how those processes are started, takes this process to GPU
+    ``R % device_count``, joins the gloo group over MASTER_ADDR/PORT, runs ``child(R, world)`` (which
+    asserts its results against the reference backend), leaves the group and says so. Returns the
+    exit status."""
+    import argparse
+
+    import torch
+    import torch.distributed as dist
+
+    parser = argparse.ArgumentParser(description=f"compute-sanitizer over {os.path.basename(script)}'s case")
+    parser.add_argument("--tools", default="memcheck,racecheck")
+    parser.add_argument("--child-rank", type=int, default=None, help="(internal) run one rank's case")
+    args = parser.parse_args()
+    if args.child_rank is None:
+        return sanitize_ranks(script, world, args.tools.split(","), extra_env, timeout_s=timeout_s)
+    torch.cuda.set_device(args.child_rank % torch.cuda.device_count())
+    dist.init_process_group("gloo", rank=args.child_rank, world_size=world)
+    child(args.child_rank, world)
+    dist.destroy_process_group()
+    print(f"rank {args.child_rank}: results match the reference", flush=True)
+    return 0
+
+
 def sanitize_ranks(script: str, world: int, tools: list[str], extra_env: Optional[dict[str, str]] = None,
                    timeout_s: float = 900) -> int:
     """Run ``script --child-rank R`` for every rank under ``compute-sanitizer --tool T`` for each tool

@@ -12,16 +12,16 @@ reference backend. Prints one line per tool last.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from deepep_megatron.launch import sanitize_ranks  # noqa: E402 - after the path insert
+from deepep_megatron.launch import sanitize_main  # noqa: E402 - after the path insert
 
 
 def child(rank: int, world: int) -> None:
+    """One rank's case (its device set and its gloo group joined by sanitize_main)."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import torch
     import torch.distributed as dist
@@ -29,8 +29,6 @@ def child(rank: int, world: int) -> None:
     from deepep_megatron import Buffer, Config, per_token_cast_to_fp8
     from oracle import Case, expert_transform, make_inputs
 
-    torch.cuda.set_device(rank % torch.cuda.device_count())
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     config = Config(4, 6, 64)
     case = Case(world, tokens=(37, 52), hidden=256, num_topk=3, num_experts=8, seed=3)
     fast = Buffer(dist.group.WORLD, num_nvl_bytes=config.get_nvl_buffer_size_hint(256 * 4, world), explicitly_destroy=True, backend="cuda")
@@ -66,20 +64,11 @@ def child(rank: int, world: int) -> None:
         "combine of a worst-case dispatch differs from the reference"
     fast.runtime.synchronize()
     fast.destroy()
-    dist.destroy_process_group()
-    print(f"rank {rank}: results match the reference", flush=True)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tools", default="memcheck,racecheck")
-    parser.add_argument("--child-rank", type=int, default=None)
-    args = parser.parse_args()
-    world = 2
-    if args.child_rank is not None:
-        child(args.child_rank, world)
-        return 0
-    return sanitize_ranks(__file__, world, args.tools.split(","), {"DEEPEP_MEGATRON_TIMEOUT_S": "300"}, timeout_s=900)
+    return sanitize_main(__file__, child, 2, {"DEEPEP_MEGATRON_TIMEOUT_S": "300"}, timeout_s=900)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,5 @@
-// The stand-alone cross-rank barrier before a cached dispatch or a combine, and check_cuda.
+// The stand-alone cross-rank barrier (Buffer.barrier / Runtime.barrier; a cached dispatch and a combine
+// carry their own: fused_barrier, wait.cuh), and check_cuda.
 #include <stdexcept>
 #include <string>
 
