@@ -122,7 +122,8 @@ PoisonList poison_list(std::initializer_list<std::optional<at::Tensor>> outputs)
 }
 
 // A speculative allocation of the receive tensors is used when the rows fit and waste at most a
-// quarter of it; it is made for the previous count plus 1/kSpeculativeMarginDivisor.
+// quarter of it; it is made for the most rows of recent dispatches (Runtime::receive_rows_hint) plus
+// 1/kSpeculativeMarginDivisor.
 constexpr int64_t kSpeculativeMarginDivisor = 16;
 
 // The receive tensors of a full dispatch. The per-row metadata shares one allocation (one
