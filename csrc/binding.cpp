@@ -132,8 +132,15 @@ PYBIND11_MODULE(_C, m) {
 #endif
 
   py::class_<Runtime>(m, "Runtime")
-      .def(py::init<int, int, int64_t, int, double>(), py::arg("rank"), py::arg("num_ranks"), py::arg("num_nvl_bytes"),
-           py::arg("device"), py::arg("timeout_s"))
+      .def(py::init<int, int, int64_t, int, double, int64_t>(), py::arg("rank"), py::arg("num_ranks"),
+           py::arg("num_nvl_bytes"), py::arg("device"), py::arg("timeout_s"), py::arg("num_recv_arena_bytes") = 0)
+      .def("arena_stats",
+           [](const Runtime& rt) {
+             const auto& arena = rt.arena();
+             if (arena == nullptr) return py::make_tuple(int64_t{0}, int64_t{0}, int64_t{0});
+             return py::make_tuple(arena->size(), arena->bytes_in_use(), arena->num_blocks());
+           },
+           "(arena bytes, bytes in use, blocks in use) of the receive arena; zeros without one")
       .def("ipc_handle", [](const Runtime& rt) { return py::bytes(rt.ipc_handle()); })
       .def("open_peers",
            [](Runtime& rt, const std::vector<py::bytes>& handles, const std::vector<int64_t>& sizes) {
@@ -183,9 +190,10 @@ PYBIND11_MODULE(_C, m) {
           "cached_dispatch",
           [](Runtime& rt, const at::Tensor& x, const std::optional<at::Tensor>& x_scales, const at::Tensor& send_tokens,
              const at::Tensor& channel_count, const at::Tensor& recv_channel_offset, const at::Tensor& recv_src_idx,
-             int num_channels, int num_slots, int send_chunk) {
+             const at::Tensor& rank_prefix_matrix, const at::Tensor& send_position, int num_channels, int num_slots,
+             int send_chunk) {
             return cached_dispatch(rt, x, x_scales, send_tokens, channel_count, recv_channel_offset, recv_src_idx,
-                                   ring_config(num_channels, num_slots, send_chunk));
+                                   rank_prefix_matrix, send_position, ring_config(num_channels, num_slots, send_chunk));
           },
           py::call_guard<py::gil_scoped_release>(), "Cached dispatch -> (recv_x, recv_x_scales or None).")
       .def(

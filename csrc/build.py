@@ -24,6 +24,7 @@ SOURCES = (
     "csrc/kernels/layout.cu",
     "csrc/kernels/intranode.cu",
     "csrc/runtime/runtime.cu",
+    "csrc/runtime/receive_arena.cpp",
     "csrc/runtime/intranode_ops.cpp",
     "csrc/binding.cpp",
 )

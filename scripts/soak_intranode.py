@@ -726,6 +726,8 @@ def _repro_command(args: argparse.Namespace) -> str:
         parts.append(f"--max-hidden {args.max_hidden}")
     if args.plant_error:
         parts.append(f"--plant-error {args.plant_error}")
+    if args.recv_arena_bytes:
+        parts.append(f"--recv-arena-bytes {args.recv_arena_bytes}")
     return " ".join(parts)
 
 
@@ -745,7 +747,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="testing the soak itself: corrupt this output on rank 0 in every round where it has elements")
     parser.add_argument("--progress-s", type=float, default=30.0, help="seconds between progress lines")
     parser.add_argument("--out", default=None, help="also write the report (markdown) here")
+    parser.add_argument("--recv-arena-bytes", type=int, default=0,
+                        help="cuda: a receive arena of this many bytes per rank (direct-write dispatch; its blocks are "
+                             "poisoned when taken); 0: the rings only")
     args = parser.parse_args(argv)
+    if args.recv_arena_bytes < 0:
+        parser.error("--recv-arena-bytes must be >= 0")
+    rank_env = {"DEEPEP_MEGATRON_RECV_ARENA_BYTES": str(args.recv_arena_bytes), "DEEPEP_MEGATRON_POISON_ARENA": "1"}
 
     rank_counts = [int(r) for r in args.ranks.split(",")]
     device = args.device if args.device != "auto" else ("cuda" if args.backend == "cuda" else "cpu")
@@ -769,7 +777,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"hidden {list(hiddens)}, tokens <= {args.max_tokens}", flush=True)
         timeout = (budget + 600) if budget else 24 * 3600
         try:
-            per_rank = run_ranks(_worker, num_ranks, opts, backend=pg_backend, timeout_s=timeout)
+            per_rank = run_ranks(_worker, num_ranks, opts, backend=pg_backend, timeout_s=timeout, env=rank_env)
         except (AssertionError, RuntimeError, TimeoutError) as error:  # a rank died: its traceback is in the message
             print(f"soak_intranode: EP{num_ranks} aborted: {error}", flush=True)
             summaries.append(Summary(num_ranks, args.rounds, stopped="a crashed rank", failed=1))
@@ -778,7 +786,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     where = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
     header = (f"soak_intranode · backend {args.backend} · {where} · seed {args.seed} · ranks {args.ranks} · "
-              f"max tokens {args.max_tokens} · hidden {list(hiddens)}" + (f" · planted error in {args.plant_error}" if args.plant_error else ""))
+              f"max tokens {args.max_tokens} · hidden {list(hiddens)}" + (f" · planted error in {args.plant_error}" if args.plant_error else "")
+              + (f" · receive arena {args.recv_arena_bytes} bytes" if args.recv_arena_bytes else ""))
     report = format_report(summaries, header)
     if args.out:
         with open(args.out, "w") as f:

@@ -7,7 +7,8 @@ import re
 import pytest
 
 from deepep_megatron import config, layout
-from deepep_megatron.backends.cuda import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, resolve_timeout
+from deepep_megatron.backends.cuda import (DEFAULT_TIMEOUT_S, RECV_ARENA_ENV, TIMEOUT_ENV, resolve_recv_arena_bytes,
+                                           resolve_timeout)
 from harness import run_ranks
 
 
@@ -42,6 +43,14 @@ def test_timeout_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(TIMEOUT_ENV, "soon")
     with pytest.raises(ValueError, match=TIMEOUT_ENV):
         resolve_timeout(None)
+
+
+def test_receive_arena_setting() -> None:
+    assert resolve_recv_arena_bytes({}) == 0  # no arena unless asked for
+    assert resolve_recv_arena_bytes({RECV_ARENA_ENV: str(1 << 30)}) == 1 << 30
+    for bad in ("-1", "1GiB", "", "1.5"):
+        with pytest.raises(ValueError, match=RECV_ARENA_ENV):
+            resolve_recv_arena_bytes({RECV_ARENA_ENV: bad})
 
 
 def _reference_reset(rank: int, world_size: int) -> bool:

@@ -21,4 +21,12 @@ struct Fingerprint {
   int32_t words[kFingerprintWords];
 };
 
+// What a barrier that opens a dispatch publishes (exchange = true; block.offset = kNoReceiveBlock
+// when the rank takes its rows through the rings). Other barriers exchange nothing.
+struct BlockExchange {
+  bool exchange;
+  ReceiveBlock block;
+};
+constexpr BlockExchange kNoExchange{false, {kNoReceiveBlock, 0}};
+
 }  // namespace deepep_megatron

@@ -49,13 +49,17 @@ __device__ __forceinline__ void channel_range(int num_tokens, int num_channels, 
   end = min(begin + per, num_tokens);
 }
 
+
 // Cross-rank barrier with the operation's fingerprint, called by EVERY thread of one block.
 // The epoch is this rank's device word (bumped here), so graph replays need no host counter.
-// Thread s < R writes its signal {fingerprint, epoch} into slot [epoch & 1][me] of peer s's buffer
-// and waits for peer s's signal in its own slot [epoch & 1][s]; two parities, because a fast peer
-// may already signal the next barrier before this rank has read the current one. Returns false
+// Thread s < R writes its signal {fingerprint, published block, epoch} into slot [epoch & 1][me] of
+// peer s's buffer and waits for peer s's signal in its own slot [epoch & 1][s]; two parities,
+// because a fast peer may already signal the next barrier before this rank has read the current
+// one. With blocks.exchange, once peer s's signal is in, thread s copies the receive block peer s
+// published into kOffReceiveBlocks[s] (the senders of the dispatch this barrier opens read it there). Returns false
 // (on every thread) after a timeout, a fingerprint mismatch, or when this rank was aborted.
-__device__ __forceinline__ bool cross_rank_barrier(const PeerContext& ctx, const Fingerprint& fp) {
+__device__ __forceinline__ bool cross_rank_barrier(const PeerContext& ctx, const Fingerprint& fp,
+                                                   const BlockExchange blocks = kNoExchange) {
   __shared__ uint32_t epoch;
   __shared__ int ok;
   uint32_t* epoch_word = at<uint32_t>(ctx.buffers[ctx.rank], kOffEpoch);
@@ -69,6 +73,8 @@ __device__ __forceinline__ bool cross_rank_barrier(const PeerContext& ctx, const
     const size_t parity = (epoch & 1u) * kMaxRanks;
     BarrierSignal* out = at<BarrierSignal>(ctx.buffers[peer], kOffBarrier) + parity + ctx.rank;
     for (int i = 0; i < kFingerprintWords; ++i) reinterpret_cast<volatile int32_t*>(out->fingerprint)[i] = fp.words[i];
+    reinterpret_cast<volatile int64_t*>(&out->block)[0] = blocks.block.offset;
+    reinterpret_cast<volatile int64_t*>(&out->block)[1] = blocks.block.rows;
     __threadfence_system();  // everything this block wrote before the barrier is visible first
     st_release_sys(&out->epoch, epoch);
     BarrierSignal* in = at<BarrierSignal>(ctx.buffers[ctx.rank], kOffBarrier) + parity + peer;
@@ -83,6 +89,13 @@ __device__ __forceinline__ bool cross_rank_barrier(const PeerContext& ctx, const
           ok = 0;
           break;
         }
+      }
+      if (blocks.exchange) {
+        volatile int64_t* copy =
+            reinterpret_cast<volatile int64_t*>(at<ReceiveBlock>(ctx.buffers[ctx.rank], kOffReceiveBlocks) + peer);
+        copy[0] = reinterpret_cast<const volatile int64_t*>(&in->block)[0];
+        copy[1] = reinterpret_cast<const volatile int64_t*>(&in->block)[1];
+        __threadfence();  // before the go word that thread 0 publishes after this barrier
       }
     }
   }
@@ -130,12 +143,14 @@ __device__ __forceinline__ bool wait_go(const PeerContext& ctx) {
 // The barrier a data kernel carries itself (a cached dispatch, a combine: one launch instead of a
 // barrier kernel and the data kernel), called by EVERY thread of every block before any of them
 // touches a peer: block 0 runs cross_rank_barrier and publishes its verdict in the go word, the
-// other blocks wait for it. Returns whether the barrier passed. `fp` is taken by value: a reference
+// other blocks wait for it (the receive blocks the peers published are in kOffReceiveBlocks then).
+// Returns whether the barrier passed. `fp` is taken by value: a reference
 // into the kernel's argument struct would make the compiler copy that whole struct to local memory
 // (the barrier's error report takes the fingerprint's address), which slows every later access.
-__device__ __forceinline__ bool fused_barrier(const PeerContext& ctx, const Fingerprint fp) {
+__device__ __forceinline__ bool fused_barrier(const PeerContext& ctx, const Fingerprint fp,
+                                              const BlockExchange blocks = kNoExchange) {
   if (blockIdx.x != 0) return wait_go(ctx);
-  const bool ok = cross_rank_barrier(ctx, fp);
+  const bool ok = cross_rank_barrier(ctx, fp, blocks);
   if (threadIdx.x == 0) publish_go(ctx, ok);
   return ok;
 }

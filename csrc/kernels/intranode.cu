@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(PeerContext c
   // The first barrier opens the dispatch kernel launched behind this one (every dispatch launches
   // one): its senders start filling the peers' rings while the rest of notify runs (they need
   // nothing notify computes).
-  const bool passed = cross_rank_barrier(ctx, fp);
+  const bool passed = cross_rank_barrier(ctx, fp, a.blocks);
   if (threadIdx.x == 0) publish_go(ctx, passed);
   pdl_launch_dependents();
   if (!passed) return;
@@ -383,6 +383,45 @@ __device__ __forceinline__ bool writes_outputs(const DispatchArgs& a) {
   return a.fits == nullptr || *reinterpret_cast<const volatile int*>(a.fits) != 0;
 }
 
+// The receive block peer d published in the barrier that opened this kernel (kOffReceiveBlocks).
+__device__ __forceinline__ ReceiveBlock published_block(const PeerContext& ctx, int peer) {
+  const volatile int64_t* words = reinterpret_cast<const volatile int64_t*>(
+      at<ReceiveBlock>(ctx.buffers[ctx.rank], kOffReceiveBlocks) + peer);
+  return ReceiveBlock{words[0], words[1]};
+}
+
+// Where the stream (channel, me -> peer) puts its x rows: the ring slots (kThroughRing), straight
+// into the peer's receive block (kDirect: position p goes to x[p], scales[p] below, already offset
+// to the stream's first row there), or nowhere (kMetadataOnly: a speculative launch that some rank
+// cannot fit, whose receivers only drain the rings; or rows that would not fit the block).
+enum class RowTarget : int { kThroughRing = 0, kDirect = 1, kMetadataOnly = 2 };
+
+struct DirectTarget {
+  uint8_t* x;
+  float* scales;
+  RowTarget target;
+};
+
+// The stream's first row in the peer's block: rows ranks before me send to the peer, then my rows
+// of the channels before this one (the receiver orders rows by (source rank, channel, position):
+// recv_channel_offset on the peer). `length` rows must fit the block; else (the ranks' layouts
+// disagree) a diagnostic, and nothing is written there.
+__device__ __forceinline__ DirectTarget direct_target(const PeerContext& ctx, const DispatchArgs& a,
+                                                      const RingGeometry& ring, const ReceiveBlock& block, int peer,
+                                                      int channel, int length) {
+  if (!writes_outputs(a)) return DirectTarget{nullptr, nullptr, RowTarget::kMetadataOnly};
+  const int me = ctx.rank, R = ctx.num_ranks;
+  int64_t first = me > 0 ? a.rank_prefix_matrix[(me - 1) * R + peer] : 0;
+  for (int c = 0; c < channel; ++c) first += a.channel_count[peer * ring.num_channels + c];
+  if (first + length > block.rows) {
+    report_error(ctx, kReceiveBlockOverflow, peer, channel, block.rows, first + length);
+    return DirectTarget{nullptr, nullptr, RowTarget::kMetadataOnly};
+  }
+  uint8_t* base = ctx.buffers[peer] + block.offset;
+  float* scales = reinterpret_cast<float*>(base + receive_block(block.rows, a.slot.row_bytes, a.num_scales, 0).off_scales);
+  return DirectTarget{base + first * a.slot.row_bytes, scales + first * a.num_scales, RowTarget::kDirect};
+}
+
 // A sender block: (full dispatch) build this channel's streams, then the own-rank group copies this
 // rank's tokens of the channel straight from x into its output rows (no ring, nothing to wait for)
 // while the other groups push to the peers' rings.
@@ -392,7 +431,7 @@ __device__ __forceinline__ void dispatch_sender(const PeerContext& ctx, const Ri
   __shared__ int lengths[kMaxRanks];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int me = ctx.rank;
-  if (a.is_token_in_rank != nullptr) {
+  if (a.builds_streams) {
     build_channel_streams<kThreadsPerBlock>(a.is_token_in_rank, a.num_tokens, kNumRanks, begin,
                                             min(begin + (a.num_tokens + ring.num_channels - 1) / ring.num_channels,
                                                 a.num_tokens),
@@ -428,16 +467,41 @@ __device__ __forceinline__ void dispatch_sender(const PeerContext& ctx, const Ri
     return;
   }
   const int* tokens = stream_tokens(peer);
-  const int length = a.is_token_in_rank != nullptr ? lengths[peer] : a.channel_count[peer * ring.num_channels + channel];
+  const int length = a.builds_streams ? lengths[peer] : a.channel_count[peer * ring.num_channels + channel];
+  // Direct write: x rows (and scales) straight into the peer's receive block, only the metadata
+  // through the ring. The rows' place there comes from notify (a full dispatch: wait for it).
+  // The group's leader decides (send_stream's first group barrier publishes it to the group); the
+  // target lives in shared memory, not in registers the copy loop needs.
+  __shared__ DirectTarget direct_s[kNumRanks];
+  if (warp_in_group == 0 && lane == 0) {
+    DirectTarget direct{nullptr, nullptr, RowTarget::kThroughRing};
+    if (a.use_blocks) {
+      const ReceiveBlock block = published_block(ctx, peer);
+      if (block.offset != kNoReceiveBlock) {
+        if (a.opening == Opening::kAfterNotify) pdl_wait_for_primary();
+        direct = direct_target(ctx, a, ring, block, peer, channel, length);
+      }
+    }
+    direct_s[peer] = direct;
+  }
   send_stream<kNumRanks>(
       ctx, ring, channel, peer, length, warp_in_group, group_warps, lane,
       kWaitDispatchSpace, &step[peer], [&](int position, uint8_t* slot) {
         const int token = tokens[position];
-        warp_copy<8, LoadInput, StoreRing>(slot, a.x + static_cast<int64_t>(token) * a.slot.row_bytes, a.slot.row_bytes,
-                                           lane);
-        for (int j = lane; j < a.num_scales; j += 32) {
-          reinterpret_cast<float*>(slot + a.slot.off_scales)[j] =
-              __ldg(a.x_scales + static_cast<int64_t>(token) * a.num_scales + j);
+        const DirectTarget& direct = direct_s[peer];
+        uint8_t* row_dst = slot;
+        float* scales_dst = reinterpret_cast<float*>(slot + a.slot.off_scales);
+        const RowTarget target = direct.target;
+        if (target == RowTarget::kDirect) {
+          row_dst = direct.x + static_cast<int64_t>(position) * a.slot.row_bytes;
+          scales_dst = direct.scales + static_cast<int64_t>(position) * a.num_scales;
+        }
+        if (target != RowTarget::kMetadataOnly) {
+          warp_copy<8, LoadInput, StoreRing>(row_dst, a.x + static_cast<int64_t>(token) * a.slot.row_bytes,
+                                             a.slot.row_bytes, lane);
+          for (int j = lane; j < a.num_scales; j += 32) {
+            scales_dst[j] = __ldg(a.x_scales + static_cast<int64_t>(token) * a.num_scales + j);
+          }
         }
         if (lane < a.num_topk) {
           const int64_t k = static_cast<int64_t>(token) * a.num_topk + lane;
@@ -446,6 +510,185 @@ __device__ __forceinline__ void dispatch_sender(const PeerContext& ctx, const Ri
         }
         if (lane == 0) *reinterpret_cast<int*>(slot + a.slot.off_src_idx) = token;
       });
+}
+
+// ------------------------------------------------------------------------------- direct dispatch
+// Every rank published a receive block (alike on every rank: each reads the same R published blocks).
+__device__ __forceinline__ bool every_rank_has_block(const PeerContext& ctx, const DispatchArgs& a) {
+  if (!a.use_blocks) return false;
+  for (int r = 0; r < ctx.num_ranks; ++r) {
+    if (published_block(ctx, r).offset == kNoReceiveBlock) return false;
+  }
+  return true;
+}
+
+// Where this channel's tokens land in destination d's block: pointers at the stream's first row.
+struct DirectRows {
+  uint8_t* x;
+  float* scales;
+  int* topk_idx;      // [rows, K] (null in a cached dispatch)
+  float* topk_weights;
+  int* src_idx;
+};
+
+// Both blocks of channel c send half of its tokens each; no rings. A warp reads a token's row once
+// and writes it to every destination that needs it (send_position: its row there is first_d + p).
+// Then each block adds 1 to kOffDirectDone[c][me] of every destination; the even block waits for
+// both blocks of every source and copies the metadata rows of channel c out of this rank's block
+// into the ordinary outputs (and takes its share of the padding rows).
+template <int kNumRanks>
+__device__ __forceinline__ void dispatch_direct(const PeerContext& ctx, const RingGeometry& ring, const DispatchArgs& a,
+                                                int channel) {
+  __shared__ int lengths[kMaxRanks];
+  __shared__ DirectRows rows_at[kMaxRanks];
+  __shared__ int overflow;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int me = ctx.rank, C = ring.num_channels;
+  const bool even = blockIdx.x % 2 == 0;
+  int begin, end;
+  channel_range(a.num_tokens, C, channel, begin, end);
+  if (a.builds_streams) {
+    // Both blocks build the channel's streams (the same values: the handle's send_position /
+    // send_tokens); each reads back only what it wrote itself.
+    build_channel_streams<kThreadsPerBlock>(a.is_token_in_rank, a.num_tokens, kNumRanks, begin, end, a.send_position,
+                                            a.send_tokens, lengths);
+  } else if (threadIdx.x < kNumRanks) {
+    lengths[threadIdx.x] = a.channel_count[threadIdx.x * C + channel];
+  }
+  pdl_wait_for_primary();  // a full dispatch: notify's offsets and verdict
+  const bool write = writes_outputs(a);  // alike on every rank: nobody writes, nobody waits
+  if (!write) return;
+  if (threadIdx.x == 0) overflow = 0;
+  __syncthreads();
+  if (threadIdx.x < kNumRanks) {
+    const int d = threadIdx.x;
+    const ReceiveBlock block = published_block(ctx, d);
+    int64_t first = me > 0 ? a.rank_prefix_matrix[(me - 1) * kNumRanks + d] : 0;
+    for (int c = 0; c < channel; ++c) first += a.channel_count[d * C + c];
+    if (first + lengths[d] > block.rows) {  // the ranks' layouts disagree: write nothing anywhere
+      report_error(ctx, kReceiveBlockOverflow, d, channel, block.rows, first + lengths[d]);
+      atomicExch(&overflow, 1);
+    }
+    const ReceiveBlockLayout layout = receive_block(block.rows, a.slot.row_bytes, a.num_scales, a.num_topk);
+    uint8_t* base = ctx.buffers[d] + block.offset;
+    rows_at[d] = DirectRows{base + first * a.slot.row_bytes,
+                            reinterpret_cast<float*>(base + layout.off_scales) + first * a.num_scales,
+                            reinterpret_cast<int*>(base + layout.off_topk_idx) + first * a.num_topk,
+                            reinterpret_cast<float*>(base + layout.off_topk_weights) + first * a.num_topk,
+                            reinterpret_cast<int*>(base + layout.off_src_idx) + first};
+  }
+  __syncthreads();
+  if (!overflow) {
+    const int mid = begin + (end - begin + 1) / 2;
+    const int my_begin = even ? begin : mid, my_end = even ? mid : end;
+    const int row_int4 = a.slot.row_bytes / 16;
+    // int4 loads in flight per lane before their stores (registers: fewer with more destinations)
+    constexpr int kUnroll = kNumRanks <= 4 ? 8 : 4;
+    for (int t = my_begin + warp; t < my_end; t += kWarpsPerBlock) {
+      // lane d holds the token's position in the stream to d (-1: not sent there)
+      const int my_position = lane < kNumRanks ? a.send_position[static_cast<int64_t>(t) * kNumRanks + lane] : -1;
+      const int4* src = reinterpret_cast<const int4*>(a.x + static_cast<int64_t>(t) * a.slot.row_bytes);
+      for (int i = lane; i < row_int4; i += 32 * kUnroll) {
+        int4 v[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          if (i + 32 * u < row_int4) v[u] = ld_input_int4(src + i + 32 * u);
+        }
+#pragma unroll
+        for (int d = 0; d < kNumRanks; ++d) {
+          const int position = __shfl_sync(0xffffffffu, my_position, d);
+          if (position < 0) continue;
+          int4* dst = reinterpret_cast<int4*>(rows_at[d].x + static_cast<int64_t>(position) * a.slot.row_bytes);
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            if (i + 32 * u < row_int4) st_ring_int4(dst + i + 32 * u, v[u]);
+          }
+        }
+      }
+      // Scales and metadata: one destination at a time (the shuffle needs the whole warp).
+      for (int d = 0; d < kNumRanks; ++d) {
+        const int position = __shfl_sync(0xffffffffu, my_position, d);
+        if (position < 0) continue;
+        for (int j = lane; j < a.num_scales; j += 32) {
+          rows_at[d].scales[static_cast<int64_t>(position) * a.num_scales + j] =
+              __ldg(a.x_scales + static_cast<int64_t>(t) * a.num_scales + j);
+        }
+        if (lane < a.num_topk) {  // ids local to the destination (-1 / weight 0 elsewhere), as it receives them
+          const int64_t k = static_cast<int64_t>(t) * a.num_topk + lane;
+          const int expert = static_cast<int>(__ldg(a.topk_idx + k));
+          const int local = expert - d * a.num_local_experts;
+          const bool is_local = expert >= 0 && local >= 0 && local < a.num_local_experts;
+          const int64_t at_k = static_cast<int64_t>(position) * a.num_topk + lane;
+          rows_at[d].topk_idx[at_k] = is_local ? local : -1;
+          rows_at[d].topk_weights[at_k] = is_local ? __ldg(a.topk_weights + k) : 0.0f;
+        }
+      }
+      if (lane < kNumRanks && a.num_topk > 0 && my_position >= 0) rows_at[lane].src_idx[my_position] = t;
+    }
+  }
+  __syncthreads();
+  // This block's rows are written: tell every destination (release, cumulative over the block's
+  // writes ordered before it by the barrier).
+  if (threadIdx.x < kNumRanks) {
+    red_release_sys_add(counter(ctx.buffers[threadIdx.x], kOffDirectDone, channel, me), 1u);
+  }
+  if (!even) return;
+  // The even block: both blocks of every source finished channel c here.
+  __shared__ int arrived;
+  if (threadIdx.x == 0) arrived = 1;
+  __syncthreads();
+  if (threadIdx.x < kNumRanks) {
+    const int s = threadIdx.x;
+    uint32_t* seen = counter(ctx.buffers[me], kOffDirectSeen, channel, s);
+    const uint32_t target = ld_volatile(seen) + 2u;
+    uint32_t value;
+    if (wait_counter(ctx, counter(ctx.buffers[me], kOffDirectDone, channel, s), target, kWaitDispatchData, s, channel,
+                     value)) {
+      *reinterpret_cast<volatile uint32_t*>(seen) = target;
+    } else {
+      atomicExch(&arrived, 0);
+    }
+  }
+  __syncthreads();
+  if (!arrived || a.num_topk == 0) return;
+  // Copy-out of the metadata of channel c's rows (every source) from this rank's block.
+  const ReceiveBlock mine = published_block(ctx, me);
+  const ReceiveBlockLayout layout = receive_block(mine.rows, a.slot.row_bytes, a.num_scales, a.num_topk);
+  const uint8_t* base = ctx.buffers[me] + mine.offset;
+  const int* block_idx = reinterpret_cast<const int*>(base + layout.off_topk_idx);
+  const float* block_weights = reinterpret_cast<const float*>(base + layout.off_topk_weights);
+  const int* block_src = reinterpret_cast<const int*>(base + layout.off_src_idx);
+  for (int s = 0; s < kNumRanks; ++s) {
+    const int row_begin = a.recv_channel_offset[s * (C + 1) + channel];
+    const int row_end = a.recv_channel_offset[s * (C + 1) + channel + 1];
+    const int64_t entries_begin = static_cast<int64_t>(row_begin) * a.num_topk;
+    const int64_t entries_end = static_cast<int64_t>(row_end) * a.num_topk;
+    for (int64_t e = entries_begin + threadIdx.x; e < entries_end; e += blockDim.x) {
+      a.recv_topk_idx[e] = __ldcg(block_idx + e);
+      a.recv_topk_weights[e] = __ldcg(block_weights + e);
+    }
+    if (a.recv_src_idx != nullptr) {
+      for (int row = row_begin + threadIdx.x; row < row_end; row += blockDim.x) a.recv_src_idx[row] = __ldcg(block_src + row);
+    }
+  }
+}
+
+// The padding rows of a num_worst_tokens dispatch past the received ones (their count is on the
+// device only): top-k -1 / weight 0 / source -1, this block's share of them; x and scales stay as
+// they are (DeepEP's semantics: no expert reads a row whose top-k is all -1).
+__device__ __forceinline__ void pad_rows_share(const PeerContext& ctx, const RingGeometry& ring, const DispatchArgs& a,
+                                               int share, int num_shares) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int num_received = a.recv_channel_offset[(ctx.num_ranks - 1) * (ring.num_channels + 1) + ring.num_channels];
+  int pad_begin, pad_end;
+  channel_range(a.num_recv_rows - num_received, num_shares, share, pad_begin, pad_end);
+  for (int64_t row = num_received + pad_begin + warp; row < num_received + pad_end; row += kWarpsPerBlock) {
+    if (lane < a.num_topk) {
+      a.recv_topk_idx[row * a.num_topk + lane] = -1;
+      a.recv_topk_weights[row * a.num_topk + lane] = 0.0f;
+    }
+    if (lane == 0 && a.recv_src_idx != nullptr) a.recv_src_idx[row] = -1;
+  }
 }
 
 // A receiver block: (num_worst_tokens) its share of the padding rows, then one warp group per peer
@@ -457,21 +700,7 @@ __device__ __forceinline__ void dispatch_receiver(const PeerContext& ctx, const 
   const int me = ctx.rank;
   pdl_wait_for_primary();  // launched behind notify: its offsets (and verdict) first
   const bool write = writes_outputs(a);
-  if (a.pad_rows && write) {
-    // Rows past the received ones (their count is on the device only) get top-k -1 / weight 0 /
-    // source -1, split over the receiver blocks; x and scales stay as they are (DeepEP's semantics:
-    // no expert reads a row whose top-k is all -1).
-    const int num_received = a.recv_channel_offset[(ctx.num_ranks - 1) * (ring.num_channels + 1) + ring.num_channels];
-    int pad_begin, pad_end;
-    channel_range(a.num_recv_rows - num_received, ring.num_channels, channel, pad_begin, pad_end);
-    for (int64_t row = num_received + pad_begin + warp; row < num_received + pad_end; row += kWarpsPerBlock) {
-      if (lane < a.num_topk) {
-        a.recv_topk_idx[row * a.num_topk + lane] = -1;
-        a.recv_topk_weights[row * a.num_topk + lane] = 0.0f;
-      }
-      if (lane == 0 && a.recv_src_idx != nullptr) a.recv_src_idx[row] = -1;
-    }
-  }
+  if (a.pad_rows && write) pad_rows_share(ctx, ring, a, channel, ring.num_channels);
   int source, warp_in_group, group_warps;
   if (!WarpGroups<kNumRanks, 0>::assign(warp, me, source, warp_in_group, group_warps)) return;
   const int out_begin = a.recv_channel_offset[source * (ring.num_channels + 1) + channel];
@@ -484,6 +713,8 @@ __device__ __forceinline__ void dispatch_receiver(const PeerContext& ctx, const 
   uint32_t* remote_head = counter(ctx.buffers[source], kOffRingHead, channel, me);
   uint32_t* head_shadow = counter(own, kOffHeadShadow, channel, source);
   const uint32_t base = ld_volatile(head_shadow);
+  // x rows already in recv_x (the senders wrote them into this rank's receive block)
+  const bool direct = a.use_blocks && a.blocks.block.offset != kNoReceiveBlock;
   int consumed = 0;
   while (consumed < total) {
     if (leader) {
@@ -500,9 +731,11 @@ __device__ __forceinline__ void dispatch_receiver(const PeerContext& ctx, const 
     for (int i = consumed + warp_in_group; write && i < available; i += group_warps) {
       const uint8_t* slot = ring_slot(own, ring, kNumRanks, channel, source, static_cast<uint32_t>(i));
       const int64_t row = out_begin + i;
-      warp_copy<4, LoadRing, StoreOutput>(a.recv_x + row * a.slot.row_bytes, slot, a.slot.row_bytes, lane);
-      for (int j = lane; j < a.num_scales; j += 32) {
-        a.recv_x_scales[row * a.num_scales + j] = __ldcg(reinterpret_cast<const float*>(slot + a.slot.off_scales) + j);
+      if (!direct) {
+        warp_copy<4, LoadRing, StoreOutput>(a.recv_x + row * a.slot.row_bytes, slot, a.slot.row_bytes, lane);
+        for (int j = lane; j < a.num_scales; j += 32) {
+          a.recv_x_scales[row * a.num_scales + j] = __ldcg(reinterpret_cast<const float*>(slot + a.slot.off_scales) + j);
+        }
       }
       if (lane < a.num_topk) {
         write_local_topk(a, row, lane, __ldcg(reinterpret_cast<const int*>(slot + a.slot.off_topk_idx) + lane),
@@ -528,8 +761,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   channel_range(a.num_tokens, ring.num_channels, channel, begin, end);
   bool opened = true;
   if (a.opening == Opening::kAfterNotify) opened = wait_go(ctx);
-  if (a.opening == Opening::kOwnBarrier) opened = fused_barrier(ctx, a.barrier_fp);
-  if (opened && !aborted(ctx)) {  // else the barrier / notify failed: finish_block poisons
+  if (a.opening == Opening::kOwnBarrier) opened = fused_barrier(ctx, a.barrier_fp, a.blocks);
+  // (every rank has a receive block: dispatch_direct_kernel, launched before this one, moved the data)
+  if (opened && !aborted(ctx) && !every_rank_has_block(ctx, a)) {  // aborted: finish_block poisons
     if (blockIdx.x % 2 == 0) {
       dispatch_sender<kNumRanks>(ctx, ring, a, channel, begin, step);
     } else {
@@ -713,6 +947,24 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   finish_block(ctx, a.poison);
 }
 
+// The direct dispatch (every rank has a receive block; else it does nothing and the ring kernel
+// launched after it moves the data). Its own kernel, so that its registers (a row in flight to
+// every destination) do not make the ring kernel spill.
+template <int kNumRanks>
+__global__ void __launch_bounds__(kThreadsPerBlock, 1)
+    dispatch_direct_kernel(PeerContext ctx, RingGeometry ring, DispatchArgs a) {
+  const int channel = blockIdx.x / 2;
+  bool opened = true;
+  if (a.opening == Opening::kAfterNotify) opened = wait_go(ctx);
+  if (a.opening == Opening::kOwnBarrier) opened = fused_barrier(ctx, a.barrier_fp, a.blocks);
+  if (opened && !aborted(ctx) && every_rank_has_block(ctx, a)) {
+    dispatch_direct<kNumRanks>(ctx, ring, a, channel);
+    // the padding rows, over every block (after notify: dispatch_direct waited for it)
+    if (a.pad_rows && writes_outputs(a)) pad_rows_share(ctx, ring, a, blockIdx.x, gridDim.x);
+  }
+  finish_block(ctx, a.poison);
+}
+
 // Programmatic dependent launch of a dispatch behind notify; DEEPEP_MEGATRON_PDL=0 turns it off (the
 // kernel then starts after notify ends, with the same results), e.g. to measure what it saves.
 bool dependent_launch_enabled() {
@@ -723,8 +975,9 @@ bool dependent_launch_enabled() {
   return enabled;
 }
 
-template <int kNumRanks>
-void launch_dispatch_for(const PeerContext& ctx, const RingGeometry& ring, const DispatchArgs& args, cudaStream_t stream) {
+template <typename Kernel>
+void launch_kernel(Kernel kernel, const PeerContext& ctx, const RingGeometry& ring, const DispatchArgs& args,
+                   cudaStream_t stream) {
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(2 * ring.num_channels);
   config.blockDim = dim3(kThreadsPerBlock);
@@ -736,8 +989,26 @@ void launch_dispatch_for(const PeerContext& ctx, const RingGeometry& ring, const
     config.attrs = &attribute;
     config.numAttrs = 1;
   }
-  check_cuda(cudaLaunchKernelEx(&config, dispatch_kernel<kNumRanks>, ctx, ring, args), "dispatch kernel launch");
+  check_cuda(cudaLaunchKernelEx(&config, kernel, ctx, ring, args), "dispatch kernel launch");
 }
+
+// With a receive block of its own (args.blocks), the rank launches the direct kernel first (it runs
+// the opening barrier: notify's go word, or its own) and the ring kernel after it, opened by nothing
+// (the barrier passed in the kernel before; an abort stops it). Each does nothing when the other
+// is the one that moves the data (every_rank_has_block, alike on every rank). Without a block only
+// the ring kernel runs, opened as the call asks.
+template <int kNumRanks>
+void launch_dispatch_for(const PeerContext& ctx, const RingGeometry& ring, const DispatchArgs& args, cudaStream_t stream) {
+  if (args.use_blocks && args.blocks.block.offset != kNoReceiveBlock) {
+    launch_kernel(dispatch_direct_kernel<kNumRanks>, ctx, ring, args, stream);
+    DispatchArgs after = args;
+    after.opening = Opening::kNone;
+    launch_kernel(dispatch_kernel<kNumRanks>, ctx, ring, after, stream);
+    return;
+  }
+  launch_kernel(dispatch_kernel<kNumRanks>, ctx, ring, args, stream);
+}
+
 
 template <int kNumRanks>
 void launch_combine_for(const PeerContext& ctx, const RingGeometry& ring, const CombineArgs& args, cudaStream_t stream) {

@@ -43,6 +43,7 @@ struct NotifyArgs {
   // rows fit its capacity and no rank refused, else 0
   int capacity;
   int* fits;
+  BlockExchange blocks;              // this rank's receive block, published in the first barrier
 };
 
 // Output regions a kernel overwrites with 0xFF bytes (NaN for floats, -1 for ints) when this rank was
@@ -68,8 +69,12 @@ struct DispatchArgs {
   const float* x_scales;          // [T, num_scales] or null
   const int64_t* topk_idx;        // [T, num_topk] or null (cached dispatch)
   const float* topk_weights;      // [T, num_topk] or null
-  const bool* is_token_in_rank;   // [T, R]: the sender blocks build the streams (full dispatch); null: cached
-  int* send_position;             // [T, R] written with the streams (full dispatch)
+  const bool* is_token_in_rank;   // [T, R] (full dispatch; null when T == 0)
+  bool builds_streams;            // full dispatch: the sender blocks build the streams from is_token_in_rank
+                                  // (a cached dispatch reads send_tokens / channel_count; never tell the two
+                                  // apart by the pointer: an empty tensor's is null too)
+  int* send_position;             // [T, R] written with the streams (full dispatch); read by a cached
+                                  // direct dispatch (every token's row at every destination)
   int* send_tokens;               // [R, T] token at each position of stream (channel, me -> r)
   const int* channel_count;       // [R, C] length of stream (channel c, me -> r): a cached dispatch's
                                   // (a full one counts its streams itself)
@@ -92,6 +97,15 @@ struct DispatchArgs {
   const int* fits;
   Opening opening;
   Fingerprint barrier_fp;          // kOwnBarrier: the barrier's fingerprint
+  // Direct write (receive arena): `blocks` is what this rank published in the barrier that opens the
+  // kernel (kOwnBarrier: the kernel's own; kAfterNotify: notify's first), recv_x being the block's
+  // rows when blocks.block.offset != kNoReceiveBlock. Every rank with a block: the direct kernel;
+  // else the rings, a sender writing the x rows of its stream to peer d straight into d's block
+  // (kOffReceiveBlocks[d]) at row rank_prefix_matrix[me - 1][d] + (rows of the channels before) +
+  // position when d has one.
+  BlockExchange blocks;
+  bool use_blocks;                 // kOffReceiveBlocks holds this operation's blocks (false: rings only)
+  const int* rank_prefix_matrix;   // [R, R] (full dispatch: notify's output)
   SlotLayout slot;
   PoisonList poison;
 };

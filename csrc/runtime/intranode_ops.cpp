@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 
 #include "launch.h"
@@ -126,6 +127,63 @@ PoisonList poison_list(std::initializer_list<std::optional<at::Tensor>> outputs)
 // 1/kSpeculativeMarginDivisor.
 constexpr int64_t kSpeculativeMarginDivisor = 16;
 
+// DEEPEP_MEGATRON_POISON_ARENA=1 (the GPU tests): every receive block is filled with 0xFF when taken,
+// as the tests poison the allocator's free memory, so that rows no peer wrote cannot pass for data.
+bool poison_receive_blocks() {
+  static const bool poison = [] {
+    const char* value = std::getenv("DEEPEP_MEGATRON_POISON_ARENA");
+    return value != nullptr && std::string(value) == "1";
+  }();
+  return poison;
+}
+
+// recv_x [rows, H] (like x) and its FP8 scales [rows, num_scales] fp32 (num_scales > 0): one
+// receive block of the arena (receive_block in the layout header) when `arena` has room, so the
+// peers write the rows straight into them; else two ordinary allocations (the rings carry x).
+struct ReceiveRows {
+  at::Tensor x;
+  std::optional<at::Tensor> x_scales;
+  ReceiveBlock block{kNoReceiveBlock, 0};  // what this rank publishes for them
+
+  // num_topk: the top-k entries per row the block also carries (a full dispatch; 0: cached).
+  static ReceiveRows allocate(const at::Tensor& like, int64_t rows, int num_scales, int num_topk, ReceiveArena* arena,
+                              const std::shared_ptr<ReceiveArena>& owner, cudaStream_t stream) {
+    ReceiveRows r;
+    const int64_t row_bytes = like.size(1) * like.element_size();
+    const ReceiveBlockLayout layout = receive_block(rows, row_bytes, num_scales, num_topk);
+    const int64_t offset = arena != nullptr && rows > 0 ? arena->allocate(layout.bytes, stream) : -1;
+    if (offset < 0) {
+      r.x = at::empty({rows, like.size(1)}, like.options());
+      if (num_scales > 0) r.x_scales = at::empty({rows, num_scales}, like.options().dtype(at::kFloat));
+      return r;
+    }
+    r.block = ReceiveBlock{offset, rows};
+    if (poison_receive_blocks()) {  // tests: a row the peers fail to write shows as 0xFF (NaN / -1)
+      check_cuda(cudaMemsetAsync(arena->base() + offset, 0xFF, layout.bytes, stream),
+                 "cudaMemsetAsync of a receive block");
+    }
+    // The block is given back when the last view of it dies (the deleter holds the arena, which
+    // holds the IPC allocation).
+    std::shared_ptr<ReceiveArena> keep = owner;
+    at::Tensor bytes = at::from_blob(
+        arena->base() + offset, {layout.bytes},
+        [keep, offset](void*) { keep->release(offset); }, like.options().dtype(at::kByte));
+    r.x = bytes.narrow(0, 0, rows * row_bytes).view(like.scalar_type()).view({rows, like.size(1)});
+    if (num_scales > 0) {
+      r.x_scales = bytes.narrow(0, layout.off_scales, rows * num_scales * 4)
+                       .view(at::kFloat)
+                       .view({rows, num_scales});
+    }
+    return r;
+  }
+};
+
+// The arena a dispatch on `stream` may take its receive rows from: none under CUDA graph capture
+// (a block's lifetime is the host's, which a replayed graph does not follow).
+ReceiveArena* arena_for(const Runtime& rt, cudaStream_t stream) {
+  return rt.arena() != nullptr && !capturing(stream) ? rt.arena().get() : nullptr;
+}
+
 // The receive tensors of a full dispatch. The per-row metadata shares one allocation (one
 // allocator call instead of three): [N, K] int64 ids, [N, K] fp32 weights, [N] int32 sources,
 // each region 8-byte aligned (int64 first).
@@ -135,13 +193,19 @@ struct ReceiveTensors {
   at::Tensor x, meta;
   std::optional<at::Tensor> x_scales;
   at::Tensor topk_idx, topk_weights, src_idx;
+  ReceiveBlock block{kNoReceiveBlock, 0};
 
-  static ReceiveTensors allocate(const at::Tensor& like, int64_t rows, int num_scales, int num_topk) {
+  static ReceiveTensors allocate(const at::Tensor& like, int64_t rows, int num_scales, int num_topk,
+                                 const Runtime* rt = nullptr, cudaStream_t stream = nullptr) {
     ReceiveTensors r;
     r.capacity = rows;
     r.num_topk = num_topk;
-    r.x = at::empty({rows, like.size(1)}, like.options());
-    if (num_scales > 0) r.x_scales = at::empty({rows, num_scales}, like.options().dtype(at::kFloat));
+    ReceiveRows rows_part = ReceiveRows::allocate(like, rows, num_scales, num_topk,
+                                                  rt != nullptr ? arena_for(*rt, stream) : nullptr,
+                                                  rt != nullptr ? rt->arena() : nullptr, stream);
+    r.x = rows_part.x;
+    r.x_scales = rows_part.x_scales;
+    r.block = rows_part.block;
     r.meta = at::empty({meta_bytes(rows, num_topk)}, like.options().dtype(at::kByte));
     r.take_views(rows);
     return r;
@@ -157,7 +221,7 @@ struct ReceiveTensors {
     return r;
   }
   // Exact-size copies (enqueued on the current stream).
-  ReceiveTensors clone() const {
+  ReceiveTensors clone() const {  // (ordinary allocations)
     ReceiveTensors r = allocate(x, x.size(0), x_scales.has_value() ? static_cast<int>(x_scales->size(1)) : 0, num_topk);
     r.x.copy_(x);
     if (x_scales.has_value()) r.x_scales->copy_(*x_scales);
@@ -175,6 +239,8 @@ struct ReceiveTensors {
     a.recv_topk_weights = topk_weights.data_ptr<float>();
     a.recv_src_idx = src_idx.data_ptr<int>();
     a.poison = poison_list({x, x_scales, topk_idx, topk_weights, src_idx});
+    a.blocks = BlockExchange{true, block};
+    a.use_blocks = true;
   }
 
  private:
@@ -290,12 +356,17 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
   // dispatch kernel is launched right behind notify (speculative) instead of after the wait. Every
   // rank launches it (with 0 rows before its first dispatch): when some rank's rows do not fit,
   // every rank's kernel drains the rings without writing, and every rank launches the exact one.
+  // num_worst_tokens: the receive tensors are the bound's, allocated now as well, so that notify's
+  // first barrier publishes their receive block (direct write) like the speculative one's.
   ReceiveTensors speculative;
   if (num_worst_tokens == 0) {
     const int64_t hint = rt.receive_rows_hint();
-    speculative = ReceiveTensors::allocate(x, hint + hint / kSpeculativeMarginDivisor, num_scales, num_topk);
+    speculative = ReceiveTensors::allocate(x, hint + hint / kSpeculativeMarginDivisor, num_scales, num_topk, &rt, stream);
+  } else {
+    speculative = ReceiveTensors::allocate(x, num_worst_tokens, num_scales, num_topk, &rt, stream);
   }
   notify.capacity = static_cast<int>(speculative.capacity);
+  notify.blocks = BlockExchange{true, speculative.block};
   const PeerContext ctx = rt.context();
   launch_notify(ctx, fingerprint(rt, kOpDispatch, row_bytes, num_scales, num_topk, ring), notify, stream);
 
@@ -305,6 +376,7 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
   a.topk_idx = topk_idx.data_ptr<int64_t>();
   a.topk_weights = topk_weights.data_ptr<float>();
   a.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
+  a.builds_streams = true;
   a.send_position = out.send_position.data_ptr<int>();
   a.send_tokens = out.send_tokens.data_ptr<int>();
   a.channel_count = out.channel_count.data_ptr<int>();
@@ -316,6 +388,7 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
   a.num_local_experts = num_local_experts;
   a.slot = dispatch_slot(row_bytes, num_scales, hidden_bytes);
   a.opening = Opening::kAfterNotify;
+  a.rank_prefix_matrix = out.rank_prefix_matrix.data_ptr<int>();
   if (num_worst_tokens == 0) {
     a.fits = fits;
     speculative.point(a);
@@ -349,13 +422,20 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
     // than it was allocated for) copies of them, ordered after it on this stream.
     recv = speculative.first(num_rows);
     if (!speculative.wastes_little(num_rows)) recv = recv.clone();
+  } else if (num_worst_tokens > 0) {
+    // The num_worst_tokens dispatch right behind notify, into the bound's tensors.
+    recv = speculative;
+    speculative.point(a);
+    launch_dispatch(ctx, ring, a, stream);
   } else {
+    // The exact dispatch after the host wait (notify has ended: nothing to wait for). It has no
+    // barrier to publish a receive block in: rings only (ordinary tensors).
     recv = ReceiveTensors::allocate(x, num_rows, num_scales, num_topk);
     a.fits = nullptr;
-    // The exact dispatch after the host wait (notify has ended: nothing to wait for), or the
-    // num_worst_tokens one right behind notify.
-    if (num_worst_tokens == 0) a.opening = Opening::kNone;
+    a.opening = Opening::kNone;
     recv.point(a);
+    a.blocks = kNoExchange;
+    a.use_blocks = false;
     launch_dispatch(ctx, ring, a, stream);
   }
   out.recv_x = recv.x;
@@ -370,7 +450,7 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
 std::tuple<at::Tensor, std::optional<at::Tensor>> cached_dispatch(
     Runtime& rt, const at::Tensor& x, const std::optional<at::Tensor>& x_scales, const at::Tensor& send_tokens,
     const at::Tensor& channel_count, const at::Tensor& recv_channel_offset, const at::Tensor& recv_src_idx,
-    const RingConfig& config) {
+    const at::Tensor& rank_prefix_matrix, const at::Tensor& send_position, const RingConfig& config) {
   check_healthy(rt);
   const int R = rt.num_ranks();
   const cudaStream_t stream = current_stream(rt);
@@ -385,12 +465,14 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> cached_dispatch(
   expect(channel_count, "channel_count", at::kInt, {R, C}, rt);
   expect(recv_channel_offset, "recv_channel_offset", at::kInt, {R, C + 1}, rt);
   expect(recv_src_idx, "recv_src_idx", at::kInt, {-1}, rt);
+  expect(rank_prefix_matrix, "rank_prefix_matrix", at::kInt, {R, R}, rt);
+  expect(send_position, "send_position", at::kInt, {T, R}, rt);
   const int64_t num_recv_rows = recv_src_idx.size(0);  // the rows the dispatch that made the layout allocated
 
   const PeerContext ctx = rt.context();
-  at::Tensor recv_x = at::empty({num_recv_rows, x.size(1)}, x.options());
-  std::optional<at::Tensor> recv_x_scales;
-  if (num_scales > 0) recv_x_scales = at::empty({num_recv_rows, num_scales}, x.options().dtype(at::kFloat));
+  const ReceiveRows rows = ReceiveRows::allocate(x, num_recv_rows, num_scales, 0, arena_for(rt, stream), rt.arena(), stream);
+  const at::Tensor& recv_x = rows.x;
+  const std::optional<at::Tensor>& recv_x_scales = rows.x_scales;
   DispatchArgs a{};
   a.x = static_cast<const uint8_t*>(x.data_ptr());
   a.x_scales = static_cast<const float*>(ptr(x_scales));
@@ -404,8 +486,12 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> cached_dispatch(
   a.recv_x_scales = static_cast<float*>(ptr(recv_x_scales));
   a.slot = dispatch_slot(row_bytes, num_scales, hidden_bytes);
   a.poison = poison_list({recv_x, recv_x_scales});
-  a.opening = Opening::kOwnBarrier;  // one launch: the kernel runs its barrier
+  a.opening = Opening::kOwnBarrier;  // one launch: the kernel runs its barrier (and publishes the block)
   a.barrier_fp = fingerprint(rt, kOpCachedDispatch, row_bytes, num_scales, 0, ring);
+  a.blocks = BlockExchange{true, rows.block};
+  a.use_blocks = true;
+  a.rank_prefix_matrix = rank_prefix_matrix.data_ptr<int>();
+  a.send_position = const_cast<int*>(send_position.data_ptr<int>());  // read only: no is_token_in_rank
   launch_dispatch(ctx, ring, a, stream);
   return {recv_x, recv_x_scales};
 }

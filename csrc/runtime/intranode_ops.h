@@ -63,12 +63,13 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
                         const at::Tensor& is_token_in_rank, const at::Tensor& num_tokens_per_expert,
                         int expert_alignment, const RingConfig& ring, int num_worst_tokens);
 
-// Cached dispatch (the layout tensors of a previous dispatch; recv_src_idx gives its row count):
-// barrier -> dispatch of x only.
+// Cached dispatch (the layout tensors of a previous dispatch; recv_src_idx gives its row count,
+// rank_prefix_matrix and send_position where this rank's rows land at each peer): barrier ->
+// dispatch of x only.
 std::tuple<at::Tensor, std::optional<at::Tensor>> cached_dispatch(
     Runtime& rt, const at::Tensor& x, const std::optional<at::Tensor>& x_scales, const at::Tensor& send_tokens,
     const at::Tensor& channel_count, const at::Tensor& recv_channel_offset, const at::Tensor& recv_src_idx,
-    const RingConfig& ring);
+    const at::Tensor& rank_prefix_matrix, const at::Tensor& send_position, const RingConfig& ring);
 
 // Combine: x [N, H] bf16/fp32 (+ topk_weights [N, K]) -> (combined [T, H], combined_weights [T, K]).
 std::tuple<at::Tensor, std::optional<at::Tensor>> combine(Runtime& rt, const at::Tensor& x,

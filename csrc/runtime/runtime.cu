@@ -13,7 +13,8 @@
 
 namespace deepep_megatron {
 
-Runtime::Runtime(int rank, int num_ranks, int64_t num_nvl_bytes, int device, double timeout_s)
+Runtime::Runtime(int rank, int num_ranks, int64_t num_nvl_bytes, int device, double timeout_s,
+                 int64_t num_recv_arena_bytes)
     : rank_(rank), num_ranks_(num_ranks), num_nvl_bytes_(num_nvl_bytes), device_(device), timeout_s_(0) {
   set_timeout_s(timeout_s);
   if (num_ranks < 1 || num_ranks > kMaxRanks || rank < 0 || rank >= num_ranks) {
@@ -24,9 +25,17 @@ Runtime::Runtime(int rank, int num_ranks, int64_t num_nvl_bytes, int device, dou
     throw std::invalid_argument("Runtime: num_nvl_bytes=" + std::to_string(num_nvl_bytes) + " is smaller than the " +
                                 std::to_string(kControlBytes) + "-byte control region");
   }
+  if (num_recv_arena_bytes < 0) {
+    throw std::invalid_argument("Runtime: num_recv_arena_bytes must be >= 0, got " + std::to_string(num_recv_arena_bytes));
+  }
   check_cuda(cudaSetDevice(device), "cudaSetDevice");
-  check_cuda(cudaMalloc(&local_, static_cast<size_t>(num_nvl_bytes)), "cudaMalloc of the NVLink buffer");
+  // One allocation: the NVLink buffer, then (aligned) the receive arena, so one IPC handle maps both.
+  const int64_t arena_begin = align_block(num_nvl_bytes);
+  const int64_t total_bytes = num_recv_arena_bytes > 0 ? arena_begin + num_recv_arena_bytes : num_nvl_bytes;
+  check_cuda(cudaMalloc(&local_, static_cast<size_t>(total_bytes)), "cudaMalloc of the NVLink buffer");
+  allocation_ = std::shared_ptr<uint8_t>(local_, [](uint8_t* p) { cudaFree(p); });
   check_cuda(cudaMemset(local_, 0, static_cast<size_t>(num_nvl_bytes)), "cudaMemset of the NVLink buffer");
+  if (num_recv_arena_bytes > 0) arena_ = std::make_shared<ReceiveArena>(allocation_, arena_begin, num_recv_arena_bytes);
   check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&host_diagnostic_), sizeof(Diagnostic), cudaHostAllocMapped),
              "cudaHostAlloc of the diagnostic word");
   std::memset(host_diagnostic_, 0, sizeof(Diagnostic));
@@ -48,7 +57,8 @@ Runtime::~Runtime() {
       if (r != rank_ && peers_[r] != nullptr) cudaIpcCloseMemHandle(peers_[r]);
     }
   }
-  if (local_ != nullptr) cudaFree(local_);
+  arena_.reset();
+  allocation_.reset();  // cudaFree, unless receive blocks are still viewed
   if (host_diagnostic_ != nullptr) cudaFreeHost(host_diagnostic_);
   if (host_notify_ != nullptr) cudaFreeHost(host_notify_);
 }
@@ -141,7 +151,9 @@ void Runtime::close_peers() {
 void Runtime::free_local() {
   if (peers_open_) close_peers();
   if (local_ != nullptr) {
-    check_cuda(cudaFree(local_), "cudaFree of the NVLink buffer");
+    check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize before freeing the NVLink buffer");
+    arena_.reset();
+    allocation_.reset();  // cudaFree now, or when the last receive block still viewed is released
     local_ = nullptr;
     peers_[rank_] = nullptr;
   }

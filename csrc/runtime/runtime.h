@@ -6,16 +6,21 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "context.h"
+#include "receive_arena.h"
 
 namespace deepep_megatron {
 
 class Runtime {
  public:
-  Runtime(int rank, int num_ranks, int64_t num_nvl_bytes, int device, double timeout_s);
+  // num_recv_arena_bytes > 0: the IPC allocation goes on past num_nvl_bytes with a receive arena of
+  // that size (direct-write dispatch; deepep_megatron_layout.h, "Receive arena").
+  Runtime(int rank, int num_ranks, int64_t num_nvl_bytes, int device, double timeout_s,
+          int64_t num_recv_arena_bytes = 0);
   ~Runtime();
   Runtime(const Runtime&) = delete;
   Runtime& operator=(const Runtime&) = delete;
@@ -34,7 +39,11 @@ class Runtime {
   void open_peers(const std::vector<std::string>& handles, const std::vector<int64_t>& sizes);
   int64_t min_buffer_bytes() const { return min_buffer_bytes_; }
   void close_peers();                                         // unmaps the peers' buffers
-  void free_local();                                          // frees this rank's buffer (after every peer unmapped it)
+  // Frees this rank's buffer (after every peer unmapped it); receive blocks still viewed by tensors
+  // keep the allocation until the last of them dies.
+  void free_local();
+  // The receive arena, or null without one (or once freed). Shared: tensor deleters hold it.
+  const std::shared_ptr<ReceiveArena>& arena() const { return arena_; }
   bool is_open() const { return peers_open_; }
 
   // The first device-detected error: [flag, code, rank, peer, channel, block, expected, seen,
@@ -73,6 +82,8 @@ class Runtime {
   double timeout_s_;
   int32_t generation_ = 0;
   uint8_t* local_ = nullptr;
+  std::shared_ptr<uint8_t> allocation_;  // owns local_ (cudaFree with its last reference)
+  std::shared_ptr<ReceiveArena> arena_;
   uint8_t* peers_[kMaxRanks] = {};
   bool peers_open_ = false;
   Diagnostic* host_diagnostic_ = nullptr;

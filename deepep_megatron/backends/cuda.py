@@ -19,6 +19,9 @@ released.
   ``dispatch``; ``DEEPEP_MEGATRON_PDL=0`` turns the early start off). A cached dispatch and a
   combine are one launch each: the kernel runs its own barrier (block 0) before any block touches
   a peer. ``get_dispatch_layout`` is one kernel.
+  With a receive arena (``DEEPEP_MEGATRON_RECV_ARENA_BYTES``, :func:`resolve_recv_arena_bytes`)
+  a dispatch's recv_x lives in this rank's IPC buffer and the peers write each row straight into
+  it; only the rows' metadata goes through the rings.
   With ``num_worst_tokens`` > 0 nothing waits on the host: the outputs have that many rows,
   padding rows get top-k -1 / weight 0 / source -1, and the counts stay on the device. That
   dispatch, a cached dispatch and a combine can be captured in a CUDA graph (their barrier's epoch
@@ -64,6 +67,8 @@ except ImportError as error:  # pragma: no cover - depends on the build
 
 TIMEOUT_ENV = "DEEPEP_MEGATRON_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 100.0
+#: Bytes of the receive arena each rank's IPC buffer carries (direct-write dispatch; 0: none).
+RECV_ARENA_ENV = "DEEPEP_MEGATRON_RECV_ARENA_BYTES"
 
 #: What each ErrorCode of the layout header means (Diagnostic::code).
 _ERRORS = {
@@ -73,6 +78,7 @@ _ERRORS = {
     4: "combine (sender waiting for free ring slots, i.e. for the peer's receiver to consume)",
     5: "combine (receiver waiting for rows from the peer's sender)",
 }
+_RECEIVE_BLOCK_OVERFLOW = 13
 _FINGERPRINT_MISMATCH, _BAD_EXPERT_IDS, _WORST_TOKENS_EXCEEDED = 6, 7, 8
 #: Names of the fingerprint words (FingerprintWord) and of the operations (Operation).
 _FINGERPRINT_FIELDS = ("operation", "row bytes", "FP8 scales per row", "top-k", "channels (num_sms / 2)", "ring slots",
@@ -102,6 +108,26 @@ def resolve_timeout(timeout_s: Optional[float]) -> float:
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s <= 1e6:
         raise ValueError(f"{source} must be a number of seconds in (0, 1e6], got {timeout_s!r}")
     return float(timeout_s)
+
+
+def resolve_recv_arena_bytes(environ: Optional[dict] = None) -> int:
+    """Bytes of the receive arena (env ``DEEPEP_MEGATRON_RECV_ARENA_BYTES``, default 0 = none).
+
+    With an arena, a dispatch takes recv_x (and its FP8 scales) as one block of it when the block
+    fits, and the peers write every row straight there instead of through the rings (no copy-out
+    pass); a block goes back when the last tensor viewing it dies. A dispatch whose block does not
+    fit, or one under CUDA graph capture, takes the rings. Size it to the recv_x bytes alive at once
+    (e.g. 2 x num_tokens * num_ranks * hidden * 2 for bf16 when each layer's recv_x dies after permute).
+    """
+    env = os.environ if environ is None else environ
+    raw = env.get(RECV_ARENA_ENV, "0")
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{RECV_ARENA_ENV} must be a number of bytes >= 0 (0: no receive arena), got {raw!r}")
+    return value
 
 
 def _peer_topk_range_error(num_experts: int, bad_mask: int, num_ranks: int, context: str = "") -> ValueError:
@@ -171,7 +197,8 @@ class CudaBackend(LowLatencyDelegate, Backend):
                 "size it with Buffer.get_nvl_size_hint(hidden_bytes, num_ranks)"
             )
         self.device = torch.device("cuda", torch.cuda.current_device())
-        self._runtime = _C.Runtime(self.rank, self.num_ranks, num_nvl_bytes, self.device.index, resolve_timeout(timeout_s))
+        self._runtime = _C.Runtime(self.rank, self.num_ranks, num_nvl_bytes, self.device.index, resolve_timeout(timeout_s),
+                                   resolve_recv_arena_bytes())
         peers: list = [None] * self.num_ranks
         dist.all_gather_object(peers, (self._runtime.ipc_handle(), num_nvl_bytes), group=group)
         self._runtime.open_peers([handle for handle, _ in peers], [size for _, size in peers])
@@ -204,6 +231,12 @@ class CudaBackend(LowLatencyDelegate, Backend):
                 f"dispatch (its outputs are NaN / -1). Raise num_worst_tokens (num_tokens * num_ranks bounds any "
                 f"routing). {_RESET_HINT}"
             )
+        if code == _RECEIVE_BLOCK_OVERFLOW:
+            return RuntimeError(
+                f"{prefix}a dispatch row for rank {peer} (channel {channel}) fell past the {expected} rows of that "
+                f"rank's receive block (row {seen}); no row was written there. The ranks' layouts disagree: every "
+                f"rank must dispatch with the handle (cached layout) of the same dispatch. {_RESET_HINT}"
+            )
         if code == _FINGERPRINT_MISMATCH:
             first = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), 0)
             return RuntimeError(
@@ -219,6 +252,12 @@ class CudaBackend(LowLatencyDelegate, Backend):
             f"{expected}, last seen {seen}. Every rank of the group must make the same sequence of dispatch/combine "
             f"calls; if ranks are merely slow, raise timeout_s or {TIMEOUT_ENV}. {_RESET_HINT}"
         )
+
+    def arena_stats(self) -> dict:
+        """The receive arena: ``bytes`` (0 without one), ``bytes_in_use`` and ``blocks`` (receive blocks
+        that tensors still view)."""
+        size, in_use, blocks = self._runtime.arena_stats()
+        return {"bytes": size, "bytes_in_use": in_use, "blocks": blocks}
 
     def check_errors(self) -> None:
         """Raise the recorded error if a kernel of this rank failed (no sync)."""
@@ -327,7 +366,8 @@ class CudaBackend(LowLatencyDelegate, Backend):
                 )
             recv_x, recv_x_scales = self._call(
                 self._runtime.cached_dispatch, x, x_scales, private["send_tokens"], private["channel_count"],
-                private["recv_channel_offset"], cached_layout.recv_src_idx,
+                private["recv_channel_offset"], cached_layout.recv_src_idx, cached_layout.rank_prefix_matrix,
+                private["send_position"],
                 *self._ring(config, cached_layout.num_channels),
             )
             return DispatchOutput(recv_x, recv_x_scales, None, None, cached_layout)

@@ -19,7 +19,11 @@
 //                          block resets it                             kernel's blocks)
 //   kOffBarrier            BarrierSignal[2][kMaxRanks]: parity p of    peer s (remote) -> me
 //                          epoch, slot s = peer s's signal + the
-//                          fingerprint of the operation it is in
+//                          fingerprint of the operation it is in + the
+//                          receive block it takes rows into directly
+//   kOffReceiveBlocks      ReceiveBlock[kMaxRanks]: peer s's receive   me (the kernel or notify that
+//                          block of the running dispatch, copied from  passed the barrier) -> me
+//                          its barrier signal once the barrier passed
 //   kOffNotifyChannel      i32 [kMaxRanks][kMaxChannels]: tokens       peer s (remote) -> me
 //                          peer s sends me in channel c
 //   kOffNotifyExpert       i32 [kMaxRanks][kMaxLocalExperts]: top-k    peer s (remote) -> me
@@ -37,6 +41,11 @@
 //   kOffRingHead           u32 [kMaxChannels][kMaxRanks]               receiver d (remote) -> me
 //   kOffTailShadow         u32 [kMaxChannels][kMaxRanks]               me -> me (last tail I wrote to d)
 //   kOffHeadShadow         u32 [kMaxChannels][kMaxRanks]               me -> me (last head I wrote to s)
+//   kOffDirectDone         u32 [kMaxChannels][kMaxRanks]: blocks of     sender s (remote, release add)
+//                          sender s that finished writing channel c     -> me
+//                          into my receive block (direct dispatch)
+//   kOffDirectSeen         u32 [kMaxChannels][kMaxRanks]: the value of  me -> me
+//                          kOffDirectDone consumed so far
 //   kControlBytes ..       rings: ring(c, s) = kNumSlots slots of slot_bytes (see "slot" below)
 //                          for c < num_channels, s < num_ranks; ring (c, s) of rank d carries
 //                          channel c of sender s to receiver d.
@@ -52,6 +61,21 @@
 //                           its size for a row of hidden_bytes (hidden * max(elem, 2)) is
 //                           slot_bytes(hidden_bytes) below (Python: layout.token_slot_bytes).
 // A row slot (combine):     [x row | fp32 topk weights], within the same slot size.
+//
+// Receive arena (direct write; DEEPEP_MEGATRON_RECV_ARENA_BYTES): the same IPC allocation goes on
+// past num_nvl_bytes with an arena out of which a dispatch takes its recv_x (and FP8 scales) as one
+// receive block (receive_block below). The rank publishes the block's offset and rows in the signal
+// of the barrier that opens the dispatch. Then:
+//   every rank published a block (direct dispatch): no ring is used. Both blocks of a channel send
+//     (each half of the channel's tokens): a warp reads a token's row once and writes it, its scales
+//     and its metadata (top-k ids made local to the destination, weights, source index) into its
+//     final row of every destination's block (own rank included), then each block adds 1 to
+//     kOffDirectDone[c][me] of every destination (release). The even block of a channel waits for
+//     both blocks of every source (acquire), then copies the channel's metadata rows out of the
+//     receive block into the ordinary top-k / source tensors (the handle keeps those, not the block).
+//   some rank has no block (arena off or full, CUDA graph capture, the exact dispatch after a
+//     speculative miss): the rings, except that a sender whose destination published a block writes
+//     the x rows (and scales) straight there and only the metadata goes through the ring slot.
 // ---------------------------------------------------------------------------------------------
 #pragma once
 
@@ -77,10 +101,21 @@ constexpr int kFingerprintWords = 8;      // int32 words of an operation's finge
 // ----------------------------------------------------------------------------- control region
 constexpr size_t kControlBytes = 65536;   // bytes before the rings
 
+// Where a rank takes the rows of a dispatch directly (offset from the base of its IPC allocation;
+// kNoReceiveBlock: through the rings) and how many rows the block holds.
+constexpr int64_t kNoReceiveBlock = -1;
+struct ReceiveBlock {
+  int64_t offset;
+  int64_t rows;
+};
+static_assert(sizeof(ReceiveBlock) == 16, "ReceiveBlock is two int64 words");
+
 struct BarrierSignal {
   uint32_t epoch;                          // written last (release): the signal itself
   int32_t fingerprint[kFingerprintWords];  // the operation the signalling rank is in
-  uint32_t pad[7];                         // 64 bytes per signal
+  uint32_t pad;
+  ReceiveBlock block;                      // the signalling rank's receive block (dispatch barriers)
+  uint32_t pad2[2];                        // 64 bytes per signal
 };
 static_assert(sizeof(BarrierSignal) == 64, "BarrierSignal is one 64-byte record");
 
@@ -89,7 +124,8 @@ constexpr size_t kOffAbort = 128;
 constexpr size_t kOffDoneCounter = 192;
 constexpr size_t kOffGo = 224;
 constexpr size_t kOffBarrier = 256;
-constexpr size_t kOffNotifyChannel = kOffBarrier + sizeof(BarrierSignal) * 2 * kMaxRanks;
+constexpr size_t kOffReceiveBlocks = kOffBarrier + sizeof(BarrierSignal) * 2 * kMaxRanks;
+constexpr size_t kOffNotifyChannel = kOffReceiveBlocks + sizeof(ReceiveBlock) * kMaxRanks;
 constexpr size_t kOffNotifyExpert = kOffNotifyChannel + sizeof(int32_t) * kMaxRanks * kMaxChannels;
 constexpr size_t kOffNotifySend = kOffNotifyExpert + sizeof(int32_t) * kMaxRanks * kMaxLocalExperts;
 constexpr size_t kOffNotifyFlags = kOffNotifySend + sizeof(int32_t) * kMaxRanks * kMaxRanks;
@@ -98,7 +134,9 @@ constexpr size_t kOffRingTail = kOffNotifyCapacity + sizeof(int32_t) * kMaxRanks
 constexpr size_t kOffRingHead = kOffRingTail + sizeof(uint32_t) * kMaxChannels * kMaxRanks;
 constexpr size_t kOffTailShadow = kOffRingHead + sizeof(uint32_t) * kMaxChannels * kMaxRanks;
 constexpr size_t kOffHeadShadow = kOffTailShadow + sizeof(uint32_t) * kMaxChannels * kMaxRanks;
-constexpr size_t kControlEnd = kOffHeadShadow + sizeof(uint32_t) * kMaxChannels * kMaxRanks;
+constexpr size_t kOffDirectDone = kOffHeadShadow + sizeof(uint32_t) * kMaxChannels * kMaxRanks;
+constexpr size_t kOffDirectSeen = kOffDirectDone + sizeof(uint32_t) * kMaxChannels * kMaxRanks;
+constexpr size_t kControlEnd = kOffDirectSeen + sizeof(uint32_t) * kMaxChannels * kMaxRanks;
 static_assert(kControlEnd <= kControlBytes, "the control region overflows kControlBytes");
 
 // ----------------------------------------------------------------------------- slots
@@ -124,6 +162,28 @@ constexpr SlotLayout dispatch_slot(int row_bytes, int num_scales, int hidden_byt
   s.off_src_idx = s.off_topk_weights + align_slot(kMaxTopk * 4);
   s.slot_bytes = slot_bytes(hidden_bytes);
   return s;
+}
+
+// A receive block for `rows` rows of `row_bytes` with `num_scales` fp32 scales and `num_topk`
+// top-k entries per row (0 for a cached dispatch): x rows from offset 0, then the scales [rows, S]
+// fp32, the top-k ids [rows, K] int32 (local to the block's rank, -1 elsewhere), the top-k weights
+// [rows, K] fp32 and the source indices [rows] int32 (num_topk > 0 only), each region
+// kReceiveBlockAlign-aligned.
+constexpr int64_t kReceiveBlockAlign = 128;
+constexpr int64_t align_block(int64_t bytes) { return (bytes + kReceiveBlockAlign - 1) / kReceiveBlockAlign * kReceiveBlockAlign; }
+
+struct ReceiveBlockLayout {
+  int64_t off_scales, off_topk_idx, off_topk_weights, off_src_idx, bytes;
+};
+
+constexpr ReceiveBlockLayout receive_block(int64_t rows, int64_t row_bytes, int64_t num_scales, int64_t num_topk) {
+  ReceiveBlockLayout l{};
+  l.off_scales = align_block(rows * row_bytes);
+  l.off_topk_idx = l.off_scales + align_block(rows * num_scales * 4);
+  l.off_topk_weights = l.off_topk_idx + align_block(rows * num_topk * 4);
+  l.off_src_idx = l.off_topk_weights + align_block(rows * num_topk * 4);
+  l.bytes = l.off_src_idx + (num_topk > 0 ? align_block(rows * 4) : 0);
+  return l;
 }
 
 // ----------------------------------------------------------------------------- low-latency (NVSHMEM)
@@ -223,6 +283,7 @@ enum ErrorCode : int32_t {
   kWaitLowLatencyCombine = 10,   // low-latency combine receiver: waited for an expert rank's flag
   kLowLatencySlotOverflow = 11,  // low-latency dispatch: more than max_tokens pairs of one rank for one expert
   kLowLatencyBadExpertIds = 12,  // low-latency dispatch/combine: topk_idx outside [-1, num_experts)
+  kReceiveBlockOverflow = 13,    // dispatch sender: a row past the rows of the peer's receive block
 };
 
 // Filled by the first device-detected error of this rank (host-mapped memory).

@@ -26,6 +26,14 @@ pytestmark = GPU_MARKS
 
 #: Set by scripts/gpu_ci.sh for its second pass (under MPS): run only what needs MPS.
 ONLY_MPS = os.environ.get("DEEPEP_MEGATRON_GPU_TESTS_ONLY_MPS") == "1"
+#: The direct-write runs: every rank's buffer carries a receive arena whose blocks are poisoned
+#: (0xFF) when taken, so a row no peer wrote cannot pass.
+DIRECT_WRITE_ENV = {"DEEPEP_MEGATRON_RECV_ARENA_BYTES": str(1 << 30), "DEEPEP_MEGATRON_POISON_ARENA": "1"}
+
+
+def _direct_write() -> bool:
+    """Whether this rank runs with a receive arena (read in the rank's process, after run_ranks set its env)."""
+    return os.environ.get("DEEPEP_MEGATRON_RECV_ARENA_BYTES", "0") != "0"
 
 
 def _launch(world_size: int) -> tuple[str, int]:
@@ -153,6 +161,8 @@ def _compare_cases(rank: int, world_size: int, ranks_per_gpu: int) -> int:
             _same(cached_fast_event[0][1], cached_ref[0][1], f"{tag}: cached scales")
         else:
             _same(cached_fast_event[0], cached_ref[0], f"{tag}: cached recv_x")
+        if _direct_write() and handle_ref.num_recv_tokens > 0:  # the peers wrote into a receive block
+            assert fast.runtime.arena_stats()["blocks"] >= 1, f"{tag}: the cached dispatch took no receive block"
 
         # Combine of a per-rank transform, with and without top-k weights.
         rows = per_token_cast_back(*recv_ref, dtype=torch.bfloat16) if use_fp8 else recv_ref
@@ -208,6 +218,15 @@ def _compare_cases(rank: int, world_size: int, ranks_per_gpu: int) -> int:
 def test_cuda_matches_reference(world_size: int) -> None:
     backend, ranks_per_gpu = _launch(world_size)
     results = run_ranks(_compare_cases, world_size, ranks_per_gpu, backend=backend, timeout_s=300)
+    assert all(r == len(_cases(world_size)) for r in results)
+
+
+@pytest.mark.parametrize("world_size", [2, 8])
+def test_cuda_matches_reference_direct_write(world_size: int) -> None:
+    """The same cases with a receive arena: the senders write x rows straight into the peers'
+    receive blocks (cached dispatch, num_worst_tokens, the speculative dispatch when it fits)."""
+    backend, ranks_per_gpu = _launch(world_size)
+    results = run_ranks(_compare_cases, world_size, ranks_per_gpu, backend=backend, timeout_s=300, env=DIRECT_WRITE_ENV)
     assert all(r == len(_cases(world_size)) for r in results)
 
 

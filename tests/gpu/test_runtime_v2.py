@@ -299,3 +299,75 @@ def test_speculative_dispatch_stays_correct_when_sizes_change(dependent_launch: 
     change of the receive counts, on one rank or all, stays bit-exact."""
     results = run_ranks(_speculation, WORLD, backend=_launch(), timeout_s=300, env={"DEEPEP_MEGATRON_PDL": dependent_launch})
     assert results == [len(SPECULATION_ROUNDS)] * WORLD
+
+
+# ------------------------------------------------------------------------ direct write
+#: Rank 0's receive arena holds three blocks of the largest dispatch below (1800 rows of 4 KiB);
+#: rank 1's holds none, so its rows always take the rings while rank 0's are written directly.
+DIRECT_ARENA_BYTES = (24 << 20, 4096)
+HELD_OUTPUTS = 5
+
+
+def _direct_write(rank: int, world_size: int) -> dict:
+    import gc
+    import os
+
+    from deepep_megatron import Config
+
+    os.environ["DEEPEP_MEGATRON_RECV_ARENA_BYTES"] = str(DIRECT_ARENA_BYTES[rank])
+    os.environ["DEEPEP_MEGATRON_POISON_ARENA"] = "1"
+    device = torch.device("cuda", torch.cuda.current_device())
+    fast, ref = _buffers(2048, timeout_s=15.0)  # a hang shows as a diagnostic within the test's time
+    config = Config(CONFIG_SMS, 6, 256)
+    used = 0
+    # Host-waited (speculative hits, misses, copies), then num_worst_tokens, each with a cached dispatch.
+    rounds = [(tokens, starved, 0) for tokens, starved in SPECULATION_ROUNDS] + [(900, None, 1800), (300, 1, 1800)]
+    for i, (tokens, starved, worst) in enumerate(rounds):
+        case = Case(world_size, tokens=(tokens,) * world_size, hidden=2048, num_topk=4, num_experts=16, seed=200 + i,
+                    starved_rank=starved)
+        tag = f"direct round {i} ({tokens} tokens, rank {starved} starved, worst {worst})"
+        _round(fast, ref, case, rank, tag, worst=worst)
+        x, topk_idx, topk_weights = make_inputs(case, rank, device=str(device))
+        handles = []
+        for buf in (fast, ref):
+            per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, case.num_experts)
+            handles.append(buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                        num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=topk_weights,
+                                        config=config, num_worst_tokens=worst)[4])
+        cached_fast, cached_ref = fast.dispatch(x, handle=handles[0], config=config)[0], ref.dispatch(x, handle=handles[1])[0]
+        real = handles[1].num_recv_tokens
+        assert torch.equal(cached_fast[:real], cached_ref[:real]), f"{tag}: cached recv_x differs"
+        used += fast.runtime.arena_stats()["blocks"] > 0
+        del cached_fast, handles
+    # Outputs held at once: rank 0's arena runs out after three, the rest take the rings.
+    case = Case(world_size, tokens=(900,) * world_size, hidden=2048, num_topk=4, num_experts=16, seed=250)
+    x, topk_idx, topk_weights = make_inputs(case, rank, device=str(device))
+    per_rank, _, per_expert, in_rank, _ = ref.get_dispatch_layout(topk_idx, case.num_experts)
+    args = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                topk_idx=topk_idx, topk_weights=topk_weights, num_worst_tokens=1800)
+    out_ref = ref.dispatch(x, **args)
+    want, real = out_ref[0], out_ref[4].num_recv_tokens  # rows past `real` are padding (x left as is)
+    held, blocks = [], []
+    for _ in range(HELD_OUTPUTS):
+        held.append(fast.dispatch(x, config=config, **args)[0])
+        blocks.append(fast.runtime.arena_stats()["blocks"])
+    for i, got in enumerate(held):
+        assert torch.equal(got[:real], want[:real]), f"held output {i} differs"
+    del held, got
+    gc.collect()
+    torch.cuda.synchronize()
+    after = fast.runtime.arena_stats()
+    _round(fast, ref, case, rank, "after the held outputs died", worst=1800)
+    fast.destroy()
+    return {"used": used, "blocks": blocks, "in_use_after": after["bytes_in_use"]}
+
+
+def test_direct_write_with_mixed_arenas_and_block_lifetime() -> None:
+    """Rank 0 takes its rows into receive blocks (the senders write them directly), rank 1 through
+    the rings; every kind of dispatch stays bit-exact, blocks go back when their tensors die, and a
+    full arena falls back to the rings."""
+    results = run_ranks(_direct_write, WORLD, backend=_launch(), timeout_s=300)
+    first, second = results
+    assert first["used"] >= 2 and second["used"] == 0, results
+    assert first["blocks"] == [1, 2, 3, 3, 3] and second["blocks"] == [0] * HELD_OUTPUTS, results
+    assert first["in_use_after"] == 0, results
