@@ -29,7 +29,23 @@
 //   (num_worst_tokens > 0, nothing on the host waits) turns bad ids on any rank, or any rank
 //   receiving more than num_worst_tokens rows, into the same abort on every rank.
 //
-// dispatch (2*C blocks of 24 warps; block 2c sends channel c, block 2c+1 receives channel c)
+// direct dispatch (2*C blocks of 24 warps; every rank published a receive block in the opening
+//   barrier: the layout header's "Receive arena"). A rank with a block of its own launches it first
+//   (it runs the opening: notify's go word, or its own barrier) and the ring kernel below behind it;
+//   each does nothing when the other is the one that moves the data (every_rank_has_block reads
+//   the same R published blocks on every rank). Blocks 2c and 2c+1 each take half of channel c's
+//   tokens (a full dispatch: both build the channel's streams, the same values); after notify
+//   ended, a warp reads a token's row once and stores it, its scales and its metadata (ids local
+//   to the destination) into row rank_prefix_matrix[me-1][d] + (rows of channels < c) +
+//   send_position[t][d] of destination d's block, for every d that receives it (own rank
+//   included). Then each block does red.release.sys.add 1 on kOffDirectDone[c][me] of every
+//   destination; block 2c waits (ld.acquire.sys) until kOffDirectDone[c][s] reached its
+//   kOffDirectSeen + 2 for every source s, then copies channel c's metadata rows out of this rank's
+//   block into the ordinary top-k / source outputs. No ring is touched, so the rings stay drained.
+//
+// dispatch (2*C blocks of 24 warps; block 2c sends channel c, block 2c+1 receives channel c; the
+//   destinations that published a receive block get their x rows written straight into it, only the
+//   slot's metadata travels through the ring and the receiver does not copy x)
 //   opened (Opening, launch.h) by notify's go word (launched behind it), by its own barrier (a
 //   cached dispatch: fused_barrier, block 0 runs it) or by nothing (the exact dispatch after a host
 //   wait). The threads that read notify's results (receivers, the own-rank group) first wait for
