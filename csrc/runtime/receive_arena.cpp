@@ -8,8 +8,29 @@
 
 namespace deepep_megatron {
 
-ReceiveArena::ReceiveArena(std::shared_ptr<uint8_t> allocation, int64_t begin, int64_t size)
-    : allocation_(std::move(allocation)), begin_(begin), size_(size) {
+namespace {
+
+// Makes `device` current for a scope (a deleter may run on any thread, e.g. an autograd worker of
+// another device) and restores the caller's.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) {
+    if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
+    if (previous_ != device) cudaSetDevice(device);
+  }
+  ~DeviceScope() {
+    int now = -1;
+    if (previous_ >= 0 && cudaGetDevice(&now) == cudaSuccess && now != previous_) cudaSetDevice(previous_);
+  }
+
+ private:
+  int previous_ = -1;
+};
+
+}  // namespace
+
+ReceiveArena::ReceiveArena(std::shared_ptr<uint8_t> allocation, int64_t begin, int64_t size, int device)
+    : allocation_(std::move(allocation)), begin_(begin), size_(size), device_(device) {
   if (begin % kReceiveBlockAlign != 0 || size < 0) {
     throw std::invalid_argument("ReceiveArena: the arena must start " + std::to_string(kReceiveBlockAlign) +
                                 "-byte aligned (begin " + std::to_string(begin) + ", size " + std::to_string(size) + ")");
@@ -19,6 +40,7 @@ ReceiveArena::ReceiveArena(std::shared_ptr<uint8_t> allocation, int64_t begin, i
 
 ReceiveArena::~ReceiveArena() {
   // Errors are ignored here: this may run at interpreter exit, after the CUDA runtime shut down.
+  const DeviceScope on_device(device_);
   for (const Pending& p : pending_) cudaEventDestroy(p.event);
   for (cudaEvent_t e : spare_events_) cudaEventDestroy(e);
 }
@@ -56,6 +78,7 @@ int64_t ReceiveArena::allocate(int64_t bytes, cudaStream_t stream) {
   if (bytes <= 0) return -1;
   bytes = align_block(bytes);
   std::lock_guard<std::mutex> lock(mutex_);
+  const DeviceScope on_device(device_);
   for (auto it = free_.begin(); it != free_.end(); ++it) {
     if (it->second < bytes) continue;
     const int64_t offset = it->first, rest = it->second - bytes;
@@ -81,6 +104,7 @@ int64_t ReceiveArena::allocate(int64_t bytes, cudaStream_t stream) {
 
 void ReceiveArena::release(int64_t offset) {
   std::lock_guard<std::mutex> lock(mutex_);
+  const DeviceScope on_device(device_);
   auto it = in_use_.find(offset);
   if (it == in_use_.end()) return;  // not ours (never happens: only our deleters call this)
   const Block block = it->second;

@@ -24,7 +24,7 @@ class ReceiveArena {
  public:
   // `allocation` owns the IPC allocation (cudaFree on its last reference); the arena covers bytes
   // [begin, begin + size) of it.
-  ReceiveArena(std::shared_ptr<uint8_t> allocation, int64_t begin, int64_t size);
+  ReceiveArena(std::shared_ptr<uint8_t> allocation, int64_t begin, int64_t size, int device);
   ~ReceiveArena();
   ReceiveArena(const ReceiveArena&) = delete;
   ReceiveArena& operator=(const ReceiveArena&) = delete;
@@ -55,6 +55,7 @@ class ReceiveArena {
 
   std::shared_ptr<uint8_t> allocation_;
   int64_t begin_, size_;
+  int device_;  // events are made and recorded on it, whatever the calling thread's current device
   mutable std::mutex mutex_;
   std::map<int64_t, int64_t> free_;     // offset -> size, coalesced
   std::map<int64_t, Block> in_use_;     // offset -> block

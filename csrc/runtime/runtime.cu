@@ -35,7 +35,7 @@ Runtime::Runtime(int rank, int num_ranks, int64_t num_nvl_bytes, int device, dou
   check_cuda(cudaMalloc(&local_, static_cast<size_t>(total_bytes)), "cudaMalloc of the NVLink buffer");
   allocation_ = std::shared_ptr<uint8_t>(local_, [](uint8_t* p) { cudaFree(p); });
   check_cuda(cudaMemset(local_, 0, static_cast<size_t>(num_nvl_bytes)), "cudaMemset of the NVLink buffer");
-  if (num_recv_arena_bytes > 0) arena_ = std::make_shared<ReceiveArena>(allocation_, arena_begin, num_recv_arena_bytes);
+  if (num_recv_arena_bytes > 0) arena_ = std::make_shared<ReceiveArena>(allocation_, arena_begin, num_recv_arena_bytes, device);
   check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&host_diagnostic_), sizeof(Diagnostic), cudaHostAllocMapped),
              "cudaHostAlloc of the diagnostic word");
   std::memset(host_diagnostic_, 0, sizeof(Diagnostic));
