@@ -191,6 +191,31 @@ def seconds_per_call(fn: Callable[[], Any], iters: int, repeats: int = 5, warmup
 ROOFLINE_BYTES = 1 << 30
 
 
+def sm_copy_GBps(num_sms: int, nbytes: int = ROOFLINE_BYTES) -> float:
+    """What a plain copy kernel on ``num_sms`` SMs drives on GPU 0, in GB/s (bytes read + written):
+    one Triton program per SM, 1024 threads, each looping over 64 KiB tiles. The per-SM-count
+    baseline of an EP kernel that occupies that many SMs (issue 13's SM efficiency)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _copy(src, dst, n, TILE: tl.constexpr):
+        step = tl.num_programs(0) * TILE
+        for start in range(tl.program_id(0) * TILE, n, step):
+            offsets = start + tl.arange(0, TILE)
+            mask = offsets < n
+            tl.store(dst + offsets, tl.load(src + offsets, mask=mask), mask=mask)
+
+    with torch.cuda.device(0):
+        a = torch.empty(nbytes // 4, dtype=torch.int32, device="cuda:0").fill_(1)
+        b = torch.empty_like(a)
+        run = lambda: _copy[(num_sms,)](a, b, a.numel(), TILE=16384, num_warps=32)  # noqa: E731
+        seconds = seconds_per_call(run, 10, repeats=1)
+        del a, b
+    torch.cuda.empty_cache()
+    return 2 * nbytes / seconds / 1e9
+
+
 def copy_roofline() -> dict[str, float]:
     """The copy rooflines a benchmark reports beside its kernels, in GB/s: ``hbm_copy_GBps`` (GPU 0,
     bytes read + written) and, with two GPUs, ``p2p_copy_GBps`` (GPU 0 -> GPU 1, one way)."""

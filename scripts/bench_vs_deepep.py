@@ -52,14 +52,20 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from deepep_megatron.config import default_combine_config, default_dispatch_config  # noqa: E402 - after the path insert
 from deepep_megatron.fp8 import per_token_cast_to_fp8  # noqa: E402
 from deepep_megatron.launch import local_backend, run_ranks, tree_commit  # noqa: E402
-from deepep_megatron.profiling import copy_roofline, seconds_per_call, start_together  # noqa: E402
+from deepep_megatron.profiling import copy_roofline, seconds_per_call, sm_copy_GBps, start_together  # noqa: E402
 from harness import mps_running  # noqa: E402 - tests/harness.py
 
 IMPLS = ("deep_ep", "deepep_megatron")
 LABELS = {"deep_ep": "DeepEP", "deepep_megatron": "ours"}
 #: DeepSeek-V3 routing: tokens per rank, hidden, top-k, experts.
 TOKENS, HIDDEN, TOPK, EXPERTS = 4096, 7168, 8, 256
-OPS = ("full dispatch", "dispatch bf16", "dispatch fp8", "dispatch num_worst_tokens", "cached dispatch", "combine bf16")
+OPS = ("full dispatch", "dispatch bf16", "dispatch fp8", "dispatch num_worst_tokens", "cached dispatch",
+       "cached dispatch fp8", "combine bf16")
+#: Ops whose bytes the table sets against the copy rooflines: each rank reads its rows once and writes
+#: them once where they go (dispatch: T rows read, N written; combine: N read, T written), and the
+#: row is bf16, or e4m3 with its fp32 scales (FP8_OPS).
+ROOFLINE_OPS = ("dispatch bf16", "dispatch fp8", "cached dispatch", "cached dispatch fp8", "combine bf16")
+FP8_OPS = ("dispatch fp8", "cached dispatch fp8")
 #: Ops whose host time the table shows (the ones whose host path differs: host sync, no sync, cached, combine).
 HOST_OPS = ("full dispatch", "dispatch num_worst_tokens", "cached dispatch", "combine bf16")
 DEFAULT_DEEPEP_PATH = os.path.join(ROOT, ".carry", "DeepEP")
@@ -176,23 +182,25 @@ def _worker(rank: int, world: int, opts: BenchOptions) -> Optional[dict[str, Any
             "dispatch fp8": lambda: buffer.dispatch(x_fp8, **args),
             "dispatch num_worst_tokens": lambda: buffer.dispatch(x, num_worst_tokens=TOKENS * world, **args),
             "cached dispatch": lambda: buffer.dispatch(x, handle=handle, config=dispatch_config),
+            "cached dispatch fp8": lambda: buffer.dispatch(x_fp8, handle=handle, config=dispatch_config),
             "combine bf16": lambda: buffer.combine(recv_x, handle, config=combine_config),
         }
         for name in OPS:
             one, host = _one_call(ops[name], opts.iters, opts.warmup)
             b2b = seconds_per_call(ops[name], opts.iters, repeats=opts.repeats, warmup=opts.warmup, group=group)
             figures[f"{name}|{sms}"] = {"one_call_us": one * 1e6, "host_us": host * 1e6, "b2b_us": b2b * 1e6}
+        rows = (TOKENS, int(recv_x.size(0)))  # (tokens sent from, rows received on) this rank
         del first, recv_x, handle
     everyone: list = [None] * world
-    dist.all_gather_object(everyone, (figures, problems), group=group)
+    dist.all_gather_object(everyone, (figures, problems, rows), group=group)
     torch.cuda.synchronize()
     dist.barrier()
     buffer.destroy()
     if rank != 0:
         return None
-    slowest = {key: {metric: max(f[key][metric] for f, _ in everyone) for metric in figures[key]} for key in figures}
+    slowest = {key: {metric: max(f[key][metric] for f, _, _ in everyone) for metric in figures[key]} for key in figures}
     return {"impl": opts.impl, "module": module_file, "figures": slowest, "num_nvl_bytes": num_nvl_bytes,
-            "problems": [p for _, ps in everyone for p in ps]}
+            "problems": [p for _, ps, _ in everyone for p in ps], "rows": [r for _, _, r in everyone]}
 
 
 # ---------------------------------------------------------------------------- command line and report
@@ -208,15 +216,39 @@ def _cell(results: dict[str, Any], impl: str, key: str, metric: str) -> str:
     return f"{figures[key][metric]:.0f}" if key in figures else "-"
 
 
-def format_table(results: dict[str, Any], sms: tuple[int, ...]) -> str:
-    """Rows (op, SMs); columns one-call and back-to-back for both packages, then host time."""
-    lines = ["| op | SMs | ours one-call us | DeepEP one-call us | ours back-to-back us | DeepEP back-to-back us "
-             "| ours host us | DeepEP host us |", "|---|---|---|---|---|---|---|---|"]
+def bytes_per_gpu(rows: list[tuple[int, int]], name: str, ranks_per_gpu: int) -> float:
+    """Bytes the ranks sharing one GPU must read and write for op ``name``: every rank's (tokens +
+    received rows) rows of the op's row size, over the GPUs (ranks are spread evenly over them)."""
+    row_bytes = HIDDEN + HIDDEN // 128 * 4 if name in FP8_OPS else HIDDEN * 2
+    return sum(tokens + received for tokens, received in rows) * row_bytes * ranks_per_gpu / len(rows)
+
+
+def format_table(results: dict[str, Any], sms: tuple[int, ...], roofline: Optional[dict[str, Any]] = None) -> str:
+    """Rows (op, SMs); columns one-call and back-to-back for both packages, then host time; with
+    ``roofline`` ({"hbm_copy_GBps", "sm_copy_GBps": {SMs: GB/s}, "ranks_per_gpu"}), the share of the
+    HBM copy roofline and of a plain copy kernel on the same SMs our back-to-back time reaches."""
+    head = ("| op | SMs | ours one-call us | DeepEP one-call us | ours back-to-back us | DeepEP back-to-back us "
+            "| ours host us | DeepEP host us |")
+    rule = "|---|---|---|---|---|---|---|---|"
+    rows = results.get("deepep_megatron", {}).get("rows")
+    if roofline and rows:
+        head += " ours % of HBM copy | ours % of copy kernel on the same SMs |"
+        rule += "---|---|"
+    lines = [head, rule]
     for name in OPS:
         for s in sms:
             key = f"{name}|{s}"
             cells = [_cell(results, impl, key, metric) for metric in ("one_call_us", "b2b_us") for impl in ("deepep_megatron", "deep_ep")]
             cells += [_cell(results, impl, key, "host_us") if name in HOST_OPS else "-" for impl in ("deepep_megatron", "deep_ep")]
+            if roofline and rows:
+                figures = results["deepep_megatron"]["figures"]
+                if name in ROOFLINE_OPS and key in figures:
+                    rate = bytes_per_gpu(rows, name, roofline["ranks_per_gpu"]) / (figures[key]["b2b_us"] * 1e-6) / 1e9
+                    sm_rate = roofline["sm_copy_GBps"].get(s)
+                    cells += [f"{100 * rate / roofline['hbm_copy_GBps']:.0f}",
+                              f"{100 * rate / sm_rate:.0f}" if sm_rate else "-"]
+                else:
+                    cells += ["-", "-"]
             lines.append(f"| {name} | {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -286,12 +318,20 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     problems += [f"{LABELS[i]} gave wrong results: {p}" for i, r in results.items() for p in r.get("problems", [])]
     modules = "; ".join(f"{LABELS[i]} {r['module']}" for i, r in results.items())
-    roofline = ", ".join(f"{k} {v:.0f}" for k, v in copy_roofline().items())  # after the runs: never beside them
+    rooflines = copy_roofline()  # after the runs: never beside them
+    roofline = ", ".join(f"{k} {v:.0f}" for k, v in rooflines.items())
+    try:  # a plain copy kernel on the SMs all ranks sharing a GPU occupy (issue 13's SM efficiency)
+        sm_copy = {s: sm_copy_GBps(s * per_gpu) for s in sms}
+        roofline += " · copy kernel on " + ", ".join(f"{s * per_gpu} SMs {v:.0f}" for s, v in sm_copy.items()) + " GB/s"
+    except Exception as error:  # noqa: BLE001 - a baseline, not the measurement: say why it is missing
+        sm_copy = {}
+        roofline += f" · no copy-kernel baseline ({type(error).__name__}: {error})"
+    shares = {"hbm_copy_GBps": rooflines["hbm_copy_GBps"], "sm_copy_GBps": sm_copy, "ranks_per_gpu": per_gpu}
     header = (f"{datetime.date.today()} · {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()} · EP{args.ranks} over "
               f"{pg_backend} ({per_gpu} rank(s) per GPU) · {TOKENS} tokens/rank, hidden {HIDDEN}, top-{TOPK} of {EXPERTS} · "
               f"Config(sms, {', '.join(map(str, dispatch_chunks))}) dispatch, Config(sms, {', '.join(map(str, combine_chunks))}) "
               f"combine · {args.iters} iters, slowest rank · commit {tree_commit(ROOT)} · {roofline} · {modules}")
-    report = "\n".join([header] + [f"**{p}**" for p in problems] + ["", format_table(results, sms)])
+    report = "\n".join([header] + [f"**{p}**" for p in problems] + ["", format_table(results, sms, shares)])
     if args.out:
         with open(args.out, "w") as f:
             f.write(report + "\n")
