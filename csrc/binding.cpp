@@ -200,9 +200,10 @@ PYBIND11_MODULE(_C, m) {
           "combine",
           [](Runtime& rt, const at::Tensor& x, const std::optional<at::Tensor>& topk_weights,
              const at::Tensor& recv_channel_offset, const at::Tensor& send_position, const at::Tensor& recv_src_idx,
-             int num_channels, int num_slots, int send_chunk) {
-            return combine(rt, x, topk_weights, recv_channel_offset, send_position, recv_src_idx,
-                           ring_config(num_channels, num_slots, send_chunk));
+             const at::Tensor& rank_prefix_matrix, const at::Tensor& channel_count, int num_channels, int num_slots,
+             int send_chunk) {
+            return combine(rt, x, topk_weights, recv_channel_offset, send_position, recv_src_idx, rank_prefix_matrix,
+                           channel_count, ring_config(num_channels, num_slots, send_chunk));
           },
           py::call_guard<py::gil_scoped_release>(), "Combine -> (combined_x [T, H], combined_topk_weights or None).");
 }

@@ -68,6 +68,15 @@
 //     weight 0 where not local), then st.release.sys of ring_head[c][me] in s's buffer (frees the
 //     slots).
 //
+// direct combine (DEEPEP_MEGATRON_DIRECT_COMBINE=1 with a receive arena; not yet run on a GPU when
+//   written): a rank with a combine block (combine_block in the layout header) launches
+//   combine_direct_kernel, which zeroes the block's arrival words, runs the barrier (publishing the
+//   block), and when every rank published one pushes, from both blocks of channel c, the rows it
+//   holds of each home rank's channel-c tokens into that rank's block (a contiguous run per source),
+//   adds 1 (release) to the home's arrival word (c, me), waits for 2 on its own words (c, d), and
+//   reduces half of channel c's tokens from its own block (own rows from x) in the order below;
+//   else it runs the ring combine below itself.
+//
 // combine (2*C blocks; the reverse direction; opened by its own barrier, fused_barrier)
 //   sender block on rank d, group for the tokens' home rank s (all 24 warps split over the R-1
 //     peers; own rows are not sent): rows
@@ -530,8 +539,8 @@ __device__ __forceinline__ void dispatch_sender(const PeerContext& ctx, const Ri
 
 // ------------------------------------------------------------------------------- direct dispatch
 // Every rank published a receive block (alike on every rank: each reads the same R published blocks).
-__device__ __forceinline__ bool every_rank_has_block(const PeerContext& ctx, const DispatchArgs& a) {
-  if (!a.use_blocks) return false;
+__device__ __forceinline__ bool every_rank_has_block(const PeerContext& ctx, bool use_blocks) {
+  if (!use_blocks) return false;
   for (int r = 0; r < ctx.num_ranks; ++r) {
     if (published_block(ctx, r).offset == kNoReceiveBlock) return false;
   }
@@ -779,7 +788,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   if (a.opening == Opening::kAfterNotify) opened = wait_go(ctx);
   if (a.opening == Opening::kOwnBarrier) opened = fused_barrier(ctx, a.barrier_fp, a.blocks);
   // (every rank has a receive block: dispatch_direct_kernel, launched before this one, moved the data)
-  if (opened && !aborted(ctx) && !every_rank_has_block(ctx, a)) {  // aborted: finish_block poisons
+  if (opened && !aborted(ctx) && !every_rank_has_block(ctx, a.use_blocks)) {  // aborted: finish_block poisons
     if (blockIdx.x % 2 == 0) {
       dispatch_sender<kNumRanks>(ctx, ring, a, channel, begin, step);
     } else {
@@ -963,6 +972,148 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   finish_block(ctx, a.poison);
 }
 
+// Rows home rank `home` sent rank `peer` in the dispatch (the layout's rank_prefix_matrix).
+__device__ __forceinline__ int rows_sent(const int* rank_prefix_matrix, int num_ranks, int home, int peer) {
+  return rank_prefix_matrix[home * num_ranks + peer] - (home > 0 ? rank_prefix_matrix[(home - 1) * num_ranks + peer] : 0);
+}
+
+// First row of source `peer`'s region in home rank `home`'s combine block.
+__device__ __forceinline__ int combine_region(const int* rank_prefix_matrix, int num_ranks, int home, int peer) {
+  int first = 0;
+  for (int d = 0; d < peer; ++d) first += rows_sent(rank_prefix_matrix, num_ranks, home, d);
+  return first;
+}
+
+// The direct combine (every rank published a combine block). Blocks 2c and 2c+1 each push half of
+// the rows this rank holds of every other rank's channel-c tokens into that rank's block (warp
+// copies, the weights beside), then add 1 (release) to its arrival word (c, me); then each waits
+// for 2 on the arrival words (c, d) of its own block and reduces half of channel c's tokens: token
+// t's row from rank d is row region(d) + (rows of channels < c sent to d) + send_position[t][d] of
+// its block (own rows straight from x), summed in fp32 from 0 over d = 0..R-1 and cast once, as the
+// reference. Block 0 zeroed this rank's arrival words before the barrier, so no peer adds earlier.
+template <int kNumRanks, typename T>
+__device__ __forceinline__ void combine_direct(const PeerContext& ctx, const RingGeometry& ring, const CombineArgs& a) {
+  __shared__ int arrived;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int me = ctx.rank, C = ring.num_channels, channel = blockIdx.x / 2;
+  const bool even = blockIdx.x % 2 == 0;
+  const int row_int4 = a.row_bytes / 16;
+  // Push: my rows of home rank s's channel-c tokens (rows [offset[s][c], offset[s][c+1]) of x).
+  for (int s = 0; s < kNumRanks; ++s) {
+    if (s == me) continue;
+    const ReceiveBlock block = published_block(ctx, s);
+    const CombineBlockLayout layout = combine_block(block.rows, a.row_bytes, a.num_topk);
+    uint8_t* base = ctx.buffers[s] + block.offset;
+    const int* offsets = a.recv_channel_offset + s * (C + 1);
+    const int first = combine_region(a.rank_prefix_matrix, kNumRanks, s, me) - offsets[0];
+    const int row_begin = offsets[channel], row_end = offsets[channel + 1];
+    const int mid = row_begin + (row_end - row_begin + 1) / 2;
+    for (int row = (even ? row_begin : mid) + warp; row < (even ? mid : row_end); row += kWarpsPerBlock) {
+      const int64_t at_row = static_cast<int64_t>(first) + row;
+      if (at_row >= block.rows) {  // the ranks' layouts disagree: never write past the block
+        if (lane == 0) report_error(ctx, kReceiveBlockOverflow, s, channel, block.rows, at_row);
+        break;
+      }
+      warp_copy<8, LoadInput, StoreRing>(base + layout.off_rows + at_row * a.row_bytes,
+                                         a.x + static_cast<int64_t>(row) * a.row_bytes, a.row_bytes, lane);
+      if (lane < a.num_topk) {
+        reinterpret_cast<float*>(base + layout.off_weights)[at_row * a.num_topk + lane] =
+            __ldg(a.topk_weights + static_cast<int64_t>(row) * a.num_topk + lane);
+      }
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < kNumRanks && threadIdx.x != me) {
+    const ReceiveBlock block = published_block(ctx, threadIdx.x);
+    red_release_sys_add(reinterpret_cast<uint32_t*>(ctx.buffers[threadIdx.x] + block.offset) + channel * kMaxRanks + me, 1u);
+  }
+  // Wait for both blocks of every other rank's channel c.
+  const ReceiveBlock mine = published_block(ctx, me);
+  const uint8_t* own = ctx.buffers[me] + mine.offset;
+  if (threadIdx.x == 0) arrived = 1;
+  __syncthreads();
+  if (threadIdx.x < kNumRanks && threadIdx.x != me) {
+    uint32_t value;
+    const uint32_t* word = reinterpret_cast<const uint32_t*>(own) + channel * kMaxRanks + threadIdx.x;
+    if (!wait_counter(ctx, word, 2u, kWaitCombineData, threadIdx.x, channel, value)) atomicExch(&arrived, 0);
+  }
+  __syncthreads();
+  if (!arrived) return;
+  // Reduce my half of channel c's tokens.
+  const CombineBlockLayout layout = combine_block(mine.rows, a.row_bytes, a.num_topk);
+  int begin, end;
+  channel_range(a.num_tokens, C, channel, begin, end);
+  const int mid = begin + (end - begin + 1) / 2;
+  // lane d < R: where rank d's rows of this channel start (own rows: in x; others: in my block)
+  int lane_first = 0;
+  if (lane < kNumRanks) {
+    if (lane == me) {
+      lane_first = a.recv_channel_offset[me * (C + 1) + channel];
+    } else {
+      lane_first = combine_region(a.rank_prefix_matrix, kNumRanks, me, lane);
+      for (int c = 0; c < channel; ++c) lane_first += a.channel_count[lane * C + c];
+    }
+  }
+  for (int t = (even ? begin : mid) + warp; t < (even ? mid : end); t += kWarpsPerBlock) {
+    const int position = lane < kNumRanks ? a.send_position[static_cast<int64_t>(t) * kNumRanks + lane] : -1;
+    const int my_row = lane_first + position;
+    int4* out = reinterpret_cast<int4*>(a.combined_x + static_cast<int64_t>(t) * a.row_bytes);
+    for (int base = 0; base < row_int4; base += 32) {  // the whole warp steps together (the shuffles)
+      const int i = base + lane;
+      const bool in_row = i < row_int4;
+      float acc[Vec<T>::kElems];
+#pragma unroll
+      for (int j = 0; j < Vec<T>::kElems; ++j) acc[j] = 0.0f;
+#pragma unroll
+      for (int d = 0; d < kNumRanks; ++d) {
+        const int p = __shfl_sync(0xffffffffu, position, d);
+        const int row = __shfl_sync(0xffffffffu, my_row, d);
+        if (p < 0 || !in_row) continue;
+        const int4* src = d == me ? reinterpret_cast<const int4*>(a.x + static_cast<int64_t>(row) * a.row_bytes)
+                                  : reinterpret_cast<const int4*>(own + layout.off_rows + static_cast<int64_t>(row) * a.row_bytes);
+        Vec<T>::add(acc, d == me ? ld_input_int4(src + i) : ld_ring_int4(src + i));
+      }
+      if (in_row) out[i] = Vec<T>::pack(acc);
+    }
+    if (a.combined_topk_weights != nullptr) {
+      float weight = 0.0f;
+      for (int d = 0; d < kNumRanks; ++d) {
+        const int p = __shfl_sync(0xffffffffu, position, d);
+        const int row = __shfl_sync(0xffffffffu, my_row, d);
+        if (p < 0 || lane >= a.num_topk) continue;
+        weight += d == me ? __ldg(a.topk_weights + static_cast<int64_t>(row) * a.num_topk + lane)
+                          : __ldcg(reinterpret_cast<const float*>(own + layout.off_weights) + static_cast<int64_t>(row) * a.num_topk + lane);
+      }
+      if (lane < a.num_topk) a.combined_topk_weights[static_cast<int64_t>(t) * a.num_topk + lane] = weight;
+    }
+  }
+}
+
+// Block 0 zeroes this rank's arrival words (its own combine block) before the barrier that lets
+// the peers add to them.
+__device__ __forceinline__ void zero_arrivals(const PeerContext& ctx, const CombineArgs& a) {
+  if (blockIdx.x != 0 || a.blocks.block.offset == kNoReceiveBlock) return;
+  uint32_t* words = reinterpret_cast<uint32_t*>(ctx.buffers[ctx.rank] + a.blocks.block.offset);
+  for (int i = threadIdx.x; i < kMaxChannels * kMaxRanks; i += blockDim.x) words[i] = 0u;
+  __syncthreads();  // the barrier's fence (before its signal) then covers them
+}
+
+// The combine of a rank with a combine block of its own: direct when every rank published one, else
+// the ring combine (the ring kernel itself stays as it is for ranks without the direct combine).
+template <int kNumRanks, typename T>
+__global__ void __launch_bounds__(kThreadsPerBlock, 1)
+    combine_direct_kernel(PeerContext ctx, RingGeometry ring, CombineArgs a) {
+  zero_arrivals(ctx, a);
+  if (fused_barrier(ctx, a.barrier_fp, a.blocks) && !aborted(ctx)) {
+    if (every_rank_has_block(ctx, a.use_blocks)) {
+      combine_direct<kNumRanks, T>(ctx, ring, a);
+    } else {
+      combine_body<kNumRanks, T>(ctx, ring, a);
+    }
+  }
+  finish_block(ctx, a.poison);
+}
+
 // The direct dispatch (every rank has a receive block; else it does nothing and the ring kernel
 // launched after it moves the data). Its own kernel, so that its registers (a row in flight to
 // every destination) do not make the ring kernel spill.
@@ -973,7 +1124,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   bool opened = true;
   if (a.opening == Opening::kAfterNotify) opened = wait_go(ctx);
   if (a.opening == Opening::kOwnBarrier) opened = fused_barrier(ctx, a.barrier_fp, a.blocks);
-  if (opened && !aborted(ctx) && every_rank_has_block(ctx, a)) {
+  if (opened && !aborted(ctx) && every_rank_has_block(ctx, a.use_blocks)) {
     dispatch_direct<kNumRanks>(ctx, ring, a, channel);
     // the padding rows, over every block (after notify: dispatch_direct waited for it)
     if (a.pad_rows && writes_outputs(a)) pad_rows_share(ctx, ring, a, blockIdx.x, gridDim.x);
@@ -1026,12 +1177,24 @@ void launch_dispatch_for(const PeerContext& ctx, const RingGeometry& ring, const
 }
 
 
+// A rank with a combine block of its own launches combine_direct_kernel (which falls back to the
+// rings itself when some rank has none), every other rank the ring kernel; both carry the barrier.
+template <int kNumRanks, typename T>
+void launch_combine_typed(const PeerContext& ctx, const RingGeometry& ring, const CombineArgs& args, cudaStream_t stream) {
+  const dim3 grid(2 * ring.num_channels), block(kThreadsPerBlock);
+  if (args.use_blocks && args.blocks.block.offset != kNoReceiveBlock) {
+    combine_direct_kernel<kNumRanks, T><<<grid, block, 0, stream>>>(ctx, ring, args);
+  } else {
+    combine_kernel<kNumRanks, T><<<grid, block, 0, stream>>>(ctx, ring, args);
+  }
+}
+
 template <int kNumRanks>
 void launch_combine_for(const PeerContext& ctx, const RingGeometry& ring, const CombineArgs& args, cudaStream_t stream) {
   if (args.is_bf16) {
-    combine_kernel<kNumRanks, __nv_bfloat16><<<2 * ring.num_channels, kThreadsPerBlock, 0, stream>>>(ctx, ring, args);
+    launch_combine_typed<kNumRanks, __nv_bfloat16>(ctx, ring, args, stream);
   } else {
-    combine_kernel<kNumRanks, float><<<2 * ring.num_channels, kThreadsPerBlock, 0, stream>>>(ctx, ring, args);
+    launch_combine_typed<kNumRanks, float>(ctx, ring, args, stream);
   }
 }
 

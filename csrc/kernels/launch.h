@@ -126,6 +126,14 @@ struct CombineArgs {
   int off_weights;
   Fingerprint barrier_fp;         // combine carries its barrier (fused_barrier, wait.cuh)
   PoisonList poison;
+  // Direct combine (DEEPEP_MEGATRON_DIRECT_COMBINE=1 with a receive arena): `blocks` is this rank's
+  // combine block (combine_block in the layout header), published in the barrier. When every rank
+  // published one, each pushes every home rank's rows into that rank's block and reduces its own
+  // tokens from its own block; else the rings (combine_direct_kernel falls back itself).
+  BlockExchange blocks;
+  bool use_blocks;
+  const int* rank_prefix_matrix;  // [R, R] of the dispatch that made the layout
+  const int* channel_count;       // [R, C] this rank's dispatch streams (rows it sent each rank per channel)
 };
 
 void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts, int num_ranks,

@@ -178,6 +178,16 @@ struct ReceiveRows {
   }
 };
 
+// DEEPEP_MEGATRON_DIRECT_COMBINE=1: a combine with a receive arena pushes the rows into the home
+// rank's combine block (combine_direct_kernel). Off by default: not yet run on a GPU.
+bool direct_combine_enabled() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("DEEPEP_MEGATRON_DIRECT_COMBINE");
+    return value != nullptr && std::string(value) == "1";
+  }();
+  return enabled;
+}
+
 // The arena a dispatch on `stream` may take its receive rows from: none under CUDA graph capture
 // (a block's lifetime is the host's, which a replayed graph does not follow).
 ReceiveArena* arena_for(const Runtime& rt, cudaStream_t stream) {
@@ -500,7 +510,8 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> combine(Runtime& rt, const at:
                                                           const std::optional<at::Tensor>& topk_weights,
                                                           const at::Tensor& recv_channel_offset,
                                                           const at::Tensor& send_position, const at::Tensor& recv_src_idx,
-                                                          const RingConfig& config) {
+                                                          const at::Tensor& rank_prefix_matrix,
+                                                          const at::Tensor& channel_count, const RingConfig& config) {
   check_healthy(rt);
   const int R = rt.num_ranks();
   const cudaStream_t stream = current_stream(rt);
@@ -512,6 +523,8 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> combine(Runtime& rt, const at:
   expect(recv_channel_offset, "recv_channel_offset", at::kInt, {R, C + 1}, rt);
   expect(recv_src_idx, "recv_src_idx", at::kInt, {x.size(0)}, rt);  // x holds every row the dispatch allocated
   expect(send_position, "send_position", at::kInt, {-1, R}, rt);
+  expect(rank_prefix_matrix, "rank_prefix_matrix", at::kInt, {R, R}, rt);
+  expect(channel_count, "channel_count", at::kInt, {R, C}, rt);
   int num_topk = 0;
   if (topk_weights.has_value()) {
     expect(*topk_weights, "topk_weights", at::kFloat, {x.size(0), -1}, rt);
@@ -540,7 +553,19 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> combine(Runtime& rt, const at:
   a.off_weights = off_weights;
   a.poison = poison_list({combined, combined_weights});
   a.barrier_fp = fingerprint(rt, kOpCombine, row_bytes, 0, num_topk, ring);  // one launch: the kernel runs it
+  a.rank_prefix_matrix = rank_prefix_matrix.data_ptr<int>();
+  a.channel_count = channel_count.data_ptr<int>();
+  // Direct combine: a combine block for the rows that come back (at most T x R: each token went to
+  // each rank at most once), published in the barrier, given back right after the launch (reuse on
+  // this stream is ordered after the kernel, which waits for every peer's rows; another stream
+  // waits for the release's event).
+  ReceiveArena* arena = direct_combine_enabled() ? arena_for(rt, stream) : nullptr;
+  const int64_t rows = T * R;
+  const int64_t offset = arena != nullptr && rows > 0 ? arena->allocate(combine_block(rows, row_bytes, num_topk).bytes, stream) : -1;
+  a.use_blocks = offset >= 0;
+  a.blocks = BlockExchange{offset >= 0, ReceiveBlock{offset >= 0 ? offset : kNoReceiveBlock, offset >= 0 ? rows : 0}};
   launch_combine(ctx, ring, a, stream);
+  if (offset >= 0) arena->release(offset);
   return {combined, combined_weights};
 }
 

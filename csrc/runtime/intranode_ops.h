@@ -72,11 +72,13 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> cached_dispatch(
     const at::Tensor& rank_prefix_matrix, const at::Tensor& send_position, const RingConfig& ring);
 
 // Combine: x [N, H] bf16/fp32 (+ topk_weights [N, K]) -> (combined [T, H], combined_weights [T, K]).
+// rank_prefix_matrix [R, R] and channel_count [R, C] (the dispatch's) place the rows of a direct combine.
 std::tuple<at::Tensor, std::optional<at::Tensor>> combine(Runtime& rt, const at::Tensor& x,
                                                           const std::optional<at::Tensor>& topk_weights,
                                                           const at::Tensor& recv_channel_offset,
                                                           const at::Tensor& send_position, const at::Tensor& recv_src_idx,
-                                                          const RingConfig& ring);
+                                                          const at::Tensor& rank_prefix_matrix,
+                                                          const at::Tensor& channel_count, const RingConfig& ring);
 
 // A bare cross-rank barrier on the current stream (fingerprint kOpBarrier).
 void barrier(Runtime& rt);

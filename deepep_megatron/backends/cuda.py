@@ -442,7 +442,7 @@ class CudaBackend(LowLatencyDelegate, Backend):
                 raise ValueError(f"combine's topk_weights may have at most {MAX_COMBINE_TOPK} columns, got {topk_weights.size(1)}")
         return self._call(
             self._runtime.combine, x.contiguous(), topk_weights, private["recv_channel_offset"], private["send_position"],
-            layout.recv_src_idx, *self._ring(config, layout.num_channels),
+            layout.recv_src_idx, layout.rank_prefix_matrix, private["channel_count"], *self._ring(config, layout.num_channels),
         )
 
     # ------------------------------------------------------------------ low-latency path

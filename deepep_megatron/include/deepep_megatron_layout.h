@@ -186,6 +186,26 @@ constexpr ReceiveBlockLayout receive_block(int64_t rows, int64_t row_bytes, int6
   return l;
 }
 
+// A combine block (direct combine, DEEPEP_MEGATRON_DIRECT_COMBINE=1), taken on the tokens' home rank s
+// for `rows` rows and published in the combine's barrier:
+//   0                u32 [kMaxChannels][kMaxRanks] arrivals: blocks of rank d that pushed channel c
+//                    (block 0 of s's kernel zeroes them before its barrier; each of the two blocks of
+//                    a channel on d adds 1 with release once its rows are in; s waits for 2)
+//   off_rows         x rows [rows, row_bytes]: rank d pushes the rows it holds of s's tokens (its
+//                    recv_x rows from s, in order) to rows [sum over d' < d of the rows s sent d', ...)
+//   off_weights      their top-k weights [rows, K] fp32
+struct CombineBlockLayout {
+  int64_t off_rows, off_weights, bytes;
+};
+
+constexpr CombineBlockLayout combine_block(int64_t rows, int64_t row_bytes, int64_t num_topk) {
+  CombineBlockLayout l{};
+  l.off_rows = align_block(static_cast<int64_t>(sizeof(uint32_t)) * kMaxChannels * kMaxRanks);
+  l.off_weights = l.off_rows + align_block(rows * row_bytes);
+  l.bytes = l.off_weights + align_block(rows * num_topk * 4);
+  return l;
+}
+
 // ----------------------------------------------------------------------------- low-latency (NVSHMEM)
 // The symmetric heap region of ONE PE (num_rdma_bytes, nvshmem_malloc'ed, zeroed at creation and by
 // clean_low_latency_buffer) that csrc/kernels/low_latency.cu reads and writes. Data sizes depend on

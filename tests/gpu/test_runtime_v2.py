@@ -308,7 +308,7 @@ DIRECT_ARENA_BYTES = (24 << 20, 4096)
 HELD_OUTPUTS = 5
 
 
-def _direct_write(rank: int, world_size: int) -> dict:
+def _direct_write(rank: int, world_size: int, direct_combine: bool = False) -> dict:
     import gc
     import os
 
@@ -316,6 +316,7 @@ def _direct_write(rank: int, world_size: int) -> dict:
 
     os.environ["DEEPEP_MEGATRON_RECV_ARENA_BYTES"] = str(DIRECT_ARENA_BYTES[rank])
     os.environ["DEEPEP_MEGATRON_POISON_ARENA"] = "1"
+    os.environ["DEEPEP_MEGATRON_DIRECT_COMBINE"] = "1" if direct_combine else "0"
     device = torch.device("cuda", torch.cuda.current_device())
     fast, ref = _buffers(2048, timeout_s=15.0)  # a hang shows as a diagnostic within the test's time
     config = Config(CONFIG_SMS, 6, 256)
@@ -371,3 +372,11 @@ def test_direct_write_with_mixed_arenas_and_block_lifetime() -> None:
     assert first["used"] >= 2 and second["used"] == 0, results
     assert first["blocks"] == [1, 2, 3, 3, 3] and second["blocks"] == [0] * HELD_OUTPUTS, results
     assert first["in_use_after"] == 0, results
+
+
+def test_direct_combine_falls_back_to_the_rings_with_mixed_arenas() -> None:
+    """DEEPEP_MEGATRON_DIRECT_COMBINE=1 (not yet run on a GPU when written): rank 0 takes a combine
+    block and runs combine_direct_kernel, rank 1 has none, so rank 0's kernel takes the rings
+    itself; every combine stays bit-exact."""
+    results = run_ranks(_direct_write, WORLD, True, backend=_launch(), timeout_s=300)
+    assert results[0]["in_use_after"] == 0, results
