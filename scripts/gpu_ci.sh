@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks of the cuda backend, run on a GPU machine from the repository root:
-#   scripts/gpu_ci.sh                     build, sanitizer, GPU tests, soak, benchmark
+#   scripts/gpu_ci.sh                     build, sanitizer, GPU tests, soak, benchmark (sanitizer and
+#                                         soak also with the receive arena: the direct-write dispatch)
 #   STEPS=build,test scripts/gpu_ci.sh    a subset (build, sanitize, test, soak, bench)
 #   BENCH_ARGS="--ranks 2 --sms 8,24" scripts/gpu_ci.sh
 # Logs go to $OUT (or /tmp/gpu_ci); a short summary table is printed last.
@@ -49,6 +50,8 @@ fi
 
 if want sanitize; then
   step sanitize timeout 300 python3 scripts/sanitize_intranode.py
+  # the direct-write dispatch (receive arena): its kernels write into the peers' blocks
+  step sanitize_arena env DEEPEP_MEGATRON_RECV_ARENA_BYTES=268435456 timeout 600 python3 scripts/sanitize_intranode.py
 fi
 
 if want test; then
@@ -66,6 +69,8 @@ if want test || want soak || { want bench && ((BENCH_UNDER_MPS)); }; then
   fi
   if want soak; then  # the randomized soak a kernel or runtime change must pass (10^4 rounds)
     step soak python3 scripts/soak_intranode.py --ranks 2 --rounds 10000 --backend cuda --out "$OUT/soak.md"
+    step soak_arena python3 scripts/soak_intranode.py --ranks 2 --rounds 10000 --backend cuda --seed 2 \
+      --recv-arena-bytes 1073741824 --out "$OUT/soak_arena.md"
   fi
   if want bench && ((BENCH_UNDER_MPS)); then
     step bench python3 scripts/bench_intranode.py $BENCH_ARGS --out "$OUT/bench_table.md"
