@@ -1,5 +1,6 @@
 // The stand-alone cross-rank barrier (Buffer.barrier / Runtime.barrier; a cached dispatch and a combine
-// carry their own: fused_barrier, wait.cuh), and check_cuda.
+// carry their own: fused_barrier, wait.cuh), and the host helpers of launch.h (check_cuda, env_switch).
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -21,6 +22,12 @@ void check_cuda(cudaError_t err, const char* what) {
     throw std::runtime_error(std::string("deepep_megatron._C: ") + what + " failed: " + cudaGetErrorName(err) + " (" +
                              cudaGetErrorString(err) + ")");
   }
+}
+
+bool env_switch(const char* name, bool default_on) {
+  const char* value = std::getenv(name);
+  if (value == nullptr) return default_on;
+  return default_on ? std::string(value) != "0" : std::string(value) == "1";
 }
 
 void launch_barrier(const PeerContext& ctx, const Fingerprint& fp, cudaStream_t stream) {

@@ -96,7 +96,6 @@
 // ---------------------------------------------------------------------------------------------
 #include <cuda_bf16.h>
 
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -318,12 +317,17 @@ __device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int 
 }
 
 // Received top-k entry: the global expert id becomes local (-1, weight 0 when on another rank).
+// A global expert id as rank `rank` receives it: its local id there, or -1 when it lives elsewhere.
+__device__ __forceinline__ int local_expert_id(const DispatchArgs& a, int global_expert, int rank) {
+  const int local_expert = global_expert - rank * a.num_local_experts;
+  return global_expert >= 0 && local_expert >= 0 && local_expert < a.num_local_experts ? local_expert : -1;
+}
+
 __device__ __forceinline__ void write_local_topk(const DispatchArgs& a, int64_t row, int k, int global_expert,
                                                  float weight, int me) {
-  const int local_expert = global_expert - me * a.num_local_experts;
-  const bool is_local = global_expert >= 0 && local_expert >= 0 && local_expert < a.num_local_experts;
-  a.recv_topk_idx[row * a.num_topk + k] = is_local ? local_expert : -1;
-  a.recv_topk_weights[row * a.num_topk + k] = is_local ? weight : 0.0f;
+  const int local_expert = local_expert_id(a, global_expert, me);
+  a.recv_topk_idx[row * a.num_topk + k] = local_expert;
+  a.recv_topk_weights[row * a.num_topk + k] = local_expert >= 0 ? weight : 0.0f;
 }
 
 __device__ __forceinline__ uint8_t* ring_slot(uint8_t* buffer, const RingGeometry& ring, int num_ranks, int channel,
@@ -427,17 +431,24 @@ struct DirectTarget {
   RowTarget target;
 };
 
-// The stream's first row in the peer's block: rows ranks before me send to the peer, then my rows
-// of the channels before this one (the receiver orders rows by (source rank, channel, position):
-// recv_channel_offset on the peer). `length` rows must fit the block; else (the ranks' layouts
-// disagree) a diagnostic, and nothing is written there.
+// The first row of stream (channel, me -> peer) among the peer's received rows: rows ranks before
+// me send to the peer, then my rows of the channels before this one (the receiver orders rows by
+// (source rank, channel, position): recv_channel_offset on the peer).
+__device__ __forceinline__ int64_t stream_first_row(const PeerContext& ctx, const DispatchArgs& a, int num_channels,
+                                                    int peer, int channel) {
+  const int me = ctx.rank;
+  int64_t first = me > 0 ? a.rank_prefix_matrix[(me - 1) * ctx.num_ranks + peer] : 0;
+  for (int c = 0; c < channel; ++c) first += a.channel_count[peer * num_channels + c];
+  return first;
+}
+
+// Where the stream's x rows go in the peer's block (stream_first_row). `length` rows must fit the
+// block; else (the ranks' layouts disagree) a diagnostic, and nothing is written there.
 __device__ __forceinline__ DirectTarget direct_target(const PeerContext& ctx, const DispatchArgs& a,
                                                       const RingGeometry& ring, const ReceiveBlock& block, int peer,
                                                       int channel, int length) {
   if (!writes_outputs(a)) return DirectTarget{nullptr, nullptr, RowTarget::kMetadataOnly};
-  const int me = ctx.rank, R = ctx.num_ranks;
-  int64_t first = me > 0 ? a.rank_prefix_matrix[(me - 1) * R + peer] : 0;
-  for (int c = 0; c < channel; ++c) first += a.channel_count[peer * ring.num_channels + c];
+  const int64_t first = stream_first_row(ctx, a, ring.num_channels, peer, channel);
   if (first + length > block.rows) {
     report_error(ctx, kReceiveBlockOverflow, peer, channel, block.rows, first + length);
     return DirectTarget{nullptr, nullptr, RowTarget::kMetadataOnly};
@@ -588,8 +599,7 @@ __device__ __forceinline__ void dispatch_direct(const PeerContext& ctx, const Ri
   if (threadIdx.x < kNumRanks) {
     const int d = threadIdx.x;
     const ReceiveBlock block = published_block(ctx, d);
-    int64_t first = me > 0 ? a.rank_prefix_matrix[(me - 1) * kNumRanks + d] : 0;
-    for (int c = 0; c < channel; ++c) first += a.channel_count[d * C + c];
+    const int64_t first = stream_first_row(ctx, a, C, d, channel);
     if (first + lengths[d] > block.rows) {  // the ranks' layouts disagree: write nothing anywhere
       report_error(ctx, kReceiveBlockOverflow, d, channel, block.rows, first + lengths[d]);
       atomicExch(&overflow, 1);
@@ -640,12 +650,10 @@ __device__ __forceinline__ void dispatch_direct(const PeerContext& ctx, const Ri
         }
         if (lane < a.num_topk) {  // ids local to the destination (-1 / weight 0 elsewhere), as it receives them
           const int64_t k = static_cast<int64_t>(t) * a.num_topk + lane;
-          const int expert = static_cast<int>(__ldg(a.topk_idx + k));
-          const int local = expert - d * a.num_local_experts;
-          const bool is_local = expert >= 0 && local >= 0 && local < a.num_local_experts;
+          const int local = local_expert_id(a, static_cast<int>(__ldg(a.topk_idx + k)), d);
           const int64_t at_k = static_cast<int64_t>(position) * a.num_topk + lane;
-          rows_at[d].topk_idx[at_k] = is_local ? local : -1;
-          rows_at[d].topk_weights[at_k] = is_local ? __ldg(a.topk_weights + k) : 0.0f;
+          rows_at[d].topk_idx[at_k] = local;
+          rows_at[d].topk_weights[at_k] = local >= 0 ? __ldg(a.topk_weights + k) : 0.0f;
         }
       }
       if (lane < kNumRanks && a.num_topk > 0 && my_position >= 0) rows_at[lane].src_idx[my_position] = t;
@@ -1135,10 +1143,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
 // Programmatic dependent launch of a dispatch behind notify; DEEPEP_MEGATRON_PDL=0 turns it off (the
 // kernel then starts after notify ends, with the same results), e.g. to measure what it saves.
 bool dependent_launch_enabled() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("DEEPEP_MEGATRON_PDL");
-    return value == nullptr || std::string(value) != "0";
-  }();
+  static const bool enabled = env_switch("DEEPEP_MEGATRON_PDL", true);
   return enabled;
 }
 

@@ -146,4 +146,8 @@ void launch_combine(const PeerContext& ctx, const RingGeometry& ring, const Comb
 
 void check_cuda(cudaError_t err, const char* what);
 
+// A switch from the environment: on by default, `name`=0 turns it off; off by default, `name`=1
+// turns it on (anything else leaves the default). Callers keep the result (read once).
+bool env_switch(const char* name, bool default_on);
+
 }  // namespace deepep_megatron

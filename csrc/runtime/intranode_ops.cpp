@@ -4,7 +4,6 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <string>
 
 #include "launch.h"
@@ -130,10 +129,7 @@ constexpr int64_t kSpeculativeMarginDivisor = 16;
 // DEEPEP_MEGATRON_POISON_ARENA=1 (the GPU tests): every receive block is filled with 0xFF when taken,
 // as the tests poison the allocator's free memory, so that rows no peer wrote cannot pass for data.
 bool poison_receive_blocks() {
-  static const bool poison = [] {
-    const char* value = std::getenv("DEEPEP_MEGATRON_POISON_ARENA");
-    return value != nullptr && std::string(value) == "1";
-  }();
+  static const bool poison = env_switch("DEEPEP_MEGATRON_POISON_ARENA", false);
   return poison;
 }
 
@@ -181,10 +177,7 @@ struct ReceiveRows {
 // DEEPEP_MEGATRON_DIRECT_COMBINE=1: a combine with a receive arena pushes the rows into the home
 // rank's combine block (combine_direct_kernel). Off by default: not yet run on a GPU.
 bool direct_combine_enabled() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("DEEPEP_MEGATRON_DIRECT_COMBINE");
-    return value != nullptr && std::string(value) == "1";
-  }();
+  static const bool enabled = env_switch("DEEPEP_MEGATRON_DIRECT_COMBINE", false);
   return enabled;
 }
 
@@ -563,7 +556,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> combine(Runtime& rt, const at:
   const int64_t rows = T * R;
   const int64_t offset = arena != nullptr && rows > 0 ? arena->allocate(combine_block(rows, row_bytes, num_topk).bytes, stream) : -1;
   a.use_blocks = offset >= 0;
-  a.blocks = BlockExchange{offset >= 0, ReceiveBlock{offset >= 0 ? offset : kNoReceiveBlock, offset >= 0 ? rows : 0}};
+  a.blocks = a.use_blocks ? BlockExchange{true, ReceiveBlock{offset, rows}} : kNoExchange;
   launch_combine(ctx, ring, a, stream);
   if (offset >= 0) arena->release(offset);
   return {combined, combined_weights};

@@ -21,7 +21,8 @@ released.
   a peer. ``get_dispatch_layout`` is one kernel.
   With a receive arena (``DEEPEP_MEGATRON_RECV_ARENA_BYTES``, :func:`resolve_recv_arena_bytes`)
   a dispatch's recv_x lives in this rank's IPC buffer and the peers write each row straight into
-  it; only the rows' metadata goes through the rings.
+  it: with every rank's block published, a direct kernel moves rows and metadata without the
+  rings; else the ring kernel carries only the metadata to ranks that have a block.
   With ``num_worst_tokens`` > 0 nothing waits on the host: the outputs have that many rows,
   padding rows get top-k -1 / weight 0 / source -1, and the counts stay on the device. That
   dispatch, a cached dispatch and a combine can be captured in a CUDA graph (their barrier's epoch
