@@ -75,7 +75,8 @@
 //   holds of each home rank's channel-c tokens into that rank's block (a contiguous run per source),
 //   adds 1 (release) to the home's arrival word (c, me), waits for 2 on its own words (c, d), and
 //   reduces half of channel c's tokens from its own block (own rows from x) in the order below;
-//   else it runs the ring combine below itself.
+//   else it does nothing and the ring kernel launched behind it (no barrier of its own) moves
+//   the data, as the ring kernel does for a rank without a block.
 //
 // combine (2*C blocks; the reverse direction; opened by its own barrier, fused_barrier)
 //   sender block on rank d, group for the tokens' home rank s (all 24 warps split over the R-1
@@ -843,6 +844,88 @@ struct Vec<float> {
   }
 };
 
+// One token of a combine: out = cast(sum over d = 0..R-1 of rank d's row, in fp32 from 0), the
+// reference's order; rank d is skipped where has[d] is false. The reduce is bound by load latency,
+// not bandwidth, unless enough loads are in flight: the ranks go in groups of kGroup, and of each
+// group kUnroll int4 per lane per rank are loaded before any is added (kGroup * kUnroll loads per
+// lane in flight, within the registers the caller leaves).
+// row_of(d) gives rank d's row (called only where has[d]).
+template <int kNumRanks, typename T, int kUnroll, int kGroup = kNumRanks, typename RowOf>
+__device__ __forceinline__ void reduce_token_row(const RowOf& row_of, const bool (&has)[kNumRanks], int4* out,
+                                                 int64_t row_int4, int lane) {
+  static_assert(kNumRanks % kGroup == 0, "the ranks split into whole groups");
+  for (int64_t i = lane; i < row_int4; i += 32 * kUnroll) {
+    if constexpr (kGroup == kNumRanks) {  // one group: each column's sum lives only while it is added
+      int4 v[kNumRanks][kUnroll];
+#pragma unroll
+      for (int d = 0; d < kNumRanks; ++d) {
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t col = i + 32 * u;
+          if (has[d] && col < row_int4) v[d][u] = ld_ring_int4(reinterpret_cast<const int4*>(row_of(d)) + col);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t col = i + 32 * u;
+        if (col >= row_int4) continue;
+        float acc[Vec<T>::kElems];
+#pragma unroll
+        for (int j = 0; j < Vec<T>::kElems; ++j) acc[j] = 0.0f;
+#pragma unroll
+        for (int d = 0; d < kNumRanks; ++d) {
+          if (has[d]) Vec<T>::add(acc, v[d][u]);
+        }
+        out[col] = Vec<T>::pack(acc);
+      }
+    } else {  // groups: the sums live across the groups
+      float acc[kUnroll][Vec<T>::kElems];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+        for (int j = 0; j < Vec<T>::kElems; ++j) acc[u][j] = 0.0f;
+      }
+#pragma unroll
+      for (int first = 0; first < kNumRanks; first += kGroup) {
+        int4 v[kGroup][kUnroll];
+#pragma unroll
+        for (int g = 0; g < kGroup; ++g) {
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            const int64_t col = i + 32 * u;
+            if (has[first + g] && col < row_int4) v[g][u] = ld_ring_int4(reinterpret_cast<const int4*>(row_of(first + g)) + col);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+          for (int g = 0; g < kGroup; ++g) {
+            if (has[first + g]) Vec<T>::add(acc[u], v[g][u]);
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t col = i + 32 * u;
+        if (col < row_int4) out[col] = Vec<T>::pack(acc[u]);
+      }
+    }
+  }
+}
+
+// weights_of(d) gives rank d's weights of the token (called only where has[d]).
+template <int kNumRanks, typename WeightsOf>
+__device__ __forceinline__ void reduce_token_weights(const WeightsOf& weights_of, const bool (&has)[kNumRanks], float* out,
+                                                     int num_topk, int lane) {
+  if (lane >= num_topk) return;
+  float acc = 0.0f;
+#pragma unroll
+  for (int d = 0; d < kNumRanks; ++d) {
+    if (has[d]) acc += __ldcg(weights_of(d) + lane);
+  }
+  out[lane] = acc;
+}
+
 template <int kNumRanks, typename T>
 __device__ __forceinline__ void combine_body(const PeerContext& ctx, const RingGeometry& ring, const CombineArgs& a) {
   constexpr int kUnroll = kNumRanks <= 2 ? 2 : 1;  // int4 per lane per step (registers: kNumRanks * kUnroll int4)
@@ -921,39 +1004,11 @@ __device__ __forceinline__ void combine_body(const PeerContext& ctx, const RingG
             weights[d] = reinterpret_cast<const float*>(rows[d] + a.off_weights);
           }
         }
-        int4* out = reinterpret_cast<int4*>(a.combined_x + static_cast<int64_t>(token) * a.row_bytes);
-        for (int64_t i = lane; i < row_int4; i += 32 * kUnroll) {
-          int4 v[kNumRanks][kUnroll];
-#pragma unroll
-          for (int d = 0; d < kNumRanks; ++d) {
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u) {
-              const int64_t col = i + 32 * u;
-              if (has[d] && col < row_int4) v[d][u] = ld_ring_int4(reinterpret_cast<const int4*>(rows[d]) + col);
-            }
-          }
-#pragma unroll
-          for (int u = 0; u < kUnroll; ++u) {
-            const int64_t col = i + 32 * u;
-            if (col >= row_int4) continue;
-            float acc[Vec<T>::kElems];
-#pragma unroll
-            for (int j = 0; j < Vec<T>::kElems; ++j) acc[j] = 0.0f;
-#pragma unroll
-            for (int d = 0; d < kNumRanks; ++d) {
-              if (has[d]) Vec<T>::add(acc, v[d][u]);
-            }
-            out[col] = Vec<T>::pack(acc);
-          }
-        }
-        if (lane < a.num_topk) {
-          float acc = 0.0f;
-#pragma unroll
-          for (int d = 0; d < kNumRanks; ++d) {
-            if (has[d]) acc += __ldcg(weights[d] + lane);
-          }
-          a.combined_topk_weights[static_cast<int64_t>(token) * a.num_topk + lane] = acc;
-        }
+        reduce_token_row<kNumRanks, T, kUnroll>(
+            [&](int d) { return rows[d]; }, has, reinterpret_cast<int4*>(a.combined_x + static_cast<int64_t>(token) * a.row_bytes), row_int4, lane);
+        reduce_token_weights<kNumRanks>([&](int d) { return weights[d]; }, has,
+                                        a.combined_topk_weights + static_cast<int64_t>(token) * a.num_topk,
+                                        a.num_topk, lane);
       }
     }
     if (tracks_rank) progress[warp][lane] = consumed_upto;
@@ -975,10 +1030,21 @@ __device__ __forceinline__ void combine_body(const PeerContext& ctx, const RingG
 template <int kNumRanks, typename T>
 __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     combine_kernel(PeerContext ctx, RingGeometry ring, CombineArgs a) {
-  // The barrier is carried here (one launch); if it fails, finish_block poisons the outputs.
-  if (fused_barrier(ctx, a.barrier_fp) && !aborted(ctx)) combine_body<kNumRanks, T>(ctx, ring, a);
+  // The barrier is carried here (one launch) unless combine_direct_kernel ran it; if it fails,
+  // finish_block poisons the outputs. Behind the direct kernel this one moves the data only when
+  // some rank has no combine block (every_rank_has_block reads the same R blocks on every rank).
+  const bool opened = a.opening == Opening::kNone || fused_barrier(ctx, a.barrier_fp);
+  const bool direct_moved_it = a.opening == Opening::kNone && every_rank_has_block(ctx, a.use_blocks);
+  if (opened && !aborted(ctx) && !direct_moved_it) combine_body<kNumRanks, T>(ctx, ring, a);
   finish_block(ctx, a.poison);
 }
+
+// The direct combine's reduce: int4 per lane per rank, and ranks, loaded together (reduce_token_row;
+// as many loads in flight as fit 80 registers without spilling, by ptxas).
+template <int kNumRanks>
+constexpr int kDirectCombineUnroll = kNumRanks <= 2 ? 4 : 1;
+template <int kNumRanks>
+constexpr int kDirectCombineGroup = kNumRanks <= 4 ? kNumRanks : 4;  // 8 ranks: two groups of 4
 
 // Rows home rank `home` sent rank `peer` in the dispatch (the layout's rank_prefix_matrix).
 __device__ __forceinline__ int rows_sent(const int* rank_prefix_matrix, int num_ranks, int home, int peer) {
@@ -1065,34 +1131,26 @@ __device__ __forceinline__ void combine_direct(const PeerContext& ctx, const Rin
   for (int t = (even ? begin : mid) + warp; t < (even ? mid : end); t += kWarpsPerBlock) {
     const int position = lane < kNumRanks ? a.send_position[static_cast<int64_t>(t) * kNumRanks + lane] : -1;
     const int my_row = lane_first + position;
-    int4* out = reinterpret_cast<int4*>(a.combined_x + static_cast<int64_t>(t) * a.row_bytes);
-    for (int base = 0; base < row_int4; base += 32) {  // the whole warp steps together (the shuffles)
-      const int i = base + lane;
-      const bool in_row = i < row_int4;
-      float acc[Vec<T>::kElems];
+    int row[kNumRanks];
+    bool has[kNumRanks];
 #pragma unroll
-      for (int j = 0; j < Vec<T>::kElems; ++j) acc[j] = 0.0f;
-#pragma unroll
-      for (int d = 0; d < kNumRanks; ++d) {
-        const int p = __shfl_sync(0xffffffffu, position, d);
-        const int row = __shfl_sync(0xffffffffu, my_row, d);
-        if (p < 0 || !in_row) continue;
-        const int4* src = d == me ? reinterpret_cast<const int4*>(a.x + static_cast<int64_t>(row) * a.row_bytes)
-                                  : reinterpret_cast<const int4*>(own + layout.off_rows + static_cast<int64_t>(row) * a.row_bytes);
-        Vec<T>::add(acc, d == me ? ld_input_int4(src + i) : ld_ring_int4(src + i));
-      }
-      if (in_row) out[i] = Vec<T>::pack(acc);
+    for (int d = 0; d < kNumRanks; ++d) {
+      has[d] = __shfl_sync(0xffffffffu, position, d) >= 0;
+      row[d] = __shfl_sync(0xffffffffu, my_row, d);
     }
+    // own rows straight from x, the peers' from this rank's block
+    const auto row_of = [&](int d) {
+      return (d == me ? a.x : own + layout.off_rows) + static_cast<int64_t>(row[d]) * a.row_bytes;
+    };
+    reduce_token_row<kNumRanks, T, kDirectCombineUnroll<kNumRanks>, kDirectCombineGroup<kNumRanks>>(
+        row_of, has, reinterpret_cast<int4*>(a.combined_x + static_cast<int64_t>(t) * a.row_bytes), row_int4, lane);
     if (a.combined_topk_weights != nullptr) {
-      float weight = 0.0f;
-      for (int d = 0; d < kNumRanks; ++d) {
-        const int p = __shfl_sync(0xffffffffu, position, d);
-        const int row = __shfl_sync(0xffffffffu, my_row, d);
-        if (p < 0 || lane >= a.num_topk) continue;
-        weight += d == me ? __ldg(a.topk_weights + static_cast<int64_t>(row) * a.num_topk + lane)
-                          : __ldcg(reinterpret_cast<const float*>(own + layout.off_weights) + static_cast<int64_t>(row) * a.num_topk + lane);
-      }
-      if (lane < a.num_topk) a.combined_topk_weights[static_cast<int64_t>(t) * a.num_topk + lane] = weight;
+      const auto weights_of = [&](int d) {
+        return (d == me ? a.topk_weights : reinterpret_cast<const float*>(own + layout.off_weights)) +
+               static_cast<int64_t>(row[d]) * a.num_topk;
+      };
+      reduce_token_weights<kNumRanks>(weights_of, has, a.combined_topk_weights + static_cast<int64_t>(t) * a.num_topk,
+                                      a.num_topk, lane);
     }
   }
 }
@@ -1106,18 +1164,16 @@ __device__ __forceinline__ void zero_arrivals(const PeerContext& ctx, const Comb
   __syncthreads();  // the barrier's fence (before its signal) then covers them
 }
 
-// The combine of a rank with a combine block of its own: direct when every rank published one, else
-// the ring combine (the ring kernel itself stays as it is for ranks without the direct combine).
+// The combine of a rank with a combine block of its own: runs the barrier (publishing the block),
+// then the direct combine when every rank published one; else nothing, and the ring kernel
+// launched behind it moves the data. Two kernels, so that the ring combine's registers do not make
+// the direct one spill.
 template <int kNumRanks, typename T>
 __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     combine_direct_kernel(PeerContext ctx, RingGeometry ring, CombineArgs a) {
   zero_arrivals(ctx, a);
-  if (fused_barrier(ctx, a.barrier_fp, a.blocks) && !aborted(ctx)) {
-    if (every_rank_has_block(ctx, a.use_blocks)) {
-      combine_direct<kNumRanks, T>(ctx, ring, a);
-    } else {
-      combine_body<kNumRanks, T>(ctx, ring, a);
-    }
+  if (fused_barrier(ctx, a.barrier_fp, a.blocks) && !aborted(ctx) && every_rank_has_block(ctx, a.use_blocks)) {
+    combine_direct<kNumRanks, T>(ctx, ring, a);
   }
   finish_block(ctx, a.poison);
 }
@@ -1182,16 +1238,20 @@ void launch_dispatch_for(const PeerContext& ctx, const RingGeometry& ring, const
 }
 
 
-// A rank with a combine block of its own launches combine_direct_kernel (which falls back to the
-// rings itself when some rank has none), every other rank the ring kernel; both carry the barrier.
+// A rank with a combine block of its own launches combine_direct_kernel (it runs the barrier) and
+// the ring kernel behind it, opened by nothing; every other rank the ring kernel alone, which runs
+// the barrier. Each rank passes one barrier, and exactly one of the two kernels moves the data.
 template <int kNumRanks, typename T>
 void launch_combine_typed(const PeerContext& ctx, const RingGeometry& ring, const CombineArgs& args, cudaStream_t stream) {
   const dim3 grid(2 * ring.num_channels), block(kThreadsPerBlock);
   if (args.use_blocks && args.blocks.block.offset != kNoReceiveBlock) {
     combine_direct_kernel<kNumRanks, T><<<grid, block, 0, stream>>>(ctx, ring, args);
-  } else {
-    combine_kernel<kNumRanks, T><<<grid, block, 0, stream>>>(ctx, ring, args);
+    CombineArgs after = args;
+    after.opening = Opening::kNone;
+    combine_kernel<kNumRanks, T><<<grid, block, 0, stream>>>(ctx, ring, after);
+    return;
   }
+  combine_kernel<kNumRanks, T><<<grid, block, 0, stream>>>(ctx, ring, args);
 }
 
 template <int kNumRanks>

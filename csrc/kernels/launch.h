@@ -126,10 +126,12 @@ struct CombineArgs {
   int off_weights;
   Fingerprint barrier_fp;         // combine carries its barrier (fused_barrier, wait.cuh)
   PoisonList poison;
+  // kOwnBarrier, or kNone for the ring kernel launched behind combine_direct_kernel (which ran it)
+  Opening opening;
   // Direct combine (DEEPEP_MEGATRON_DIRECT_COMBINE=1 with a receive arena): `blocks` is this rank's
   // combine block (combine_block in the layout header), published in the barrier. When every rank
   // published one, each pushes every home rank's rows into that rank's block and reduces its own
-  // tokens from its own block; else the rings (combine_direct_kernel falls back itself).
+  // tokens from its own block; else the ring kernel launched behind it moves the data.
   BlockExchange blocks;
   bool use_blocks;
   const int* rank_prefix_matrix;  // [R, R] of the dispatch that made the layout

@@ -546,6 +546,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> combine(Runtime& rt, const at:
   a.off_weights = off_weights;
   a.poison = poison_list({combined, combined_weights});
   a.barrier_fp = fingerprint(rt, kOpCombine, row_bytes, 0, num_topk, ring);  // one launch: the kernel runs it
+  a.opening = Opening::kOwnBarrier;
   a.rank_prefix_matrix = rank_prefix_matrix.data_ptr<int>();
   a.channel_count = channel_count.data_ptr<int>();
   // Direct combine: a combine block for the rows that come back (at most T x R: each token went to
