@@ -137,10 +137,10 @@ PYBIND11_MODULE(_C, m) {
       .def("arena_stats",
            [](const Runtime& rt) {
              const auto& arena = rt.arena();
-             if (arena == nullptr) return py::make_tuple(int64_t{0}, int64_t{0}, int64_t{0});
-             return py::make_tuple(arena->size(), arena->bytes_in_use(), arena->num_blocks());
+             if (arena == nullptr) return py::make_tuple(int64_t{0}, int64_t{0}, int64_t{0}, int64_t{0});
+             return py::make_tuple(arena->size(), arena->bytes_in_use(), arena->num_blocks(), arena->num_misses());
            },
-           "(arena bytes, bytes in use, blocks in use) of the receive arena; zeros without one")
+           "(arena bytes, bytes in use, blocks in use, allocations refused) of the receive arena; zeros without one")
       .def("ipc_handle", [](const Runtime& rt) { return py::bytes(rt.ipc_handle()); })
       .def("open_peers",
            [](Runtime& rt, const std::vector<py::bytes>& handles, const std::vector<int64_t>& sizes) {

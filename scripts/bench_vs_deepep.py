@@ -145,6 +145,13 @@ def _sanity(x: torch.Tensor, is_token_in_rank: torch.Tensor, recv_x: torch.Tenso
     return ""
 
 
+def _arena_misses(buffer: Any) -> int:
+    """Receive-arena blocks our backend refused so far (0 for DeepEP, or without an arena): a refused
+    block sends that call through the rings, so a timed row with misses is not the direct path's."""
+    stats = getattr(getattr(buffer, "runtime", None), "arena_stats", None)
+    return int(stats()["misses"]) if callable(stats) else 0
+
+
 def _worker(rank: int, world: int, opts: BenchOptions) -> Optional[dict[str, Any]]:
     """One rank (run_ranks started its process group): time every (op, SMs); rank 0 returns the
     slowest rank's figures, the others None."""
@@ -186,9 +193,11 @@ def _worker(rank: int, world: int, opts: BenchOptions) -> Optional[dict[str, Any
             "combine bf16": lambda: buffer.combine(recv_x, handle, config=combine_config),
         }
         for name in OPS:
+            misses = _arena_misses(buffer)
             one, host = _one_call(ops[name], opts.iters, opts.warmup)
             b2b = seconds_per_call(ops[name], opts.iters, repeats=opts.repeats, warmup=opts.warmup, group=group)
-            figures[f"{name}|{sms}"] = {"one_call_us": one * 1e6, "host_us": host * 1e6, "b2b_us": b2b * 1e6}
+            figures[f"{name}|{sms}"] = {"one_call_us": one * 1e6, "host_us": host * 1e6, "b2b_us": b2b * 1e6,
+                                        "arena_misses": float(_arena_misses(buffer) - misses)}
         rows = (TOKENS, int(recv_x.size(0)))  # (tokens sent from, rows received on) this rank
         del first, recv_x, handle
     everyone: list = [None] * world
@@ -317,6 +326,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 json.dump(results[args.impl], f)
 
     problems += [f"{LABELS[i]} gave wrong results: {p}" for i, r in results.items() for p in r.get("problems", [])]
+    notes = [f"{LABELS[i]}: the receive arena refused {f['arena_misses']:.0f} blocks in {key.replace('|', ' at ')} SMs "
+             "(those calls took the rings)" for i, r in results.items() for key, f in r.get("figures", {}).items()
+             if f.get("arena_misses", 0) > 0]
     modules = "; ".join(f"{LABELS[i]} {r['module']}" for i, r in results.items())
     rooflines = copy_roofline()  # after the runs: never beside them
     roofline = ", ".join(f"{k} {v:.0f}" for k, v in rooflines.items())
@@ -331,7 +343,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"{pg_backend} ({per_gpu} rank(s) per GPU) · {TOKENS} tokens/rank, hidden {HIDDEN}, top-{TOPK} of {EXPERTS} · "
               f"Config(sms, {', '.join(map(str, dispatch_chunks))}) dispatch, Config(sms, {', '.join(map(str, combine_chunks))}) "
               f"combine · {args.iters} iters, slowest rank · commit {tree_commit(ROOT)} · {roofline} · {modules}")
-    report = "\n".join([header] + [f"**{p}**" for p in problems] + ["", format_table(results, sms, shares)])
+    report = "\n".join([header] + [f"**{p}**" for p in problems] + notes + ["", format_table(results, sms, shares)])
     if args.out:
         with open(args.out, "w") as f:
             f.write(report + "\n")

@@ -728,8 +728,8 @@ def _repro_command(args: argparse.Namespace) -> str:
         parts.append(f"--plant-error {args.plant_error}")
     if args.recv_arena_bytes:
         parts.append(f"--recv-arena-bytes {args.recv_arena_bytes}")
-    if args.direct_combine:
-        parts.append("--direct-combine")
+    if args.ring_combine:
+        parts.append("--ring-combine")
     return " ".join(parts)
 
 
@@ -752,13 +752,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--recv-arena-bytes", type=int, default=0,
                         help="cuda: a receive arena of this many bytes per rank (direct-write dispatch; its blocks are "
                              "poisoned when taken); 0: the rings only")
-    parser.add_argument("--direct-combine", action="store_true",
-                        help="with --recv-arena-bytes: the direct combine too (DEEPEP_MEGATRON_DIRECT_COMBINE=1)")
+    parser.add_argument("--ring-combine", action="store_true",
+                        help="with --recv-arena-bytes: combine through the rings, not direct (DEEPEP_MEGATRON_DIRECT_COMBINE=0)")
     args = parser.parse_args(argv)
     if args.recv_arena_bytes < 0:
         parser.error("--recv-arena-bytes must be >= 0")
     rank_env = {"DEEPEP_MEGATRON_RECV_ARENA_BYTES": str(args.recv_arena_bytes), "DEEPEP_MEGATRON_POISON_ARENA": "1",
-                "DEEPEP_MEGATRON_DIRECT_COMBINE": "1" if args.direct_combine else "0"}
+                "DEEPEP_MEGATRON_DIRECT_COMBINE": "0" if args.ring_combine else "1"}
 
     rank_counts = [int(r) for r in args.ranks.split(",")]
     device = args.device if args.device != "auto" else ("cuda" if args.backend == "cuda" else "cpu")
@@ -793,7 +793,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     header = (f"soak_intranode · backend {args.backend} · {where} · seed {args.seed} · ranks {args.ranks} · "
               f"max tokens {args.max_tokens} · hidden {list(hiddens)}" + (f" · planted error in {args.plant_error}" if args.plant_error else "")
               + (f" · receive arena {args.recv_arena_bytes} bytes" if args.recv_arena_bytes else "")
-              + (" · direct combine" if args.direct_combine else ""))
+              + ((" · ring combine" if args.ring_combine else " · direct combine") if args.recv_arena_bytes else ""))
     report = format_report(summaries, header)
     if args.out:
         with open(args.out, "w") as f:

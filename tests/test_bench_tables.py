@@ -42,3 +42,21 @@ def test_table_shares(bench) -> None:
     full = next(line for line in table.splitlines() if line.startswith("| full dispatch "))
     assert full.rstrip(" |").endswith("| - | -"), full  # not a roofline op
     assert "% of HBM" not in bench.format_table({"deep_ep": {"figures": figures}}, (24,), None)
+
+
+def test_arena_misses_read_from_our_backend_only(bench) -> None:
+    class Runtime:
+        def __init__(self, misses: int) -> None:
+            self.misses = misses
+
+        def arena_stats(self) -> dict:
+            return {"bytes": 1 << 20, "bytes_in_use": 0, "blocks": 0, "misses": self.misses}
+
+    class Ours:
+        runtime = Runtime(3)
+
+    class DeepEP:  # deep_ep.Buffer has a `runtime` without arena_stats
+        runtime = object()
+
+    assert bench._arena_misses(Ours()) == 3
+    assert bench._arena_misses(DeepEP()) == 0

@@ -68,8 +68,7 @@
 //     weight 0 where not local), then st.release.sys of ring_head[c][me] in s's buffer (frees the
 //     slots).
 //
-// direct combine (DEEPEP_MEGATRON_DIRECT_COMBINE=1 with a receive arena; not yet run on a GPU when
-//   written): a rank with a combine block (combine_block in the layout header) launches
+// direct combine (with a receive arena, unless DEEPEP_MEGATRON_DIRECT_COMBINE=0): a rank with a combine block (combine_block in the layout header) launches
 //   combine_direct_kernel, which zeroes the block's arrival words, runs the barrier (publishing the
 //   block), and when every rank published one pushes, from both blocks of channel c, the rows it
 //   holds of each home rank's channel-c tokens into that rank's block (a contiguous run per source),
@@ -844,6 +843,20 @@ struct Vec<float> {
   }
 };
 
+// v[g][u] = int4 (column + 32 u) of rank first + g's row, for the ranks that have one.
+template <int kGroup, int kUnroll, typename RowOf, int kNumRanks>
+__device__ __forceinline__ void load_rank_group(int4 (&v)[kGroup][kUnroll], const RowOf& row_of, const bool (&has)[kNumRanks],
+                                                int first, int64_t column, int64_t row_int4) {
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t col = column + 32 * u;
+      if (has[first + g] && col < row_int4) v[g][u] = ld_ring_int4(reinterpret_cast<const int4*>(row_of(first + g)) + col);
+    }
+  }
+}
+
 // One token of a combine: out = cast(sum over d = 0..R-1 of rank d's row, in fp32 from 0), the
 // reference's order; rank d is skipped where has[d] is false. The reduce is bound by load latency,
 // not bandwidth, unless enough loads are in flight: the ranks go in groups of kGroup, and of each
@@ -857,14 +870,7 @@ __device__ __forceinline__ void reduce_token_row(const RowOf& row_of, const bool
   for (int64_t i = lane; i < row_int4; i += 32 * kUnroll) {
     if constexpr (kGroup == kNumRanks) {  // one group: each column's sum lives only while it is added
       int4 v[kNumRanks][kUnroll];
-#pragma unroll
-      for (int d = 0; d < kNumRanks; ++d) {
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int64_t col = i + 32 * u;
-          if (has[d] && col < row_int4) v[d][u] = ld_ring_int4(reinterpret_cast<const int4*>(row_of(d)) + col);
-        }
-      }
+      load_rank_group<kNumRanks, kUnroll>(v, row_of, has, 0, i, row_int4);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t col = i + 32 * u;
@@ -888,14 +894,7 @@ __device__ __forceinline__ void reduce_token_row(const RowOf& row_of, const bool
 #pragma unroll
       for (int first = 0; first < kNumRanks; first += kGroup) {
         int4 v[kGroup][kUnroll];
-#pragma unroll
-        for (int g = 0; g < kGroup; ++g) {
-#pragma unroll
-          for (int u = 0; u < kUnroll; ++u) {
-            const int64_t col = i + 32 * u;
-            if (has[first + g] && col < row_int4) v[g][u] = ld_ring_int4(reinterpret_cast<const int4*>(row_of(first + g)) + col);
-          }
-        }
+        load_rank_group<kGroup, kUnroll>(v, row_of, has, first, i, row_int4);
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll

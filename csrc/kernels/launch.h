@@ -128,7 +128,7 @@ struct CombineArgs {
   PoisonList poison;
   // kOwnBarrier, or kNone for the ring kernel launched behind combine_direct_kernel (which ran it)
   Opening opening;
-  // Direct combine (DEEPEP_MEGATRON_DIRECT_COMBINE=1 with a receive arena): `blocks` is this rank's
+  // Direct combine (with a receive arena, unless DEEPEP_MEGATRON_DIRECT_COMBINE=0): `blocks` is this rank's
   // combine block (combine_block in the layout header), published in the barrier. When every rank
   // published one, each pushes every home rank's rows into that rank's block and reduces its own
   // tokens from its own block; else the ring kernel launched behind it moves the data.

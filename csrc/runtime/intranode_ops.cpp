@@ -174,10 +174,10 @@ struct ReceiveRows {
   }
 };
 
-// DEEPEP_MEGATRON_DIRECT_COMBINE=1: a combine with a receive arena pushes the rows into the home
-// rank's combine block (combine_direct_kernel). Off by default: not yet run on a GPU.
+// With a receive arena, a combine pushes the rows into the home rank's combine block
+// (combine_direct_kernel); DEEPEP_MEGATRON_DIRECT_COMBINE=0 keeps the ring combine.
 bool direct_combine_enabled() {
-  static const bool enabled = env_switch("DEEPEP_MEGATRON_DIRECT_COMBINE", false);
+  static const bool enabled = env_switch("DEEPEP_MEGATRON_DIRECT_COMBINE", true);
   return enabled;
 }
 

@@ -99,6 +99,7 @@ int64_t ReceiveArena::allocate(int64_t bytes, cudaStream_t stream) {
     }
     return offset;
   }
+  ++misses_;
   return -1;
 }
 
@@ -133,6 +134,11 @@ int64_t ReceiveArena::bytes_in_use() const {
   int64_t total = 0;
   for (const auto& entry : in_use_) total += entry.second.size;
   return total;
+}
+
+int64_t ReceiveArena::num_misses() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return misses_;
 }
 
 int64_t ReceiveArena::num_blocks() const {

@@ -39,6 +39,8 @@ class ReceiveArena {
   int64_t size() const { return size_; }
   int64_t bytes_in_use() const;
   int64_t num_blocks() const;
+  // Allocations refused for want of a free range (each sent its operation through the rings).
+  int64_t num_misses() const;
 
  private:
   struct Pending {  // a released range whose last reads may still be queued on `stream`
@@ -61,6 +63,7 @@ class ReceiveArena {
   std::map<int64_t, Block> in_use_;     // offset -> block
   std::vector<Pending> pending_;
   std::vector<cudaEvent_t> spare_events_;
+  int64_t misses_ = 0;
 };
 
 }  // namespace deepep_megatron

@@ -255,10 +255,11 @@ class CudaBackend(LowLatencyDelegate, Backend):
         )
 
     def arena_stats(self) -> dict:
-        """The receive arena: ``bytes`` (0 without one), ``bytes_in_use`` and ``blocks`` (receive blocks
-        that tensors still view)."""
-        size, in_use, blocks = self._runtime.arena_stats()
-        return {"bytes": size, "bytes_in_use": in_use, "blocks": blocks}
+        """The receive arena: ``bytes`` (0 without one), ``bytes_in_use``, ``blocks`` (receive blocks
+        that tensors still view) and ``misses`` (blocks refused for want of space since the Buffer
+        was made: each of those operations went through the rings)."""
+        size, in_use, blocks, misses = self._runtime.arena_stats()
+        return {"bytes": size, "bytes_in_use": in_use, "blocks": blocks, "misses": misses}
 
     def check_errors(self) -> None:
         """Raise the recorded error if a kernel of this rank failed (no sync)."""

@@ -223,9 +223,8 @@ def test_cuda_matches_reference(world_size: int) -> None:
 
 @pytest.mark.parametrize("world_size", [2, 8])
 def test_cuda_matches_reference_direct_combine(world_size: int) -> None:
-    """The same cases with the direct combine as well (DEEPEP_MEGATRON_DIRECT_COMBINE=1; written
-    without a GPU at hand): every rank pushes its rows into the home rank's combine block, which
-    reduces them from its own memory."""
+    """The same cases with the direct combine as well (the default with an arena): every rank
+    pushes its rows into the home rank's combine block, which reduces them from its own memory."""
     backend, ranks_per_gpu = _launch(world_size)
     env = dict(DIRECT_WRITE_ENV, DEEPEP_MEGATRON_DIRECT_COMBINE="1")
     results = run_ranks(_compare_cases, world_size, ranks_per_gpu, backend=backend, timeout_s=300, env=env)
@@ -237,7 +236,8 @@ def test_cuda_matches_reference_direct_write(world_size: int) -> None:
     """The same cases with a receive arena: the senders write x rows straight into the peers'
     receive blocks (cached dispatch, num_worst_tokens, the speculative dispatch when it fits)."""
     backend, ranks_per_gpu = _launch(world_size)
-    results = run_ranks(_compare_cases, world_size, ranks_per_gpu, backend=backend, timeout_s=300, env=DIRECT_WRITE_ENV)
+    env = dict(DIRECT_WRITE_ENV, DEEPEP_MEGATRON_DIRECT_COMBINE="0")  # the ring combine beside the direct dispatch
+    results = run_ranks(_compare_cases, world_size, ranks_per_gpu, backend=backend, timeout_s=300, env=env)
     assert all(r == len(_cases(world_size)) for r in results)
 
 

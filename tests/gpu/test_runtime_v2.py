@@ -375,8 +375,8 @@ def test_direct_write_with_mixed_arenas_and_block_lifetime() -> None:
 
 
 def test_direct_combine_falls_back_to_the_rings_with_mixed_arenas() -> None:
-    """DEEPEP_MEGATRON_DIRECT_COMBINE=1 (not yet run on a GPU when written): rank 0 takes a combine
-    block and runs combine_direct_kernel, rank 1 has none, so rank 0's kernel takes the rings
-    itself; every combine stays bit-exact."""
+    """The direct combine with mixed arenas: rank 0 takes a combine block and runs
+    combine_direct_kernel, rank 1 has none, so the ring kernel launched behind rank 0's direct one
+    moves the data; every combine stays bit-exact."""
     results = run_ranks(_direct_write, WORLD, True, backend=_launch(), timeout_s=300)
     assert results[0]["in_use_after"] == 0, results

@@ -34,8 +34,11 @@ int main() {
   const int64_t c = arena.allocate(kReceiveBlockAlign + 1, stream);  // two units
   check(a == kBegin && b == kBegin + kReceiveBlockAlign && c == kBegin + 4 * kReceiveBlockAlign, "first fit, in order, aligned");
   check(arena.num_blocks() == 3 && arena.bytes_in_use() == 6 * kReceiveBlockAlign, "blocks and bytes in use counted");
+  check(arena.num_misses() == 0, "no miss before a refusal");
   check(arena.allocate(kSize, stream) == -1, "a block larger than the free space is refused (-1)");
+  check(arena.num_misses() == 1, "the refusal is counted as a miss");
   check(arena.allocate(0, stream) == -1, "an empty block is refused (-1)");
+  check(arena.num_misses() == 1, "an empty request is not a miss");
   arena.release(b);
   check(arena.allocate(2 * kReceiveBlockAlign, stream) == b, "a freed hole is reused first (first fit)");
   arena.release(kBegin + 1);  // not a block: ignored
