@@ -141,6 +141,15 @@ PYBIND11_MODULE(_C, m) {
              return py::make_tuple(arena->size(), arena->bytes_in_use(), arena->num_blocks(), arena->num_misses());
            },
            "(arena bytes, bytes in use, blocks in use, allocations refused) of the receive arena; zeros without one")
+      .def("arena_record_stream",
+           [](const Runtime& rt, uintptr_t data_ptr, uintptr_t stream) {
+             const auto& arena = rt.arena();
+             return arena != nullptr &&
+                    arena->record_stream(reinterpret_cast<const void*>(data_ptr), reinterpret_cast<cudaStream_t>(stream));
+           },
+           py::arg("data_ptr"), py::arg("stream"),
+           "Tensor.record_stream for a tensor that views a receive block: the block's release waits for work "
+           "queued on `stream` (cudaStream_t as int); False when no block holds data_ptr")
       .def("ipc_handle", [](const Runtime& rt) { return py::bytes(rt.ipc_handle()); })
       .def("open_peers",
            [](Runtime& rt, const std::vector<py::bytes>& handles, const std::vector<int64_t>& sizes) {

@@ -520,9 +520,9 @@ class Buffer:
         inputs = [t for t in inputs if t is not None]
         outputs = _tensors_in(result)
         for t in inputs:  # keep inputs alive for the comm stream
-            t.record_stream(comm)
+            self.runtime.record_stream(t, comm)
         for t in outputs:  # outputs were allocated on the comm stream and are used on compute
-            t.record_stream(compute)
+            self.runtime.record_stream(t, compute)
         if async_finish:
             return result, EventOverlap(EventHandle(comm), inputs + outputs)
         compute.wait_stream(comm)

@@ -1,6 +1,7 @@
 // ReceiveArena (receive_arena.h).
 #include "receive_arena.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -84,7 +85,7 @@ int64_t ReceiveArena::allocate(int64_t bytes, cudaStream_t stream) {
     const int64_t offset = it->first, rest = it->second - bytes;
     free_.erase(it);
     if (rest > 0) free_[offset + bytes] = rest;
-    in_use_[offset] = Block{bytes, stream};
+    in_use_[offset] = Block{bytes, stream, {}};
     if (!pending_.empty()) {
       retire_completed();
       for (const Pending& p : pending_) {
@@ -110,6 +111,12 @@ void ReceiveArena::release(int64_t offset) {
   if (it == in_use_.end()) return;  // not ours (never happens: only our deleters call this)
   const Block block = it->second;
   in_use_.erase(it);
+  record_pending(offset, block.size, block.stream);
+  for (cudaStream_t use : block.uses) record_pending(offset, block.size, use);
+  add_free(offset, block.size);
+}
+
+void ReceiveArena::record_pending(int64_t offset, int64_t size, cudaStream_t stream) {
   cudaEvent_t event = nullptr;
   if (!spare_events_.empty()) {
     event = spare_events_.back();
@@ -117,8 +124,8 @@ void ReceiveArena::release(int64_t offset) {
   } else if (cudaEventCreateWithFlags(&event, cudaEventDisableTiming) != cudaSuccess) {
     event = nullptr;
   }
-  if (event != nullptr && cudaEventRecord(event, block.stream) == cudaSuccess) {
-    pending_.push_back(Pending{offset, block.size, block.stream, event});
+  if (event != nullptr && cudaEventRecord(event, stream) == cudaSuccess) {
+    pending_.push_back(Pending{offset, size, stream, event});
   } else {
     // No event (the runtime is shutting down, or the stream is gone): order through the device.
     if (event != nullptr) cudaEventDestroy(event);
@@ -126,7 +133,20 @@ void ReceiveArena::release(int64_t offset) {
     cudaDeviceSynchronize();
     cudaGetLastError();
   }
-  add_free(offset, block.size);
+}
+
+bool ReceiveArena::record_stream(const void* ptr, cudaStream_t stream) {
+  const int64_t at = static_cast<const uint8_t*>(ptr) - allocation_.get();
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = in_use_.upper_bound(at);
+  if (it == in_use_.begin()) return false;
+  --it;
+  Block& block = it->second;
+  if (at < it->first || at >= it->first + block.size) return false;
+  if (stream != block.stream && std::find(block.uses.begin(), block.uses.end(), stream) == block.uses.end()) {
+    block.uses.push_back(stream);
+  }
+  return true;
 }
 
 int64_t ReceiveArena::bytes_in_use() const {

@@ -4,9 +4,11 @@
 //
 // First fit over free ranges, kReceiveBlockAlign-aligned. Reuse follows the CUDA caching
 // allocator's rule: a block is released when the last tensor viewing it dies on the host, and
-// work queued on the stream it was allocated for may still read it. A release therefore records
-// an event on that stream; a later allocation for another stream makes that stream wait for the
-// events of the released ranges it reuses (the same stream needs no wait: it is ordered already).
+// work queued on the stream it was allocated for, or on a stream it was recorded for
+// (record_stream, as Tensor.record_stream does for the caching allocator), may still read it. A
+// release therefore records an event on each of those streams; a later allocation for another
+// stream makes that stream wait for the events of the released ranges it reuses (the same stream
+// needs no wait: it is ordered already).
 // Thread-safe: releases come from tensor deleters on any thread.
 #pragma once
 
@@ -32,8 +34,11 @@ class ReceiveArena {
   // A block of at least `bytes` for work on `stream`: its offset from the allocation's base, or -1
   // when no free range is large enough (the caller then takes its rows through the rings).
   int64_t allocate(int64_t bytes, cudaStream_t stream);
-  // Give back the block at `offset` (from allocate). Records an event on the block's stream.
+  // Give back the block at `offset` (from allocate). Records an event on the block's streams.
   void release(int64_t offset);
+  // Work on `stream` uses the block that holds `ptr` (an address in the allocation): its release
+  // will wait for that work too. False when no block holds `ptr` (the caller's tensor is not ours).
+  bool record_stream(const void* ptr, cudaStream_t stream);
 
   uint8_t* base() const { return allocation_.get(); }
   int64_t size() const { return size_; }
@@ -51,8 +56,11 @@ class ReceiveArena {
   struct Block {
     int64_t size;
     cudaStream_t stream;
+    std::vector<cudaStream_t> uses;  // other streams recorded for the block (record_stream)
   };
   void add_free(int64_t offset, int64_t size);
+  // A released range's reads on `stream`: an event recorded there (pending_), or a device sync.
+  void record_pending(int64_t offset, int64_t size, cudaStream_t stream);
   void retire_completed();
 
   std::shared_ptr<uint8_t> allocation_;

@@ -261,6 +261,13 @@ class Backend(ABC):
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Reset low-latency signalling state (nothing to do for stateless backends)."""
 
+    def record_stream(self, tensor: torch.Tensor, stream: "torch.cuda.Stream") -> None:
+        """``tensor`` (an input or output of an operation that ran on another stream) is used by work
+        on ``stream``: its memory must not be reused before that work ends. Tensors of PyTorch's
+        caching allocator: ``Tensor.record_stream``; a backend whose outputs view memory of its own
+        orders that memory's reuse itself."""
+        tensor.record_stream(stream)
+
     def reset(self) -> None:
         """Collective: bring the backend back to its initial state after an error (nothing to do for
         a backend that keeps no state between calls)."""

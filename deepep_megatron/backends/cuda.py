@@ -254,6 +254,12 @@ class CudaBackend(LowLatencyDelegate, Backend):
             f"calls; if ranks are merely slow, raise timeout_s or {TIMEOUT_ENV}. {_RESET_HINT}"
         )
 
+    def record_stream(self, tensor: torch.Tensor, stream: torch.cuda.Stream) -> None:
+        """A tensor viewing a receive block (``Tensor.record_stream`` does nothing for those): the
+        block's release waits for ``stream``'s work too; any other tensor: ``Tensor.record_stream``."""
+        if not self._runtime.arena_record_stream(tensor.data_ptr(), stream.cuda_stream):
+            tensor.record_stream(stream)
+
     def arena_stats(self) -> dict:
         """The receive arena: ``bytes`` (0 without one), ``bytes_in_use``, ``blocks`` (receive blocks
         that tensors still view) and ``misses`` (blocks refused for want of space since the Buffer

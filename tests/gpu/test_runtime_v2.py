@@ -380,3 +380,62 @@ def test_direct_combine_falls_back_to_the_rings_with_mixed_arenas() -> None:
     moves the data; every combine stays bit-exact."""
     results = run_ranks(_direct_write, WORLD, True, backend=_launch(), timeout_s=300)
     assert results[0]["in_use_after"] == 0, results
+
+
+#: GPU cycles the compute stream sleeps before it reads the first dispatch's rows (about 50 ms on
+#: an H200): long enough that a dispatch on the comm stream that reused the block without waiting
+#: would overwrite them first.
+READER_SLEEP_CYCLES = 100_000_000
+
+
+def _async_block_reuse(rank: int, world_size: int) -> int:
+    import os
+
+    from deepep_megatron import Config
+
+    os.environ["DEEPEP_MEGATRON_RECV_ARENA_BYTES"] = str(64 << 20)
+    device = torch.device("cuda", torch.cuda.current_device())
+    fast, ref = _buffers(2048, timeout_s=30.0)
+    config = Config(CONFIG_SMS, 6, 256)
+    compute = torch.cuda.current_stream(device)
+    mismatches = 0
+    for i in range(3):
+        first = Case(world_size, tokens=(700,) * world_size, hidden=2048, num_topk=4, num_experts=16, seed=300 + 2 * i)
+        second = Case(world_size, tokens=(700,) * world_size, hidden=2048, num_topk=4, num_experts=16, seed=301 + 2 * i)
+        x, topk_idx, topk_weights = make_inputs(first, rank, device=str(device))
+        per_rank, _, per_expert, in_rank, _ = ref.get_dispatch_layout(topk_idx, first.num_experts)
+        args = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                    topk_idx=topk_idx, topk_weights=topk_weights)
+        want = ref.dispatch(x, **args)[0]
+        # The first dispatch on the comm stream (async_finish); the compute stream reads its rows
+        # only after a long sleep, and the host drops them before that read has run.
+        recv_x, _, _, _, _, event = fast.dispatch(x, config=config, async_finish=True, allocate_on_comm_stream=True, **args)
+        assert fast.runtime.arena_stats()["blocks"] > 0, "the first dispatch did not take a receive block"
+        event.current_stream_wait()
+        before_read = fast.capture()  # the compute stream before its read: what the next call waits for
+        torch.cuda._sleep(READER_SLEEP_CYCLES)
+        seen = recv_x.clone()
+        del recv_x, event
+        # The second dispatch, on the comm stream again and ordered only after `before_read` (as a
+        # DeepEP caller passes previous_event), takes a block from the same range: the arena must
+        # make it wait for the compute stream's read.
+        x2, topk_idx2, topk_weights2 = make_inputs(second, rank, device=str(device))
+        layout2 = ref.get_dispatch_layout(topk_idx2, second.num_experts)
+        out2 = fast.dispatch(x2, num_tokens_per_rank=layout2[0], is_token_in_rank=layout2[3],
+                             num_tokens_per_expert=layout2[2], topk_idx=topk_idx2, topk_weights=topk_weights2,
+                             config=config, previous_event=before_read, async_finish=True, allocate_on_comm_stream=True)
+        out2[5].current_stream_wait()
+        compute.synchronize()
+        mismatches += int(not torch.equal(seen, want))
+        del out2
+    fast.destroy()
+    return mismatches
+
+
+def test_receive_block_reuse_waits_for_the_stream_that_read_it() -> None:
+    """async_finish: dispatch on the comm stream into a receive block, read its rows on the compute
+    stream (after a long GPU sleep) once the host has dropped them, then dispatch again on the comm
+    stream after an event from before that read: the new block reuses the range only after the
+    compute stream's read (Buffer records the compute stream for the block, as Tensor.record_stream
+    does for the caching allocator; record_stream itself does nothing for a receive block)."""
+    assert run_ranks(_async_block_reuse, WORLD, backend=_launch(), timeout_s=300) == [0] * WORLD

@@ -41,6 +41,11 @@ int main() {
   check(arena.num_misses() == 1, "an empty request is not a miss");
   arena.release(b);
   check(arena.allocate(2 * kReceiveBlockAlign, stream) == b, "a freed hole is reused first (first fit)");
+  const uint8_t* base = memory.get();
+  cudaStream_t other = cudaStreamPerThread;  // a real handle: on a GPU machine the release records on it
+  check(arena.record_stream(base + c + 17, other), "record_stream finds the block that holds an address inside it");
+  check(!arena.record_stream(base + kBegin + 6 * kReceiveBlockAlign, other), "record_stream: an address past every block is not ours");
+  check(!arena.record_stream(base, other), "record_stream: an address before the arena is not ours");
   arena.release(kBegin + 1);  // not a block: ignored
   check(arena.num_blocks() == 3, "releasing an unknown offset changes nothing");
   arena.release(a);
