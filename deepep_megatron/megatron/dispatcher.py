@@ -42,6 +42,7 @@ losses and gradients.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
@@ -54,6 +55,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .. import autograd as deepep_autograd
 from ..backends import BACKEND_NAMES as BACKENDS
+from ..backends.cuda import RECV_ARENA_ENV, resolve_recv_arena_bytes
 from ..buffer import Buffer, DispatchHandle
 from ..config import FP8_BLOCK
 from ..profiling import StageClock, nvtx_range
@@ -87,6 +89,13 @@ class DeepEPOptions:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"DeepEPOptions.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.use_fp8_dispatch and self.backend != "reference" and resolve_recv_arena_bytes() > 0:
+            warnings.warn(
+                f"{RECV_ARENA_ENV} is set with FP8 dispatch: this combination stalled in the pretraining entry's GPU "
+                f"test (docs/megatron.md) and is not verified yet; unset {RECV_ARENA_ENV} (the rings are used "
+                "then) if a run stops making progress",
+                stacklevel=2,
+            )
 
 
 # ---------------------------------------------------------------------------------------------
