@@ -249,3 +249,16 @@ def test_start_together_releases_every_rank_at_one_deadline():
             assert returned >= deadline
     firsts = [results[0][i][0] for i in range(3)]
     assert firsts == sorted(firsts) and len(set(firsts)) == 3
+
+
+def test_python_path_profile_runs_the_real_buffer_code():
+    """scripts/profile_python_path.py drives Buffer and CudaBackend over a stand-in _C.Runtime: each
+    op gets a row (a figure, not a timing claim) and the cProfile names the Buffer's dispatch."""
+    script = REPO / "scripts" / "profile_python_path.py"
+    done = subprocess.run([sys.executable, str(script), "--calls", "50", "--top", "5"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for op in ("get_dispatch_layout", "dispatch (full)", "dispatch num_worst_tokens", "cached dispatch", "combine"):
+        row = next(line for line in done.stdout.splitlines() if line.startswith(f"| {op} |"))
+        assert float(row.split("|")[2]) > 0, row
+    assert "buffer.py" in done.stdout and "(dispatch)" in done.stdout, done.stdout

@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Host time of the Python layers of the cuda backend's hot calls, on any machine (no GPU needed).
+
+    python scripts/profile_python_path.py [--calls 20000] [--top 12]
+
+``Buffer.dispatch`` (full, num_worst_tokens, cached) and ``Buffer.combine`` run through the real
+``Buffer`` and ``CudaBackend`` Python code over CPU tensors; only ``_C.Runtime`` is replaced by a
+stand-in whose methods return prepared tensors at once. So the figures are what Python adds on top
+of the binding (issue 12's "Python + binding host time" without the binding), on this host's CPU.
+Prints the median microseconds per call of each op, then a cProfile of the cached dispatch.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import socket
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from deepep_megatron import Buffer, Config  # noqa: E402 - after the path insert
+from deepep_megatron.backends.cuda import CudaBackend  # noqa: E402
+
+RANKS, TOKENS, HIDDEN, TOPK, EXPERTS, CHANNELS = 2, 256, 512, 8, 16, 12
+
+
+class StandInRuntime:
+    """What CudaBackend calls on ``_C.Runtime`` for the normal path, answered with prepared tensors."""
+
+    def __init__(self, rows: int) -> None:
+        i32 = dict(dtype=torch.int32)
+        self.recv_x = torch.zeros(rows, HIDDEN, dtype=torch.bfloat16)
+        self.meta = (torch.zeros(rows, TOPK, dtype=torch.int64), torch.zeros(rows, TOPK), torch.zeros(rows, **i32))
+        self.layout = (torch.zeros(TOKENS, RANKS, **i32), torch.zeros(RANKS, TOKENS, **i32), torch.zeros(RANKS, CHANNELS, **i32),
+                       torch.zeros(RANKS, CHANNELS + 1, **i32), torch.full((RANKS,), rows // RANKS, **i32),
+                       torch.zeros(RANKS, RANKS, **i32), torch.zeros(RANKS + EXPERTS // RANKS, **i32))
+        self.host_counts = [rows // RANKS] * RANKS + [rows // (EXPERTS // RANKS)] * (EXPERTS // RANKS)
+        self.combined = (torch.zeros(TOKENS, HIDDEN, dtype=torch.bfloat16), None)
+
+    def has_error(self) -> bool:
+        return False
+
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> tuple:
+        i32 = dict(dtype=torch.int32)
+        return torch.zeros(RANKS, **i32), torch.zeros(num_experts, **i32), torch.ones(topk_idx.size(0), RANKS, dtype=torch.bool)
+
+    def dispatch(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert, expert_alignment,
+                 num_channels, slots, chunk, num_worst_tokens) -> tuple:
+        send_position, send_tokens, channel_count, offsets, send_counts, prefix, recv_counts = self.layout
+        per_rank = recv_counts[:RANKS] if num_worst_tokens else torch.tensor(self.host_counts[:RANKS], dtype=torch.int32)
+        return (self.recv_x, None, *self.meta, send_position, send_tokens, channel_count, offsets, send_counts, prefix,
+                recv_counts, self.host_counts, per_rank, offsets[:, :num_channels])
+
+    def cached_dispatch(self, *args) -> tuple:
+        return self.recv_x, None
+
+    def combine(self, *args) -> tuple:
+        return self.combined
+
+
+def _stand_in_backend(group: Any, rows: int) -> CudaBackend:
+    """A CudaBackend whose _C.Runtime is the stand-in (its __init__ needs a GPU and the extension)."""
+    backend = CudaBackend.__new__(CudaBackend)
+    backend.group, backend.rank, backend.num_ranks = group, 0, RANKS
+    backend.num_nvl_bytes, backend.num_rdma_bytes, backend.low_latency_mode = 1 << 30, 0, False
+    backend.device = torch.device("cpu")
+    backend._runtime = StandInRuntime(rows)
+    backend._error = None
+    return backend
+
+
+def _median_us(op: Callable[[], Any], calls: int) -> float:
+    for _ in range(min(calls, 200)):
+        op()
+    samples = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        op()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=20000)
+    parser.add_argument("--top", type=int, default=12, help="cProfile rows of the cached dispatch")
+    args = parser.parse_args()
+    import torch.distributed as dist
+
+    with socket.socket() as probe:  # a free port for the one-process group
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    buffer = Buffer(dist.group.WORLD, num_nvl_bytes=1 << 30, backend="reference")
+    rows = TOKENS * RANKS
+    buffer.runtime = _stand_in_backend(dist.group.WORLD, rows)
+    buffer.group_size = RANKS  # the stand-in plays rank 0 of an EP2 group
+    config = Config(2 * CHANNELS, 6, 256)
+    x = torch.randn(TOKENS, HIDDEN).to(torch.bfloat16)
+    topk_idx = torch.randint(0, EXPERTS, (TOKENS, TOPK))
+    topk_weights = torch.rand(TOKENS, TOPK)
+    per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, EXPERTS)
+    layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                  topk_idx=topk_idx, topk_weights=topk_weights, config=config)
+    handle = buffer.dispatch(x, **layout)[4]
+    y = torch.zeros(handle.num_recv_tokens, HIDDEN, dtype=torch.bfloat16)
+    ops = {
+        "get_dispatch_layout": lambda: buffer.get_dispatch_layout(topk_idx, EXPERTS),
+        "dispatch (full)": lambda: buffer.dispatch(x, **layout),
+        "dispatch num_worst_tokens": lambda: buffer.dispatch(x, num_worst_tokens=rows, **layout),
+        "cached dispatch": lambda: buffer.dispatch(x, handle=handle, config=config),
+        "combine": lambda: buffer.combine(y, handle, config=config),
+    }
+    print(f"# Python host time per call (median of {args.calls}; _C.Runtime stood in), {torch.__version__}, "
+          f"{os.cpu_count()} CPUs\n\n| op | us |\n|---|---|")
+    for name, op in ops.items():
+        print(f"| {name} | {_median_us(op, args.calls):.1f} |")
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(2000):
+        ops["cached dispatch"]()
+    profile.disable()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(args.top)
+    print("\ncProfile of 2000 cached dispatches (own time):\n" + text.getvalue())
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
