@@ -439,3 +439,55 @@ def test_receive_block_reuse_waits_for_the_stream_that_read_it() -> None:
     compute stream's read (Buffer records the compute stream for the block, as Tensor.record_stream
     does for the caching allocator; record_stream itself does nothing for a receive block)."""
     assert run_ranks(_async_block_reuse, WORLD, backend=_launch(), timeout_s=300) == [0] * WORLD
+
+
+#: The pretraining test's MoE shape (tests/gpu/test_pretrain_cuda.py TINY): 2 x 64 tokens per rank,
+#: hidden 256, top-2 of 4 experts; two layers per step.
+AUTOGRAD_STEPS, AUTOGRAD_LAYERS = 30, 2
+
+
+def _autograd_fp8_arena(rank: int, world_size: int, use_fp8: bool) -> int:
+    import os
+
+    from deepep_megatron import autograd as deepep_autograd
+
+    os.environ["DEEPEP_MEGATRON_RECV_ARENA_BYTES"] = str(256 << 20)
+    os.environ["DEEPEP_MEGATRON_POISON_ARENA"] = "1"
+    device = torch.device("cuda", torch.cuda.current_device())
+    from deepep_megatron import Buffer
+
+    Buffer.set_num_sms(CONFIG_SMS)  # autograd's dispatch and combine take the default configs
+    fast, ref = _buffers(256, timeout_s=10.0)  # a stall shows as a diagnostic, not as a hung test
+    steps = 0
+    for step in range(AUTOGRAD_STEPS):
+        for layer in range(AUTOGRAD_LAYERS):
+            case = Case(world_size, tokens=(128,) * world_size, hidden=256, num_topk=2, num_experts=4,
+                        seed=400 + step * AUTOGRAD_LAYERS + layer, dtype=torch.bfloat16)
+            x, topk_idx, topk_weights = make_inputs(case, rank, device=str(device))
+            grads = []
+            for buf in (fast, ref):
+                xi = x.clone().requires_grad_(True)
+                wi = topk_weights.clone().requires_grad_(True)
+                recv_x, _, recv_w, _, handle = deepep_autograd.dispatch(buf, xi, topk_idx, wi, case.num_experts,
+                                                                        use_fp8=use_fp8)
+                y = deepep_autograd.combine(buf, expert_transform(recv_x, rank) * 1.0, handle)
+                (y.float().square().mean() + recv_w.sum()).backward()
+                grads.append((y.detach(), xi.grad, wi.grad))
+            (y_f, gx_f, gw_f), (y_r, gx_r, gw_r) = grads
+            tag = f"step {step} layer {layer} ({'fp8' if use_fp8 else 'bf16'} dispatch, arena)"
+            assert torch.equal(y_f, y_r), f"{tag}: combine differs"
+            assert torch.equal(gx_f, gx_r), f"{tag}: grad x differs"
+            assert torch.equal(gw_f, gw_r), f"{tag}: grad topk_weights differs"
+        steps += 1
+    fast.destroy()
+    return steps
+
+
+@pytest.mark.parametrize("use_fp8", [True, False], ids=["fp8", "bf16"])
+def test_autograd_dispatch_combine_with_receive_arena(use_fp8: bool) -> None:
+    """The pretraining entry's MoE path without megatron-core (autograd dispatch -> experts ->
+    combine -> backward, two layers a step) on the direct kernels, equal to the reference in every
+    step; the pretraining test with the arena and FP8 dispatch stalled in the fifth session, and
+    this localizes it (10 s peer timeouts: a stall ends as a diagnostic)."""
+    results = run_ranks(_autograd_fp8_arena, WORLD, use_fp8, backend=_launch(), timeout_s=240)
+    assert results == [AUTOGRAD_STEPS] * WORLD
