@@ -12,8 +12,10 @@ process group this project starts (run_ranks' ranks, scripts/moe_layer_demo.py) 
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -86,6 +88,8 @@ def _child(
     os.environ.update(NO_MULTICAST_ENV)
     os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    # A rank that has to be killed (a stall) first prints every thread's Python stack to stderr.
+    faulthandler.register(STACK_DUMP_SIGNAL, all_threads=True)
     import torch
     import torch.distributed as dist
 
@@ -103,6 +107,12 @@ def _child(
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+#: The signal on which a run_ranks child prints its threads' stacks (faulthandler), and how long the
+#: parent waits for them before it kills the child.
+STACK_DUMP_SIGNAL = signal.SIGUSR1
+STACK_DUMP_WAIT_S = 2.0
 
 
 def run_ranks(
@@ -147,6 +157,13 @@ def run_ranks(
             if status == "error":
                 raise AssertionError(f"rank {rank} failed:\n{value}")
     finally:
+        stalled = [p for r, p in enumerate(procs) if r not in outcomes and p.is_alive()]
+        for p in stalled:  # where each unfinished rank stands, before it is killed
+            os.kill(p.pid, STACK_DUMP_SIGNAL)
+        if stalled:
+            print(f"run_ranks: ranks {[procs.index(p) for p in stalled]} did not report; their Python stacks follow "
+                  "(stderr)", file=sys.stderr, flush=True)
+            time.sleep(STACK_DUMP_WAIT_S)
         for p in procs:
             p.join(timeout=5 if len(outcomes) == world_size else 0.1)
             if p.is_alive():
