@@ -400,30 +400,30 @@ def _async_block_reuse(rank: int, world_size: int) -> int:
     compute = torch.cuda.current_stream(device)
     mismatches = 0
     for i in range(3):
-        first = Case(world_size, tokens=(700,) * world_size, hidden=2048, num_topk=4, num_experts=16, seed=300 + 2 * i)
-        second = Case(world_size, tokens=(700,) * world_size, hidden=2048, num_topk=4, num_experts=16, seed=301 + 2 * i)
-        x, topk_idx, topk_weights = make_inputs(first, rank, device=str(device))
-        per_rank, _, per_expert, in_rank, _ = ref.get_dispatch_layout(topk_idx, first.num_experts)
+        case = Case(world_size, tokens=(700,) * world_size, hidden=2048, num_topk=4, num_experts=16, seed=300 + i)
+        x, topk_idx, topk_weights = make_inputs(case, rank, device=str(device))
+        per_rank, _, per_expert, in_rank, _ = ref.get_dispatch_layout(topk_idx, case.num_experts)
         args = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                    topk_idx=topk_idx, topk_weights=topk_weights)
+                    topk_idx=topk_idx, topk_weights=topk_weights, config=config)
         want = ref.dispatch(x, **args)[0]
+        # Once synchronously: the speculative receive size now fits this routing, so the
+        # dispatches below take receive blocks.
+        fast.dispatch(x, **args)
+        torch.cuda.synchronize()
         # The first dispatch on the comm stream (async_finish); the compute stream reads its rows
         # only after a long sleep, and the host drops them before that read has run.
-        recv_x, _, _, _, _, event = fast.dispatch(x, config=config, async_finish=True, allocate_on_comm_stream=True, **args)
+        recv_x, _, _, _, _, event = fast.dispatch(x, async_finish=True, allocate_on_comm_stream=True, **args)
         assert fast.runtime.arena_stats()["blocks"] > 0, "the first dispatch did not take a receive block"
         event.current_stream_wait()
         before_read = fast.capture()  # the compute stream before its read: what the next call waits for
         torch.cuda._sleep(READER_SLEEP_CYCLES)
         seen = recv_x.clone()
         del recv_x, event
-        # The second dispatch, on the comm stream again and ordered only after `before_read` (as a
-        # DeepEP caller passes previous_event), takes a block from the same range: the arena must
-        # make it wait for the compute stream's read.
-        x2, topk_idx2, topk_weights2 = make_inputs(second, rank, device=str(device))
-        layout2 = ref.get_dispatch_layout(topk_idx2, second.num_experts)
-        out2 = fast.dispatch(x2, num_tokens_per_rank=layout2[0], is_token_in_rank=layout2[3],
-                             num_tokens_per_expert=layout2[2], topk_idx=topk_idx2, topk_weights=topk_weights2,
-                             config=config, previous_event=before_read, async_finish=True, allocate_on_comm_stream=True)
+        # The second dispatch (the same routing, other rows), on the comm stream again and ordered
+        # only after `before_read` (as a DeepEP caller passes previous_event), takes a block at the
+        # same offset (first fit) and writes it: the arena must make it wait for the compute
+        # stream's read.
+        out2 = fast.dispatch(x * 2 + 1, previous_event=before_read, async_finish=True, allocate_on_comm_stream=True, **args)
         out2[5].current_stream_wait()
         compute.synchronize()
         mismatches += int(not torch.equal(seen, want))
