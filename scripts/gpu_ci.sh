@@ -4,6 +4,8 @@
 #                                         soak also with the receive arena: the direct-write dispatch)
 #   STEPS=build,test scripts/gpu_ci.sh    a subset (build, sanitize, test, soak, bench)
 #   BENCH_ARGS="--ranks 2 --sms 8,24" scripts/gpu_ci.sh
+#   BUDGET_S=540 scripts/gpu_ci.sh        within one device call's limit: each step is cut at the
+#                                         budget, and steps that no longer fit are listed as skipped
 # Logs go to $OUT (or /tmp/gpu_ci); a short summary table is printed last.
 #
 # Order: build; the sanitizer and one-rank-per-GPU tests/benchmark without MPS; then MPS starts and
@@ -15,6 +17,8 @@ source scripts/mps.sh
 OUT=${OUT:-/tmp/gpu_ci}
 mkdir -p "$OUT"
 STEPS=${STEPS:-build,sanitize,test,soak,bench}
+BUDGET_S=${BUDGET_S:-0}  # > 0: seconds for the whole run; a step gets what is left, none starts with < MIN_STEP_S
+MIN_STEP_S=${MIN_STEP_S:-30}
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-16}
 NUM_GPUS=$(nvidia-smi -L | wc -l)
@@ -29,8 +33,17 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, record status and s
   local name=$1
   shift
   local start=$SECONDS
+  local limit=()
+  if ((BUDGET_S > 0)); then  # a device call has a hard limit: leave the summary room to print
+    local left=$((BUDGET_S - SECONDS))
+    if ((left < MIN_STEP_S)); then
+      printf '%-22s skipped: %ss of BUDGET_S=%s left\n' "$name" "$left" "$BUDGET_S" >>"$SUMMARY"
+      return 0
+    fi
+    limit=(timeout "$left")
+  fi
   echo "=== $name: $*"
-  "$@" >"$OUT/$name.log" 2>&1
+  "${limit[@]}" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   tail -n 15 "$OUT/$name.log"
   printf '%-22s rc=%-3s %4ss\n' "$name" "$rc" "$((SECONDS - start))" >>"$SUMMARY"
