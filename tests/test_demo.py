@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ DEMO = REPO / "scripts" / "moe_layer_demo.py"
 # A short run: what matters is the teardown, not the training.
 SMALL = ["--steps", "5", "--tokens", "32", "--hidden", "128", "--ffn", "128", "--num-experts", "4"]
 RUNS = 10
+THREAD_EXIT_WAIT_S = 5.0  # how long a freed group's threads may take to end
 RUN_TIMEOUT_S = 90  # one run takes ~6 s on 2 shared cores; a hang fails fast instead of at CI's limit
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads thread names from /proc")
@@ -80,6 +82,11 @@ def _optimizer_then_destroy(rank: int, world_size: int) -> list[str]:
     torch.optim.Adam([param]).step()  # imports torch.distributed.nn.functional, as a training rank does
     dist.all_reduce(param.detach())
     dist.destroy_process_group()
+    # The group's threads end asynchronously after destroy (on a loaded CI machine a gloo_tcp_loop
+    # was still seen once): wait for them, but a group that was not freed keeps its threads.
+    deadline = time.monotonic() + THREAD_EXIT_WAIT_S
+    while gloo_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
     return gloo_threads()
 
 
