@@ -42,6 +42,7 @@ class StandInRuntime:
                        torch.zeros(RANKS, CHANNELS + 1, **i32), torch.full((RANKS,), rows // RANKS, **i32),
                        torch.zeros(RANKS, RANKS, **i32), torch.zeros(RANKS + EXPERTS // RANKS, **i32))
         self.host_counts = [rows // RANKS] * RANKS + [rows // (EXPERTS // RANKS)] * (EXPERTS // RANKS)
+        self.host_per_rank = torch.tensor(self.host_counts[:RANKS], dtype=torch.int32)  # made by _C on the host
         self.combined = (torch.zeros(TOKENS, HIDDEN, dtype=torch.bfloat16), None)
 
     def has_error(self) -> bool:
@@ -54,7 +55,7 @@ class StandInRuntime:
     def dispatch(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert, expert_alignment,
                  num_channels, slots, chunk, num_worst_tokens) -> tuple:
         send_position, send_tokens, channel_count, offsets, send_counts, prefix, recv_counts = self.layout
-        per_rank = recv_counts[:RANKS] if num_worst_tokens else torch.tensor(self.host_counts[:RANKS], dtype=torch.int32)
+        per_rank = recv_counts[:RANKS] if num_worst_tokens else self.host_per_rank
         return (self.recv_x, None, *self.meta, send_position, send_tokens, channel_count, offsets, send_counts, prefix,
                 recv_counts, self.host_counts, per_rank, offsets[:, :num_channels])
 
