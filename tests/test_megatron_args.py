@@ -202,5 +202,7 @@ def test_fp8_dispatch_with_a_receive_arena_warns(monkeypatch):
         warnings.simplefilter("error")
         DeepEPOptions(use_fp8_dispatch=False, backend="cuda")
         DeepEPOptions(use_fp8_dispatch=True, backend="reference")
+        monkeypatch.setenv("DEEPEP_MEGATRON_RECV_ARENA_BYTES", "lots")  # the cuda backend's error, not this warning's
+        DeepEPOptions(use_fp8_dispatch=True, backend="auto")
         monkeypatch.delenv("DEEPEP_MEGATRON_RECV_ARENA_BYTES")
         DeepEPOptions(use_fp8_dispatch=True, backend="cuda")
