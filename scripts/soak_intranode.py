@@ -130,13 +130,14 @@ class RoundParams:
 
 
 def hidden_choices(max_hidden: Optional[int]) -> tuple[int, ...]:
-    """:data:`HIDDEN_CHOICES` up to ``max_hidden``; below them, multiples of the FP8 block up to it."""
+    """:data:`HIDDEN_CHOICES` up to ``max_hidden``; where that leaves fewer than two (small CPU runs),
+    multiples of the FP8 block up to it."""
     if max_hidden is None:
         return HIDDEN_CHOICES
     if max_hidden < FP8_BLOCK:
         raise ValueError(f"--max-hidden must be >= {FP8_BLOCK} (FP8 rounds need whole 128-channel blocks)")
     kept = tuple(h for h in HIDDEN_CHOICES if h <= max_hidden)
-    return kept or tuple(FP8_BLOCK * m for m in range(1, max_hidden // FP8_BLOCK + 1))
+    return kept if len(kept) > 1 else tuple(FP8_BLOCK * m for m in range(1, max_hidden // FP8_BLOCK + 1))
 
 
 def expert_choices(num_ranks: int) -> tuple[int, ...]:
