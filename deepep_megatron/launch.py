@@ -75,6 +75,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: The signal on which a run_ranks child prints its threads' stacks (faulthandler), and how long the
+#: parent waits for them before it kills the child.
+STACK_DUMP_SIGNAL = signal.SIGUSR1
+STACK_DUMP_WAIT_S = 2.0
+
+
 def _child(
     rank: int,
     world_size: int,
@@ -107,12 +113,6 @@ def _child(
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-#: The signal on which a run_ranks child prints its threads' stacks (faulthandler), and how long the
-#: parent waits for them before it kills the child.
-STACK_DUMP_SIGNAL = signal.SIGUSR1
-STACK_DUMP_WAIT_S = 2.0
 
 
 def run_ranks(

@@ -16,7 +16,6 @@ import cProfile
 import io
 import os
 import pstats
-import socket
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from deepep_megatron import Buffer, Config  # noqa: E402 - after the path insert
 from deepep_megatron.backends.cuda import CudaBackend  # noqa: E402
+from deepep_megatron.launch import free_port  # noqa: E402
 
 RANKS, TOKENS, HIDDEN, TOPK, EXPERTS, CHANNELS = 2, 256, 512, 8, 16, 12
 
@@ -95,10 +95,7 @@ def main() -> int:
     args = parser.parse_args()
     import torch.distributed as dist
 
-    with socket.socket() as probe:  # a free port for the one-process group
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     buffer = Buffer(dist.group.WORLD, num_nvl_bytes=1 << 30, backend="reference")
     rows = TOKENS * RANKS
     buffer.runtime = _stand_in_backend(dist.group.WORLD, rows)

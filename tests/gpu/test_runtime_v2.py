@@ -449,20 +449,19 @@ AUTOGRAD_STEPS, AUTOGRAD_LAYERS = 30, 2
 def _autograd_fp8_arena(rank: int, world_size: int, use_fp8: bool) -> int:
     import os
 
+    from deepep_megatron import Buffer
     from deepep_megatron import autograd as deepep_autograd
 
     os.environ["DEEPEP_MEGATRON_RECV_ARENA_BYTES"] = str(256 << 20)
     os.environ["DEEPEP_MEGATRON_POISON_ARENA"] = "1"
     device = torch.device("cuda", torch.cuda.current_device())
-    from deepep_megatron import Buffer
-
     Buffer.set_num_sms(CONFIG_SMS)  # autograd's dispatch and combine take the default configs
     fast, ref = _buffers(256, timeout_s=10.0)  # a stall shows as a diagnostic, not as a hung test
     steps = 0
     for step in range(AUTOGRAD_STEPS):
         for layer in range(AUTOGRAD_LAYERS):
             case = Case(world_size, tokens=(128,) * world_size, hidden=256, num_topk=2, num_experts=4,
-                        seed=400 + step * AUTOGRAD_LAYERS + layer, dtype=torch.bfloat16)
+                        seed=400 + step * AUTOGRAD_LAYERS + layer)
             x, topk_idx, topk_weights = make_inputs(case, rank, device=str(device))
             grads = []
             for buf in (fast, ref):
@@ -470,7 +469,7 @@ def _autograd_fp8_arena(rank: int, world_size: int, use_fp8: bool) -> int:
                 wi = topk_weights.clone().requires_grad_(True)
                 recv_x, _, recv_w, _, handle = deepep_autograd.dispatch(buf, xi, topk_idx, wi, case.num_experts,
                                                                         use_fp8=use_fp8)
-                y = deepep_autograd.combine(buf, expert_transform(recv_x, rank) * 1.0, handle)
+                y = deepep_autograd.combine(buf, expert_transform(recv_x, rank), handle)
                 (y.float().square().mean() + recv_w.sum()).backward()
                 grads.append((y.detach(), xi.grad, wi.grad))
             (y_f, gx_f, gw_f), (y_r, gx_r, gw_r) = grads
