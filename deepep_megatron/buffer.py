@@ -10,6 +10,7 @@ Shapes: ``T`` tokens on this rank, ``H`` hidden, ``K`` top-k, ``E`` experts in a
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 import warnings
@@ -267,11 +268,16 @@ def _check_config(config: Any, default: Callable[[int], Config], num_ranks: int)
 
 
 def _tensors_in(value: Any) -> list[torch.Tensor]:
-    """Every tensor inside a (nested) tuple/list result."""
+    """Every tensor inside a (nested) tuple/list/dict/dataclass result (a backend's DispatchOutput
+    and its DispatchLayout, with its ``private`` dict, are what the compute stream goes on to use)."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (tuple, list)):
         return [t for v in value for t in _tensors_in(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors_in(v)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [t for f in dataclasses.fields(value) for t in _tensors_in(getattr(value, f.name))]
     return []
 
 
@@ -518,7 +524,7 @@ class Buffer:
         with torch.cuda.stream(comm):
             result = fn()
         inputs = [t for t in inputs if t is not None]
-        outputs = _tensors_in(result)
+        outputs = [t for t in _tensors_in(result) if t.is_cuda]  # a layout also carries host-side counts
         for t in inputs:  # keep inputs alive for the comm stream
             self.runtime.record_stream(t, comm)
         for t in outputs:  # outputs were allocated on the comm stream and are used on compute

@@ -241,3 +241,23 @@ def _auto_backend_for_unsupported_rank_count(rank: int, world_size: int) -> None
 @pytest.mark.parametrize("world_size", [1, 3])
 def test_auto_backend_falls_back_for_unsupported_rank_counts(world_size: int) -> None:
     run_ranks(_auto_backend_for_unsupported_rank_count, world_size)
+
+
+def test_async_outputs_found_for_record_stream() -> None:
+    """Buffer._run records the compute stream for every tensor of a result (so that neither the
+    caching allocator nor the receive arena hands its memory to the communication stream while the
+    compute stream still reads it): a DispatchOutput and its layout are dataclasses, the layout's
+    backend state a dict, and their tensors must all be found (the fifth session's runs missed them)."""
+    from deepep_megatron.backends.base import DispatchLayout, DispatchOutput
+    from deepep_megatron.buffer import _tensors_in
+
+    recv_x, scales, ids, weights = (torch.randn(3, 8), torch.rand(3, 1), torch.zeros(3, 2, dtype=torch.long), torch.rand(3, 2))
+    in_rank, per_rank, recv_per_rank, src = (torch.ones(4, 2, dtype=torch.bool), torch.tensor([3, 1]),
+                                             torch.tensor([2, 1]), torch.arange(3, dtype=torch.int32))
+    send_position = torch.zeros(4, 2, dtype=torch.int32)
+    layout = DispatchLayout(in_rank, per_rank, recv_per_rank, src, [3], private={"send_position": send_position, "n": 2})
+    found = _tensors_in((DispatchOutput(recv_x, scales, ids, weights, layout), torch.ones(1)))
+    want = [recv_x, scales, ids, weights, in_rank, per_rank, recv_per_rank, src, send_position]
+    assert len(found) == len(want) + 1
+    for tensor in want:
+        assert any(t is tensor for t in found), f"a tensor of shape {list(tensor.shape)} was not found"

@@ -623,7 +623,11 @@ __device__ __forceinline__ void dispatch_direct(const PeerContext& ctx, const Ri
       // lane d holds the token's position in the stream to d (-1: not sent there)
       const int my_position = lane < kNumRanks ? a.send_position[static_cast<int64_t>(t) * kNumRanks + lane] : -1;
       const int4* src = reinterpret_cast<const int4*>(a.x + static_cast<int64_t>(t) * a.slot.row_bytes);
-      for (int i = lane; i < row_int4; i += 32 * kUnroll) {
+      // The whole warp runs every chunk (a lane past the row's end only skips its loads and
+      // stores): the shuffle below needs all 32 lanes, and a row of fewer than 32 int4s (FP8 at
+      // hidden 256) would otherwise leave lanes out of the loop and hang the warp in it.
+      for (int chunk = 0; chunk < row_int4; chunk += 32 * kUnroll) {
+        const int i = chunk + lane;
         int4 v[kUnroll];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {

@@ -91,8 +91,9 @@ class DeepEPOptions:
             raise ValueError(f"DeepEPOptions.backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.use_fp8_dispatch and self.backend != "reference" and _arena_requested():
             warnings.warn(
-                f"{RECV_ARENA_ENV} is set with FP8 dispatch: this combination stalled in the pretraining entry's GPU "
-                f"test (docs/megatron.md) and is not verified yet; unset {RECV_ARENA_ENV} (the rings are used "
+                f"{RECV_ARENA_ENV} is set with FP8 dispatch: this combination hung in the pretraining entry's GPU "
+                "test (the direct-write dispatch's copy loop left lanes out of a warp shuffle for rows under 4 KiB; "
+                f"fixed, the GPU re-run is pending: docs/megatron.md); unset {RECV_ARENA_ENV} (the rings are used "
                 "then) if a run stops making progress",
                 stacklevel=2,
             )

@@ -68,6 +68,11 @@ def _cases(world_size: int) -> list[tuple[Case, bool]]:
         (Case(w, tokens=tuple(777 - 50 * r for r in range(w)), hidden=2560, num_topk=6, num_experts=16 * w, seed=15,
               drop=0.5, empty_tokens=0.3), False),
         (Case(w, tokens=(513,) * w, hidden=2048, num_topk=2, num_experts=8, seed=16), True),  # 8 experts: R=8 has 1 each
+        # FP8 rows whose size modulo one warp's copy chunk (4 KiB; 2 KiB at EP8) is under 32 int4s:
+        # 256 bytes, and 2304 (256 past 2 KiB at EP8). The direct-write dispatch hung on these once
+        # (a warp shuffle inside a loop that the idle lanes had left).
+        (Case(w, tokens=tuple(129 + 7 * r for r in range(w)), hidden=256, num_topk=2, num_experts=4 * w, seed=17), True),
+        (Case(w, tokens=(65,) * w, hidden=2304, num_topk=3, num_experts=8 * w, seed=18), True),
     ]
 
 
