@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+from typing import Optional
 
 import pytest
 import torch
@@ -51,18 +52,25 @@ def _train(rank: int, world_size: int, argv: list[str]) -> dict:
         shutdown()
 
 
-def _run(world: int, backend: str, extra: list[str]) -> list[dict]:
+def _run(world: int, backend: str, extra: list[str], env: Optional[dict] = None) -> list[dict]:
     from deepep_megatron.host_staged import backend_string
 
     argv = TINY + ["--expert-model-parallel-size", str(world), "--num-experts", str(2 * world),
                    "--train-iters", str(ITERS), "--moe-deepep-backend", backend, *extra]
     # cuBLAS and torch pick deterministic kernels, so two runs that move the same bits train the same
-    return run_ranks(_train, world, argv, backend=backend_string(), timeout_s=600, env=DETERMINISTIC)
+    return run_ranks(_train, world, argv, backend=backend_string(), timeout_s=600, env={**DETERMINISTIC, **(env or {})})
 
 
-@pytest.mark.parametrize("world,extra", [(2, []), (2, ["--moe-deepep-fp8-dispatch"]), (4, [])], ids=["ep2", "ep2-fp8", "ep4"])
-def test_cuda_training_equals_reference(world: int, extra: list[str]) -> None:
-    reference, cuda = _run(world, "reference", extra), _run(world, "cuda", extra)
+#: The direct-write dispatch and direct combine (README, "On the cuda backend"); the reference
+#: backend ignores the variable. 64 MiB holds every block of the tiny model's layers.
+ARENA = {"DEEPEP_MEGATRON_RECV_ARENA_BYTES": str(64 << 20)}
+
+
+@pytest.mark.parametrize("world,extra,env", [(2, [], None), (2, ["--moe-deepep-fp8-dispatch"], None), (4, [], None),
+                                             (2, [], ARENA), (2, ["--moe-deepep-fp8-dispatch"], ARENA)],
+                         ids=["ep2", "ep2-fp8", "ep4", "ep2-arena", "ep2-fp8-arena"])
+def test_cuda_training_equals_reference(world: int, extra: list[str], env: Optional[dict]) -> None:
+    reference, cuda = _run(world, "reference", extra, env), _run(world, "cuda", extra, env)
     assert "Buffer backend cuda" in cuda[0]["buffers"] and "Buffer backend reference" in reference[0]["buffers"]
     for rank in range(world):
         got, want = torch.tensor(cuda[rank]["losses"]), torch.tensor(reference[rank]["losses"])
