@@ -305,8 +305,10 @@ class Buffer:
             initialized ``torch.distributed`` world (the backends communicate through torch.distributed),
             in the same order.
         enable_shrink: newer DeepEP's fault-tolerant rank masking (vLLM passes it); only False.
-        backend: ``"reference"`` (torch.distributed collectives), ``"cuda"`` (compiled kernels) or
-            ``"auto"`` (cuda when the extension is built, a GPU is visible and num_nvl_bytes > 0).
+        backend: ``"reference"`` (torch.distributed collectives), ``"cuda"`` (compiled kernels),
+            ``"forwarding"`` (the reference's collectives with node forwarding, for a group over
+            several nodes: each token crosses to each node once) or ``"auto"`` (cuda when the
+            extension is built, a GPU is visible and num_nvl_bytes > 0).
         timeout_s: how long a kernel waits for a peer before it stops with a diagnostic (which rank,
             channel and counter) that the Buffer raises; None: env ``DEEPEP_MEGATRON_TIMEOUT_S`` or
             100 s. After such an error every rank calls :meth:`reset` to use the Buffer again.

@@ -70,9 +70,27 @@ class ForwardingPlan:
         L = self.topology.ranks_per_node
         sent = self.rdma_slot[source][:, node] >= 0
         bits = self.is_token_in_rank[source][sent][:, node * L:(node + 1) * L]  # travels with each slot
-        running = bits.long().cumsum(0) - 1
-        base = self.rank_prefix[source, node * L:(node + 1) * L]
-        return torch.where(bits, base + running, torch.full_like(running, -1))
+        return proxy_rows(bits, self.rank_prefix[source, node * L:(node + 1) * L])
+
+
+def rdma_slots(is_token_in_rank: torch.Tensor, ranks_per_node: int, rank: int) -> torch.Tensor:
+    """[T, N] int64 for ``rank``'s tokens (``is_token_in_rank`` [T, R] bool): each token's slot in its
+    proxy's region on node m, numbered in token order; -1 where it does not cross to m (no
+    destination rank there, or m is this rank's own node). What a source computes alone."""
+    num_tokens, num_ranks = is_token_in_rank.shape
+    to_node = is_token_in_rank.reshape(num_tokens, num_ranks // ranks_per_node, ranks_per_node).any(dim=2)
+    to_node[:, rank // ranks_per_node] = False  # own node: straight over NVLink, no RDMA slot
+    slot = to_node.long().cumsum(dim=0) - 1
+    return torch.where(to_node, slot, torch.full_like(slot, -1))
+
+
+def proxy_rows(bits: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """[S, L] int64 rows a proxy forwards one region's slots to: ``bits`` [S, L] bool, the slots'
+    destination bits over its node's L ranks in slot order; ``base`` [L], where the region's
+    source's rows start on each local rank (notify's prefix matrix). -1 where the bit is clear.
+    What a proxy computes alone, from what arrived."""
+    running = bits.long().cumsum(dim=0) - 1
+    return torch.where(bits, base.to(running.device) + running, torch.full_like(running, -1))
 
 
 @dataclass
@@ -98,11 +116,8 @@ def plan_forwarding(is_token_in_rank: Sequence[torch.Tensor], ranks_per_node: in
     rdma_slot = []
     num_rdma_rows = torch.zeros(num_ranks, N, dtype=torch.long)
     for s, mask in enumerate(is_token_in_rank):
-        to_node = mask.view(mask.size(0), N, L).any(dim=2)
-        to_node[:, topology.node_of(s)] = False  # own node: straight over NVLink, no RDMA slot
-        slot = to_node.long().cumsum(dim=0) - 1
-        rdma_slot.append(torch.where(to_node, slot, torch.full_like(slot, -1)))
-        num_rdma_rows[s] = to_node.sum(dim=0)
+        rdma_slot.append(rdma_slots(mask, L, s))
+        num_rdma_rows[s] = (rdma_slot[-1] >= 0).sum(dim=0)
     return ForwardingPlan(topology, list(is_token_in_rank), counts.cumsum(dim=0) - counts, counts.sum(dim=0),
                           rdma_slot, num_rdma_rows)
 
@@ -176,4 +191,5 @@ def forwarded_combine(plan: ForwardingPlan, ys: Sequence[torch.Tensor]) -> list[
     return out
 
 
-__all__ = ["ForwardingPlan", "LegRows", "plan_forwarding", "forwarded_dispatch", "forwarded_combine"]
+__all__ = ["ForwardingPlan", "LegRows", "plan_forwarding", "forwarded_dispatch", "forwarded_combine", "rdma_slots",
+           "proxy_rows"]

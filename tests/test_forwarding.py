@@ -1,7 +1,8 @@
 """The internode forwarding plan (deepep_megatron/forwarding.py) against the oracle: each leg's
 indices tile the receive tensors, the rows arrive in (source rank, source token) order equal to the
 reference dispatch, the combine returns the reference's sums, and the legs carry the bytes that
-deepep_megatron/traffic.py counts. Virtual nodes 2x1, 2x2, 4x1, 2x4, 4x2."""
+deepep_megatron/traffic.py counts (virtual nodes 2x1, 2x2, 4x1, 2x4, 4x2); and the forwarding backend,
+which runs the scheme over the group's collectives, against the reference backend and the emulation."""
 from __future__ import annotations
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from deepep_megatron.forwarding import forwarded_combine, forwarded_dispatch, plan_forwarding
 from deepep_megatron.traffic import link_bytes, node_limited_topk
+from harness import run_ranks
 from oracle import Case, expected_combine, expected_dispatch, expert_transform, make_inputs
 
 #: (nodes, ranks per node) of the issue's test list
@@ -24,7 +26,7 @@ def _is_token_in_rank(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) 
 def _case(num_ranks: int, seed: int) -> Case:
     # rank 1 sends nothing, the last rank's experts get no tokens (it receives nothing)
     tokens = tuple(0 if r == 1 else 37 + 11 * r for r in range(num_ranks))
-    return Case(num_ranks, tokens=tokens, hidden=64, num_topk=4, num_experts=4 * num_ranks, seed=seed,
+    return Case(num_ranks, tokens=tokens, hidden=128, num_topk=4, num_experts=4 * num_ranks, seed=seed,
                 starved_rank=num_ranks - 1, drop=0.2, empty_tokens=0.1)
 
 
@@ -90,3 +92,54 @@ def test_bad_plan_inputs_are_refused() -> None:
         plan_forwarding([torch.zeros(2, 4, dtype=torch.bool)] * 4, 3)
     with pytest.raises(ValueError, match=r"is_token_in_rank\[1\] must be a \[T, 2\] bool tensor"):
         plan_forwarding([torch.zeros(2, 2, dtype=torch.bool), torch.zeros(2, 2, dtype=torch.int32)], 1)
+
+
+def _forwarding_backend_round(rank: int, world_size: int, per_node: int) -> int:
+    import torch.distributed as dist
+
+    from deepep_megatron import Buffer, per_token_cast_to_fp8
+    from deepep_megatron import autograd as deepep_autograd
+
+    fast, ref = Buffer(dist.group.WORLD, backend="forwarding"), Buffer(dist.group.WORLD, backend="reference")
+    assert fast.backend_name == "forwarding" and fast.num_rdma_ranks == world_size // per_node
+    checked = 0
+    for seed in (81, 82):
+        case = _case(world_size, seed)
+        x, topk_idx, topk_weights = make_inputs(case, rank)
+        outs = []
+        for buf in (fast, ref):
+            per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, case.num_experts)
+            layout = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
+                          num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=topk_weights)
+            recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(x, **layout)
+            (fp8_x, fp8_scales), *_ = buf.dispatch(per_token_cast_to_fp8(x), **layout)
+            cached = buf.dispatch(x * 2, handle=handle)[0]
+            combined, combined_w, _ = buf.combine(expert_transform(recv_x, rank), handle, topk_weights=recv_w)
+            outs.append((recv_x, recv_idx, recv_w, counts, fp8_x.view(torch.uint8), fp8_scales, cached, combined, combined_w))
+        (f_x, f_idx, f_w, f_counts, f_fp8, f_scales, f_cached, f_comb, f_comb_w), ref_out = outs
+        r_x, r_idx, r_w, r_counts, r_fp8, r_scales, r_cached, r_comb, r_comb_w = ref_out
+        assert torch.equal(f_x, r_x) and torch.equal(f_x, expected_dispatch(case, rank).recv_x), f"rank {rank}: recv_x"
+        assert torch.equal(f_idx, r_idx) and torch.equal(f_w, r_w) and f_counts == r_counts, f"rank {rank}: top-k"
+        assert torch.equal(f_fp8, r_fp8) and torch.equal(f_scales, r_scales), f"rank {rank}: FP8 rows"
+        assert torch.equal(f_cached, r_cached), f"rank {rank}: cached dispatch"
+        # the combine is the emulation's, node partials and all; and the reference's within their rounding
+        plan, inputs = _plan(case, per_node)
+        recv_all, _ = forwarded_dispatch(plan, [xi for xi, _, _ in inputs])
+        emulated = forwarded_combine(plan, [expert_transform(recv_all[r], r) for r in range(world_size)])[rank]
+        assert torch.equal(f_comb, emulated), f"rank {rank}: combine differs from the forwarding emulation"
+        torch.testing.assert_close(f_comb.float(), r_comb.float(), rtol=2 ** -6, atol=2 ** -6)
+        torch.testing.assert_close(f_comb_w, r_comb_w, rtol=1e-6, atol=1e-6)
+        checked += 1
+    # the differentiable pair runs on it unchanged (the Megatron dispatcher's path)
+    xg = x.clone().requires_grad_(True)
+    recv, _, _, _, handle = deepep_autograd.dispatch(fast, xg, topk_idx, topk_weights, case.num_experts)
+    deepep_autograd.combine(fast, expert_transform(recv, rank), handle).float().sum().backward()
+    assert xg.grad is not None and bool(torch.isfinite(xg.grad).all())
+    return checked
+
+
+@pytest.mark.parametrize("world_size,per_node", [(4, 2), (4, 1), (8, 2)], ids=["2x2", "4x1", "4x2"])
+def test_forwarding_backend_equals_the_reference(world_size: int, per_node: int) -> None:
+    results = run_ranks(_forwarding_backend_round, world_size, per_node,
+                        env={"DEEPEP_MEGATRON_RANKS_PER_NODE": str(per_node)})
+    assert results == [2] * world_size

@@ -28,7 +28,9 @@ def train_and_collect(rank: int, world_size: int, argv: list[str]) -> dict:
             losses.append(trainer.step().loss)
             # numpy: pickled by value (a tensor would travel as shared memory that dies with the rank)
             grads.append({n: p.main_grad.detach().numpy().copy() for n, p in trainer.model[0].named_parameters()})
-        return {"losses": losses, "grads": grads}
+        from deepep_megatron.megatron.dispatcher import describe_buffers
+
+        return {"losses": losses, "grads": grads, "buffers": describe_buffers()}
     finally:
         shutdown()
 

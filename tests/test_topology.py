@@ -98,16 +98,21 @@ def test_subgroup_nodes_follow_global_ranks() -> None:
     assert results[0] == (1, 2) and results[1] == (1, 0) and results[2] == (0, 2)
 
 
-def test_pretraining_on_virtual_nodes_equals_one_node() -> None:
+@pytest.mark.parametrize("backend", ["auto", "forwarding"])
+def test_pretraining_on_virtual_nodes_equals_one_node(backend: str) -> None:
     """The Megatron dispatcher over 2 virtual nodes x 1 rank (the per-node counts flow through the
-    autograd pair) trains exactly as over one node of 2 ranks."""
+    autograd pair) trains exactly as over one node of 2 ranks, on the reference backend ("auto") and
+    with node forwarding (one rank per node: no node partial, so the same sums)."""
     pytest.importorskip("megatron.core")
     from test_megatron_equivalence import TINY, train_and_collect
 
     argv = TINY + ["--expert-model-parallel-size", "2", "--num-experts", "4", "--moe-router-topk", "2",
                    "--train-iters", "2", "--moe-token-dispatcher", "deepep"]
     one_node = run_ranks(train_and_collect, 2, argv)
-    two_nodes = run_ranks(train_and_collect, 2, argv, env={"DEEPEP_MEGATRON_RANKS_PER_NODE": "1"})
+    two_nodes = run_ranks(train_and_collect, 2, argv + ["--moe-deepep-backend", backend],
+                          env={"DEEPEP_MEGATRON_RANKS_PER_NODE": "1"})
+    want_backend = "reference" if backend == "auto" else backend
+    assert f"Buffer backend {want_backend}" in two_nodes[0]["buffers"], two_nodes[0]["buffers"]
     for rank in range(2):
         assert two_nodes[rank]["losses"] == one_node[rank]["losses"]
         for name, grad in one_node[rank]["grads"][-1].items():

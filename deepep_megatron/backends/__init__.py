@@ -9,7 +9,7 @@ from ..config import SUPPORTED_NVL_RANK_COUNTS
 from .base import Backend, DispatchLayout, DispatchOutput, LowLatencyDispatchOutput, LowLatencyLayout
 from .reference import ReferenceBackend
 
-BACKEND_NAMES = ("auto", "reference", "cuda")
+BACKEND_NAMES = ("auto", "reference", "cuda", "forwarding")
 
 
 def cuda_backend_available() -> bool:
@@ -47,6 +47,9 @@ def create_backend(
     A low-latency Buffer without NVLink bytes (DeepEP's ``Buffer(group, 0, num_rdma_bytes,
     low_latency_mode=True)``) gets the NVSHMEM low-latency kernels under ``"auto"`` and ``"cuda"`` when
     they are built (backends/low_latency.py), the reference backend otherwise.
+    ``"forwarding"`` is the reference backend's collectives with issue [5/8]'s node forwarding (each
+    token crosses to each destination node once, to the rank with its local index, which forwards
+    it inside the node: backends/forwarding.py), for groups over ``num_nodes`` nodes of equal size.
     ``timeout_s`` bounds the cuda kernels' waits on peers (None: env or 100 s). Collective: every
     rank of ``group`` must call it."""
     if name not in BACKEND_NAMES:
@@ -80,6 +83,11 @@ def create_backend(
         from .cuda import CudaBackend
 
         return CudaBackend(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank, timeout_s)
+    if name == "forwarding":
+        from .forwarding import ForwardingBackend
+
+        return ForwardingBackend(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank,
+                                 ranks_per_node=dist.get_world_size(group) // num_nodes)
     return ReferenceBackend(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank)
 
 

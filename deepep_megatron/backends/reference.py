@@ -7,7 +7,7 @@ counts. Works on gloo (CPU tensors) and NCCL (CUDA tensors); with a gloo group a
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,9 @@ def pack_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         row_numel = 1
         for s in t.shape[1:]:
             row_numel *= s
+        if num_rows == 0:  # an empty tensor may carry strides (e.g. 0) that a dtype view refuses
+            parts.append(torch.empty(0, row_numel * t.element_size(), dtype=torch.uint8, device=t.device))
+            continue
         parts.append(t.contiguous().view(num_rows, row_numel).view(torch.uint8))
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
@@ -134,6 +137,36 @@ class ReferenceBackend(Backend):
         )
         return recv.view(-1, row_bytes).to(rows.device)
 
+    def _move_tokens(self, token_rows: torch.Tensor, is_token_in_rank: torch.Tensor,
+                     counts: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """This rank's token rows [T, B] uint8 to every rank of each token's ``is_token_in_rank`` row
+        ([T, R] bool); ``counts`` [R, R] (source, destination) on the host, every rank's. Returns the
+        received rows [N_recv, B] in (source rank, source token) order, and what the combine that
+        reverses it needs beyond the layout (the handle keeps it as ``private["moves"]``). Here:
+        one all-to-all, nothing kept."""
+        _, send_tokens = is_token_in_rank.t().nonzero(as_tuple=True)  # by destination rank, then token
+        rows = self._exchange_rows(token_rows[send_tokens], counts[self.rank].tolist(), counts[:, self.rank].tolist())
+        return rows, None
+
+    def _combine_rows(self, columns: list[torch.Tensor], layout: DispatchLayout) -> list[torch.Tensor]:
+        """The reverse of :meth:`_move_tokens` with the sum: ``columns`` [N_recv, ...] (the received
+        rows' order) -> per column [T, ...] fp32, the sum over the ranks each token went to, added
+        rank by rank (a fixed fp32 order)."""
+        recv = self._exchange_rows(
+            pack_rows(columns), layout.num_recv_tokens_per_rank.tolist(), layout.num_tokens_per_rank.tolist()
+        )
+        back = unpack_rows(recv, [_spec(t) for t in columns])
+        num_tokens = layout.is_token_in_rank.size(0)
+        send_tokens = layout.private["send_tokens"]
+        sums = [torch.zeros(num_tokens, *t.shape[1:], dtype=torch.float32, device=t.device) for t in columns]
+        start = 0
+        for count in layout.num_tokens_per_rank.tolist():  # a token appears at most once per rank
+            tokens = send_tokens[start : start + count]
+            for total, rows in zip(sums, back):
+                total[tokens] += rows[start : start + count].float()
+            start += count
+        return sums
+
     # ------------------------------------------------------------------ normal path
     def get_dispatch_layout(self, topk_idx, num_experts):
         num_local_experts = num_experts // self.num_ranks
@@ -164,11 +197,7 @@ class ReferenceBackend(Backend):
         if cached_layout is not None:
             self._agree("cached dispatch", channels=cached_layout.num_channels, **_row_fields(x, x_scales))
             layout = cached_layout
-            send_tokens = layout.private["send_tokens"]
-            rows = pack_rows([t[send_tokens] for t in payload])
-            recv = self._exchange_rows(
-                rows, layout.num_tokens_per_rank.tolist(), layout.num_recv_tokens_per_rank.tolist()
-            )
+            recv, _ = self._move_tokens(pack_rows(payload), layout.is_token_in_rank, layout.private["counts"])
             recv_payload = unpack_rows(recv, [_spec(t) for t in payload])
             return DispatchOutput(recv_payload[0], recv_payload[1] if x_scales is not None else None, None, None, layout)
 
@@ -220,7 +249,7 @@ class ReferenceBackend(Backend):
         if topk_idx is not None:
             columns += [topk_idx.to(torch.int64), topk_weights.to(torch.float32)]
         columns.append(torch.arange(x.size(0), device=x.device))
-        recv = self._exchange_rows(pack_rows([t[send_tokens] for t in columns]), send_counts_t.tolist(), recv_counts)
+        recv, moves = self._move_tokens(pack_rows(columns), is_token_in_rank, counts)
         recv_columns = unpack_rows(recv, [_spec(t) for t in columns])
         recv_x = recv_columns[0]
         recv_x_scales = recv_columns[1] if x_scales is not None else None
@@ -239,7 +268,7 @@ class ReferenceBackend(Backend):
             num_recv_tokens_per_rank=torch.tensor(recv_counts, dtype=torch.int32),
             recv_src_idx=recv_src_idx.to(torch.int32),
             num_recv_tokens_per_expert_list=per_expert,
-            private={"send_tokens": send_tokens},
+            private={"send_tokens": send_tokens, "counts": counts, "moves": moves},
             num_channels=num_channels,
             rank_prefix_matrix=torch.cumsum(counts, 0).to(torch.int32).to(x.device),
             recv_channel_prefix_matrix=(source_start.unsqueeze(1) + channel_start).to(torch.int32).to(x.device),
@@ -250,27 +279,8 @@ class ReferenceBackend(Backend):
         self._agree("combine", topk=0 if topk_weights is None else topk_weights.size(1), channels=layout.num_channels,
                     **_row_fields(x, None))
         columns = [x] if topk_weights is None else [x, topk_weights.to(torch.float32)]
-        recv = self._exchange_rows(
-            pack_rows(columns), layout.num_recv_tokens_per_rank.tolist(), layout.num_tokens_per_rank.tolist()
-        )
-        back = unpack_rows(recv, [_spec(t) for t in columns])
-        num_tokens = layout.is_token_in_rank.size(0)
-        send_tokens = layout.private["send_tokens"]
-        combined = torch.zeros(num_tokens, x.size(1), dtype=torch.float32, device=x.device)
-        combined_w = (
-            torch.zeros(num_tokens, topk_weights.size(1), dtype=torch.float32, device=x.device)
-            if topk_weights is not None
-            else None
-        )
-        # Sum rank by rank (a token appears at most once per rank): a fixed fp32 order.
-        start = 0
-        for count in layout.num_tokens_per_rank.tolist():
-            tokens = send_tokens[start : start + count]
-            combined[tokens] += back[0][start : start + count].float()
-            if combined_w is not None:
-                combined_w[tokens] += back[1][start : start + count]
-            start += count
-        return combined.to(x.dtype), combined_w
+        sums = self._combine_rows(columns, layout)
+        return sums[0].to(x.dtype), sums[1] if topk_weights is not None else None
 
     # ------------------------------------------------------------------ low-latency path
     def low_latency_dispatch(

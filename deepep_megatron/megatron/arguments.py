@@ -85,7 +85,8 @@ def add_deepep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                             f"channels (needs --hidden-size divisible by {FP8_BLOCK}); implied by --fp8-recipe blockwise")
     group.add_argument("--moe-deepep-backend", choices=BACKEND_NAMES, default="auto",
                        help="deepep dispatcher: Buffer backend (auto = CUDA kernels when built, on GPU, for 2, 4 or "
-                            "8 EP ranks; else reference)")
+                            "8 EP ranks; else reference; forwarding = the reference's collectives with node "
+                            "forwarding, for EP groups over several nodes)")
     return parser
 
 

@@ -73,7 +73,7 @@ class DeepEPOptions:
         use_fp8_dispatch: send activations as e4m3 with one fp32 scale per 128 channels and
             dequantize on arrival (needs hidden % 128 == 0); gradients travel in full precision.
         backend: ``Buffer`` backend: "auto" (CUDA kernels when built and on GPU, else reference),
-            "reference" (torch.distributed collectives) or "cuda".
+            "reference" (torch.distributed collectives), "cuda" or "forwarding" (node forwarding over the collectives).
     """
 
     use_fp8_dispatch: bool = False
@@ -89,7 +89,7 @@ class DeepEPOptions:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"DeepEPOptions.backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.use_fp8_dispatch and self.backend != "reference" and _arena_requested():
+        if self.use_fp8_dispatch and self.backend in ("auto", "cuda") and _arena_requested():
             warnings.warn(
                 f"{RECV_ARENA_ENV} is set with FP8 dispatch: this combination hung in the pretraining entry's GPU "
                 "test (the direct-write dispatch's copy loop left lanes out of a warp shuffle for rows under 4 KiB; "
