@@ -138,7 +138,7 @@ def _forwarding_backend_round(rank: int, world_size: int, per_node: int) -> int:
     return checked
 
 
-@pytest.mark.parametrize("world_size,per_node", [(4, 2), (4, 1), (8, 2)], ids=["2x2", "4x1", "4x2"])
+@pytest.mark.parametrize("world_size,per_node", [(4, 2), (4, 1), (8, 2), (8, 4)], ids=["2x2", "4x1", "4x2", "2x4"])
 def test_forwarding_backend_equals_the_reference(world_size: int, per_node: int) -> None:
     results = run_ranks(_forwarding_backend_round, world_size, per_node,
                         env={"DEEPEP_MEGATRON_RANKS_PER_NODE": str(per_node)})
