@@ -63,6 +63,12 @@ class ForwardingPlan:
         """The rank on ``node`` that receives ``source``'s RDMA puts: the same local index."""
         return node * self.topology.ranks_per_node + source % self.topology.ranks_per_node
 
+    def direct_rows(self, source: int, rank: int) -> torch.Tensor:
+        """Rows on ``rank`` (of ``source``'s own node) of the tokens ``source`` writes there directly,
+        in token order: where source's rows start on it, and on."""
+        count = int(self.is_token_in_rank[source][:, rank].sum())
+        return self.rank_prefix[source, rank] + torch.arange(count)
+
     def forward_rows(self, source: int, node: int) -> torch.Tensor:
         """[num_rdma_rows[source, node], L] int64: for each slot of ``source``'s region on ``node``, its
         row on each local rank j of that node (-1: bit j clear), computed from what the proxy holds
@@ -148,7 +154,7 @@ def forwarded_dispatch(plan: ForwardingPlan, xs: Sequence[torch.Tensor]) -> tupl
         home = topology.node_of(s)
         for r in range(home * L, (home + 1) * L):  # own node: direct
             sel = mask[:, r]
-            write(s, r, plan.rank_prefix[s, r] + torch.arange(int(sel.sum())), xs[s][sel])
+            write(s, r, plan.direct_rows(s, r), xs[s][sel])
         for m in range(N):  # other nodes: one put per slot, then the proxy forwards
             if m == home:
                 continue
@@ -179,7 +185,7 @@ def forwarded_combine(plan: ForwardingPlan, ys: Sequence[torch.Tensor]) -> list[
             if m == home:  # own node: each rank's row, in rank order
                 for r in range(home * L, (home + 1) * L):
                     sel = mask[:, r]
-                    acc[sel] += ys[r][plan.rank_prefix[s, r] + torch.arange(int(sel.sum()))].float()
+                    acc[sel] += ys[r][plan.direct_rows(s, r)].float()
                 continue
             rows = plan.forward_rows(s, m)  # the proxy's reduce, in local rank order
             partial = torch.zeros((rows.size(0), *ys[0].shape[1:]), dtype=torch.float32)

@@ -61,8 +61,9 @@ class ForwardingBackend(ReferenceBackend):
         received = self._exchange_rows(torch.cat(chunks), [c.size(0) for c in chunks], recv_counts)
         return list(received.split(recv_counts))
 
-    def _move_tokens(self, token_rows, is_token_in_rank, counts):
-        """:meth:`ReferenceBackend._move_tokens` by node forwarding: the RDMA leg, then the NVLink leg."""
+    def _move_tokens(self, token_rows, is_token_in_rank, send_tokens, counts):
+        """:meth:`ReferenceBackend._move_tokens` by node forwarding: the RDMA leg, then the NVLink leg
+        (which picks rows per node and rank from ``is_token_in_rank``: ``send_tokens`` is not needed)."""
         L, N, me = self.topology.ranks_per_node, self.topology.num_nodes, self.rank
         home, local = divmod(me, L)
         num_tokens, row_bytes = token_rows.shape

@@ -137,14 +137,14 @@ class ReferenceBackend(Backend):
         )
         return recv.view(-1, row_bytes).to(rows.device)
 
-    def _move_tokens(self, token_rows: torch.Tensor, is_token_in_rank: torch.Tensor,
+    def _move_tokens(self, token_rows: torch.Tensor, is_token_in_rank: torch.Tensor, send_tokens: torch.Tensor,
                      counts: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """This rank's token rows [T, B] uint8 to every rank of each token's ``is_token_in_rank`` row
-        ([T, R] bool); ``counts`` [R, R] (source, destination) on the host, every rank's. Returns the
-        received rows [N_recv, B] in (source rank, source token) order, and what the combine that
-        reverses it needs beyond the layout (the handle keeps it as ``private["moves"]``). Here:
-        one all-to-all, nothing kept."""
-        _, send_tokens = is_token_in_rank.t().nonzero(as_tuple=True)  # by destination rank, then token
+        ([T, R] bool); ``send_tokens`` [sum of counts[rank]] the token of each (destination rank,
+        token) pair in that order (the layout's); ``counts`` [R, R] (source, destination) on the
+        host, every rank's. Returns the received rows [N_recv, B] in (source rank, source token)
+        order, and what the combine that reverses it needs beyond the layout (the handle keeps it as
+        ``private["moves"]``). Here: one all-to-all, nothing kept."""
         rows = self._exchange_rows(token_rows[send_tokens], counts[self.rank].tolist(), counts[:, self.rank].tolist())
         return rows, None
 
@@ -197,7 +197,8 @@ class ReferenceBackend(Backend):
         if cached_layout is not None:
             self._agree("cached dispatch", channels=cached_layout.num_channels, **_row_fields(x, x_scales))
             layout = cached_layout
-            recv, _ = self._move_tokens(pack_rows(payload), layout.is_token_in_rank, layout.private["counts"])
+            recv, _ = self._move_tokens(pack_rows(payload), layout.is_token_in_rank, layout.private["send_tokens"],
+                                        layout.private["counts"])
             recv_payload = unpack_rows(recv, [_spec(t) for t in payload])
             return DispatchOutput(recv_payload[0], recv_payload[1] if x_scales is not None else None, None, None, layout)
 
@@ -249,7 +250,7 @@ class ReferenceBackend(Backend):
         if topk_idx is not None:
             columns += [topk_idx.to(torch.int64), topk_weights.to(torch.float32)]
         columns.append(torch.arange(x.size(0), device=x.device))
-        recv, moves = self._move_tokens(pack_rows(columns), is_token_in_rank, counts)
+        recv, moves = self._move_tokens(pack_rows(columns), is_token_in_rank, send_tokens, counts)
         recv_columns = unpack_rows(recv, [_spec(t) for t in columns])
         recv_x = recv_columns[0]
         recv_x_scales = recv_columns[1] if x_scales is not None else None

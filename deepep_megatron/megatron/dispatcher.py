@@ -92,7 +92,8 @@ class DeepEPOptions:
         if self.use_fp8_dispatch and self.backend in ("auto", "cuda") and _arena_requested():
             warnings.warn(
                 f"{RECV_ARENA_ENV} is set with FP8 dispatch: this combination hung in the pretraining entry's GPU "
-                "test (the direct-write dispatch's copy loop left lanes out of a warp shuffle for rows under 4 KiB; "
+                "test (the direct-write dispatch's copy loop left lanes out of a warp shuffle on rows that end 16..496 "
+                "bytes into a warp's 4 KiB copy chunk, e.g. FP8 at hidden 256; "
                 f"fixed, the GPU re-run is pending: docs/megatron.md); unset {RECV_ARENA_ENV} (the rings are used "
                 "then) if a run stops making progress",
                 stacklevel=2,
