@@ -189,20 +189,3 @@ def test_tp_divisibility_is_checked_with_the_layout():
                                              "--num-attention-heads", "3", "--hidden-size", "96"])
     with pytest.raises(ValueError, match=r"--num-attention-heads \(3\) must be divisible by --tensor-model-parallel-size \(2\)"):
         validate_args(args, world_size=2)
-
-
-def test_fp8_dispatch_with_a_receive_arena_warns(monkeypatch):
-    """The arena with FP8 dispatch is not verified in the pretraining entry: a warning names it."""
-    import warnings
-
-    monkeypatch.setenv("DEEPEP_MEGATRON_RECV_ARENA_BYTES", str(1 << 20))
-    with pytest.warns(UserWarning, match="DEEPEP_MEGATRON_RECV_ARENA_BYTES is set with FP8 dispatch"):
-        DeepEPOptions(use_fp8_dispatch=True, backend="cuda")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        DeepEPOptions(use_fp8_dispatch=False, backend="cuda")
-        DeepEPOptions(use_fp8_dispatch=True, backend="reference")
-        monkeypatch.setenv("DEEPEP_MEGATRON_RECV_ARENA_BYTES", "lots")  # the cuda backend's error, not this warning's
-        DeepEPOptions(use_fp8_dispatch=True, backend="auto")
-        monkeypatch.delenv("DEEPEP_MEGATRON_RECV_ARENA_BYTES")
-        DeepEPOptions(use_fp8_dispatch=True, backend="cuda")

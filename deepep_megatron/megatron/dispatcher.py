@@ -42,7 +42,6 @@ losses and gradients.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
@@ -55,7 +54,6 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .. import autograd as deepep_autograd
 from ..backends import BACKEND_NAMES as BACKENDS
-from ..backends.cuda import RECV_ARENA_ENV, resolve_recv_arena_bytes
 from ..buffer import Buffer, DispatchHandle
 from ..config import FP8_BLOCK
 from ..profiling import StageClock, nvtx_range
@@ -89,24 +87,6 @@ class DeepEPOptions:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"DeepEPOptions.backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.use_fp8_dispatch and self.backend in ("auto", "cuda") and _arena_requested():
-            warnings.warn(
-                f"{RECV_ARENA_ENV} is set with FP8 dispatch: this combination hung in the pretraining entry's GPU "
-                "test (the direct-write dispatch's copy loop left lanes out of a warp shuffle on rows that end 16..496 "
-                "bytes into a warp's 4 KiB copy chunk, e.g. FP8 at hidden 256; "
-                f"fixed, the GPU re-run is pending: docs/megatron.md); unset {RECV_ARENA_ENV} (the rings are used "
-                "then) if a run stops making progress",
-                stacklevel=2,
-            )
-
-
-def _arena_requested() -> bool:
-    """Whether the environment asks for a receive arena (a malformed value is the cuda backend's
-    error to raise, where it is used: the reference backend ignores the variable)."""
-    try:
-        return resolve_recv_arena_bytes() > 0
-    except ValueError:
-        return False
 
 
 # ---------------------------------------------------------------------------------------------
