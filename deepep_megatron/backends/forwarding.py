@@ -61,28 +61,35 @@ class ForwardingBackend(ReferenceBackend):
         received = self._exchange_rows(torch.cat(chunks), [c.size(0) for c in chunks], recv_counts)
         return list(received.split(recv_counts))
 
-    def _move_tokens(self, token_rows, is_token_in_rank, send_tokens, counts):
+    def _move_tokens(self, token_rows, is_token_in_rank, send_tokens, counts, moves=None):
         """:meth:`ReferenceBackend._move_tokens` by node forwarding: the RDMA leg, then the NVLink leg
-        (which picks rows per node and rank from ``is_token_in_rank``: ``send_tokens`` is not needed)."""
+        (which picks rows per node and rank from ``is_token_in_rank``: ``send_tokens`` is not needed).
+        A cached dispatch (``moves``: the :class:`ForwardingState` of the dispatch it repeats) reuses
+        its slots, slot counts and destination bits: no count gather, rows only on the RDMA leg."""
         L, N, me = self.topology.ranks_per_node, self.topology.num_nodes, self.rank
         home, local = divmod(me, L)
         num_tokens, row_bytes = token_rows.shape
-        slots = rdma_slots(is_token_in_rank, L, me)
-        rdma_rows = self._gather_rows((slots >= 0).sum(dim=0))  # notify: [R, N], every rank's
+        if moves is None:
+            slots = rdma_slots(is_token_in_rank, L, me)
+            rdma_rows = self._gather_rows((slots >= 0).sum(dim=0))  # notify: [R, N], every rank's
+        else:
+            slots, rdma_rows = moves.slots, moves.rdma_rows
         bits = is_token_in_rank.reshape(num_tokens, N, L)
 
-        # RDMA leg: [row | destination bits] once per (token, other node), to the proxy there.
-        empty = token_rows.new_empty((0, row_bytes + L))
+        # RDMA leg: the row (with its destination bits, unless the proxies kept them) once per
+        # (token, other node), to the proxy there.
+        empty = token_rows.new_empty((0, row_bytes + (L if moves is None else 0)))
         send = [empty] * self.num_ranks
         recv_counts = [0] * self.num_ranks
         for m in range(N):
             if m == home:
                 continue
             sent = slots[:, m] >= 0
-            send[m * L + local] = torch.cat([token_rows[sent], bits[sent, m].to(torch.uint8)], dim=1)
+            rows = token_rows[sent]
+            send[m * L + local] = rows if moves is not None else torch.cat([rows, bits[sent, m].to(torch.uint8)], dim=1)
             recv_counts[m * L + local] = int(rdma_rows[m * L + local, home])
         regions = self._all_to_all(send, recv_counts)
-        region_bits = [r[:, row_bytes:].bool() for r in regions]
+        region_bits = [r[:, row_bytes:].bool() for r in regions] if moves is None else moves.region_bits
 
         # NVLink leg: to each rank of this node, by source node: own tokens, or region n's slots.
         send = [token_rows.new_empty((0, row_bytes))] * self.num_ranks

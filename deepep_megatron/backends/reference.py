@@ -138,13 +138,14 @@ class ReferenceBackend(Backend):
         return recv.view(-1, row_bytes).to(rows.device)
 
     def _move_tokens(self, token_rows: torch.Tensor, is_token_in_rank: torch.Tensor, send_tokens: torch.Tensor,
-                     counts: torch.Tensor) -> tuple[torch.Tensor, Any]:
+                     counts: torch.Tensor, moves: Any = None) -> tuple[torch.Tensor, Any]:
         """This rank's token rows [T, B] uint8 to every rank of each token's ``is_token_in_rank`` row
         ([T, R] bool); ``send_tokens`` [sum of counts[rank]] the token of each (destination rank,
         token) pair in that order (the layout's); ``counts`` [R, R] (source, destination) on the
-        host, every rank's. Returns the received rows [N_recv, B] in (source rank, source token)
-        order, and what the combine that reverses it needs beyond the layout (the handle keeps it as
-        ``private["moves"]``). Here: one all-to-all, nothing kept."""
+        host, every rank's; ``moves``: a cached dispatch's ``private["moves"]`` of the dispatch it
+        repeats (None for a new one). Returns the received rows [N_recv, B] in (source rank, source
+        token) order, and what the combine that reverses it (or a cached dispatch) needs beyond the
+        layout (the handle keeps it as ``private["moves"]``). Here: one all-to-all, nothing kept."""
         rows = self._exchange_rows(token_rows[send_tokens], counts[self.rank].tolist(), counts[:, self.rank].tolist())
         return rows, None
 
@@ -198,7 +199,7 @@ class ReferenceBackend(Backend):
             self._agree("cached dispatch", channels=cached_layout.num_channels, **_row_fields(x, x_scales))
             layout = cached_layout
             recv, _ = self._move_tokens(pack_rows(payload), layout.is_token_in_rank, layout.private["send_tokens"],
-                                        layout.private["counts"])
+                                        layout.private["counts"], layout.private["moves"])
             recv_payload = unpack_rows(recv, [_spec(t) for t in payload])
             return DispatchOutput(recv_payload[0], recv_payload[1] if x_scales is not None else None, None, None, layout)
 
