@@ -168,6 +168,10 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("generation", &Runtime::generation)
       .def("barrier", [](Runtime& rt) { barrier(rt); })
       .def(
+          "host_timing", [](Runtime& rt) { return rt.host_timing().stages(); },
+          "[(stage, us)] of this rank's last dispatch / cached dispatch / combine (env DEEPEP_MEGATRON_HOST_TIMING=1; "
+          "empty when off)")
+      .def(
           "get_dispatch_layout",
           [](Runtime& rt, const at::Tensor& topk_idx, int64_t num_experts) {
             return get_dispatch_layout(rt, topk_idx, num_experts);

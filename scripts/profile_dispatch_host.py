@@ -10,7 +10,8 @@ cProfile of the same calls (top functions by own time). Full, num_worst_tokens a
 
 ``--one-call``: instead, each op one call at a time after a sync and ``start_together`` (what a training step
 sees). Per op on rank 0: host time split into Python (Buffer + backend) and ``_C`` (checks,
-allocation, launches, the notify wait), then from a torch.profiler trace of the same loop the GPU
+allocation, launches, the notify wait; with ``DEEPEP_MEGATRON_HOST_TIMING=1`` also ``_C`` stage by
+stage, csrc/runtime/host_timing.h), then from a torch.profiler trace of the same loop the GPU
 timeline relative to the call's start: when the first kernel started (launch latency), each
 kernel's duration, the idle gaps between kernels, and when the last one ended (medians).
 """
@@ -59,19 +60,25 @@ class _Timed:
 
 def _one_call_timeline(rank: int, name: str, fn, timed: "_Timed", calls: int) -> list[str]:
     """The --one-call figures of one op (see the module docstring); rank 0 reports, every rank runs."""
-    hosts, in_c = [], []
+    hosts, in_c, stages = [], [], {}
     for _ in range(calls):
         torch.cuda.synchronize()
         start_together()
         timed.spent.clear()
         t0 = time.perf_counter()
-        fn()
+        result = fn()  # kept until the clock stopped: freeing the outputs is the next step's host work
         hosts.append(time.perf_counter() - t0)
         in_c.append(sum(timed.spent.values()))
+        for stage, us in timed._inner.host_timing():  # empty unless DEEPEP_MEGATRON_HOST_TIMING=1
+            stages.setdefault(stage, []).append(us)
         torch.cuda.synchronize()
+        del result
     med = lambda values: statistics.median(values) * 1e6  # noqa: E731
     lines = [f"rank {rank} {name:7s} one call: host {med(hosts):6.1f} us = Python {med([h - c for h, c in zip(hosts, in_c)]):5.1f}"
              f" + _C {med(in_c):5.1f}"]
+    if stages:  # the _C part stage by stage (csrc/runtime/host_timing.h); the rest of _C is the binding
+        split = "; ".join(f"{stage} {statistics.median(us):.1f}" for stage, us in stages.items())
+        lines.append(f"rank {rank} {name:7s} _C stages (us, median): {split}")
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(calls):

@@ -41,6 +41,35 @@ void expect(const at::Tensor& t, const char* name, at::ScalarType dtype, std::in
 
 void* ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
 
+// A typed window of `base`'s storage: `sizes` elements of `dtype` from byte `byte_offset` of `base`'s
+// first element, contiguous (or with `strides`). An operation's outputs share a few allocations;
+// narrow() + view() made each of them through the dispatcher and autograd's view tracking at about 2
+// us apiece on the device host (HostTiming), 30-60 us per dispatch. A window is a plain tensor on
+// the same storage (no autograd view record: each is an output of this non-differentiable call).
+at::Tensor window(const at::Tensor& base, int64_t byte_offset, at::ScalarType dtype, c10::IntArrayRef sizes,
+                  c10::IntArrayRef strides = {}) {
+  const int64_t item = static_cast<int64_t>(c10::elementSize(dtype));
+  const int64_t begin = base.storage_offset() * base.element_size() + byte_offset;
+  const int64_t numel = c10::multiply_integers(sizes);
+  int64_t span = numel;  // elements from the first to one past the last
+  if (!strides.empty() && numel > 0) {
+    span = 1;
+    for (size_t d = 0; d < sizes.size(); ++d) span += (sizes[d] - 1) * strides[d];
+  }
+  if (begin % item != 0 || begin + span * item > static_cast<int64_t>(base.storage().nbytes())) {
+    throw std::logic_error("deepep_megatron._C: a tensor window falls outside its allocation");
+  }
+  auto impl = c10::make_intrusive<c10::TensorImpl>(c10::Storage(base.storage()), base.key_set(),
+                                                   c10::scalarTypeToTypeMeta(dtype));
+  if (strides.empty()) {
+    impl->set_sizes_contiguous(sizes);
+  } else {
+    impl->set_sizes_and_strides(sizes, strides);
+  }
+  impl->set_storage_offset(begin / item);
+  return at::Tensor(std::move(impl));
+}
+
 void check_healthy(const Runtime& rt) {
   if (!rt.is_open()) throw std::runtime_error("deepep_megatron._C: the buffer was destroyed");
   if (rt.has_error()) throw DeviceError("a kernel of this rank recorded an error");
@@ -164,12 +193,8 @@ struct ReceiveRows {
     at::Tensor bytes = at::from_blob(
         arena->base() + offset, {layout.bytes},
         [keep, offset](void*) { keep->release(offset); }, like.options().dtype(at::kByte));
-    r.x = bytes.narrow(0, 0, rows * row_bytes).view(like.scalar_type()).view({rows, like.size(1)});
-    if (num_scales > 0) {
-      r.x_scales = bytes.narrow(0, layout.off_scales, rows * num_scales * 4)
-                       .view(at::kFloat)
-                       .view({rows, num_scales});
-    }
+    r.x = window(bytes, 0, like.scalar_type(), {rows, like.size(1)});
+    if (num_scales > 0) r.x_scales = window(bytes, layout.off_scales, at::kFloat, {rows, num_scales});
     return r;
   }
 };
@@ -218,8 +243,8 @@ struct ReceiveTensors {
   // The first `rows` rows of each tensor (views of the same allocations).
   ReceiveTensors first(int64_t rows) const {
     ReceiveTensors r = *this;
-    r.x = x.narrow(0, 0, rows);
-    if (x_scales.has_value()) r.x_scales = x_scales->narrow(0, 0, rows);
+    r.x = window(x, 0, x.scalar_type(), {rows, x.size(1)});
+    if (x_scales.has_value()) r.x_scales = window(*x_scales, 0, at::kFloat, {rows, x_scales->size(1)});
     r.take_views(rows);
     return r;
   }
@@ -252,9 +277,9 @@ struct ReceiveTensors {
   static int64_t meta_bytes(int64_t rows, int k) { return idx_bytes(rows, k) + weight_bytes(rows, k) + rows * 4; }
   void take_views(int64_t rows) {  // region offsets follow the capacity, so views stay in place
     const int64_t weights_at = idx_bytes(capacity, num_topk), src_at = weights_at + weight_bytes(capacity, num_topk);
-    topk_idx = meta.narrow(0, 0, idx_bytes(rows, num_topk)).view(at::kLong).view({rows, num_topk});
-    topk_weights = meta.narrow(0, weights_at, rows * num_topk * 4).view(at::kFloat).view({rows, num_topk});
-    src_idx = meta.narrow(0, src_at, rows * 4).view(at::kInt);
+    topk_idx = window(meta, 0, at::kLong, {rows, num_topk});
+    topk_weights = window(meta, weights_at, at::kFloat, {rows, num_topk});
+    src_idx = window(meta, src_at, at::kInt, {rows});
   }
 };
 
@@ -269,10 +294,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> get_dispatch_layout(Runtime& rt, 
     fail("num_experts=" + std::to_string(num_experts) + " must be a multiple of " + std::to_string(R) +
          " with at most " + std::to_string(kMaxLocalExperts) + " per rank");
   }
-  const auto opts = topk_idx.options();
-  at::Tensor per_rank = at::empty({R}, opts.dtype(at::kInt));
-  at::Tensor per_expert = at::empty({num_experts}, opts.dtype(at::kInt));
-  at::Tensor in_rank = at::empty({topk_idx.size(0), R}, opts.dtype(at::kBool));
+  // One allocation for the three outputs (int32 counts first, then the bool matrix).
+  const int64_t T = topk_idx.size(0);
+  at::Tensor bytes = at::empty({(R + num_experts) * 4 + T * R}, topk_idx.options().dtype(at::kByte));
+  at::Tensor per_rank = window(bytes, 0, at::kInt, {R});
+  at::Tensor per_expert = window(bytes, R * 4, at::kInt, {num_experts});
+  at::Tensor in_rank = window(bytes, (R + num_experts) * 4, at::kBool, {T, R});
   launch_get_dispatch_layout(topk_idx.data_ptr<int64_t>(), static_cast<int>(topk_idx.size(0)),
                              static_cast<int>(topk_idx.size(1)), static_cast<int>(num_experts), R,
                              per_rank.data_ptr<int>(), per_expert.data_ptr<int>(), in_rank.data_ptr<bool>(),
@@ -284,6 +311,8 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
                         const std::optional<at::Tensor>& topk_idx_in, const std::optional<at::Tensor>& topk_weights_in,
                         const at::Tensor& is_token_in_rank, const at::Tensor& num_tokens_per_expert,
                         int expert_alignment, const RingConfig& config, int num_worst_tokens) {
+  HostTiming& timing = rt.host_timing();
+  timing.begin();
   check_healthy(rt);
   const int R = rt.num_ranks();
   const cudaStream_t stream = current_stream(rt);
@@ -314,6 +343,7 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
   const int hidden_bytes = hidden_bytes_of(x);
   const RingGeometry ring = ring_for(rt, config, hidden_bytes);
   const int C = ring.num_channels;
+  timing.mark("checks");
 
   const auto int_opts = x.options().dtype(at::kInt);
   DispatchResult out;
@@ -323,19 +353,20 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
   for (int64_t size : sizes) total += size;
   at::Tensor workspace = at::empty({total}, int_opts);
   int64_t offset = 0;
-  auto take = [&](int64_t rows, int64_t cols) {
-    at::Tensor part = workspace.narrow(0, offset, rows * cols).view({rows, cols});
-    offset += rows * cols;
+  auto take = [&](c10::IntArrayRef shape) {
+    at::Tensor part = window(workspace, offset * 4, at::kInt, shape);
+    offset += c10::multiply_integers(shape);
     return part;
   };
-  out.channel_count = take(R, C);
-  out.send_position = take(T, R);
-  out.send_tokens = take(R, T);
-  out.recv_channel_offset = take(R, C + 1);
-  out.send_counts = take(1, R).view({R});
-  out.rank_prefix_matrix = take(R, R);
-  out.recv_counts = take(1, R + num_local_experts).view({R + num_local_experts});
-  int* fits = take(1, 1).data_ptr<int>();  // notify's verdict on the speculative dispatch (host mode)
+  out.channel_count = take({R, C});
+  out.send_position = take({T, R});
+  out.send_tokens = take({R, T});
+  out.recv_channel_offset = take({R, C + 1});
+  out.send_counts = take({R});
+  out.rank_prefix_matrix = take({R, R});
+  out.recv_counts = take({R + num_local_experts});
+  int* fits = workspace.data_ptr<int>() + offset;  // notify's verdict on the speculative dispatch (host mode)
+  timing.mark("layout tensors");
   NotifyArgs notify{};
   notify.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
   notify.topk_idx = topk_idx.data_ptr<int64_t>();
@@ -370,8 +401,10 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
   }
   notify.capacity = static_cast<int>(speculative.capacity);
   notify.blocks = BlockExchange{true, speculative.block};
+  timing.mark("receive tensors");
   const PeerContext ctx = rt.context();
   launch_notify(ctx, fingerprint(rt, kOpDispatch, row_bytes, num_scales, num_topk, ring), notify, stream);
+  timing.mark("notify launch");
 
   DispatchArgs a{};
   a.x = static_cast<const uint8_t*>(x.data_ptr());
@@ -396,6 +429,7 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
     a.fits = fits;
     speculative.point(a);
     launch_dispatch(ctx, ring, a, stream);
+    timing.mark("dispatch launch");
   }
 
   int64_t num_rows = num_worst_tokens;
@@ -404,6 +438,7 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
     if (!rt.wait_notify(notify.ticket, std::max(kMinHostWaitS, kHostWaitTimeouts * rt.timeout_s()))) {
       throw DeviceError("notify did not finish on this rank");
     }
+    timing.mark("notify wait");
     const NotifyResult& result = rt.notify_result();
     out.host_counts.assign(result.counts, result.counts + R + num_local_experts);
     out.bad_ranks = result.bad_ranks;
@@ -416,9 +451,9 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
     out.num_recv_tokens_per_rank = at::empty({R}, at::TensorOptions().dtype(at::kInt));
     std::copy(out.host_counts.begin(), out.host_counts.begin() + R, out.num_recv_tokens_per_rank.data_ptr<int>());
   } else {
-    out.num_recv_tokens_per_rank = out.recv_counts.narrow(0, 0, R);
+    out.num_recv_tokens_per_rank = window(out.recv_counts, 0, at::kInt, {R});
   }
-  out.recv_channel_prefix_matrix = out.recv_channel_offset.narrow(1, 0, C);
+  out.recv_channel_prefix_matrix = window(out.recv_channel_offset, 0, at::kInt, {R, C}, {C + 1, 1});
   ReceiveTensors recv;
   if (num_worst_tokens == 0 && rt.notify_result().fits) {
     // The speculative kernel moves the data: views of its outputs, or (when far fewer rows came
@@ -430,6 +465,7 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
     recv = speculative;
     speculative.point(a);
     launch_dispatch(ctx, ring, a, stream);
+    timing.mark("dispatch launch");
   } else {
     // The exact dispatch after the host wait (notify has ended: nothing to wait for). It has no
     // barrier to publish a receive block in: rings only (ordinary tensors).
@@ -440,6 +476,7 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
     a.blocks = kNoExchange;
     a.use_blocks = false;
     launch_dispatch(ctx, ring, a, stream);
+    timing.mark("exact dispatch launch");
   }
   out.recv_x = recv.x;
   out.recv_x_scales = recv.x_scales;
@@ -447,6 +484,7 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
   out.recv_topk_weights = recv.topk_weights;
   out.recv_src_idx = recv.src_idx;
   if (layout_only) out.recv_topk_idx = out.recv_topk_weights = std::nullopt;
+  timing.mark("results");
   return out;
 }
 
@@ -454,6 +492,8 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> cached_dispatch(
     Runtime& rt, const at::Tensor& x, const std::optional<at::Tensor>& x_scales, const at::Tensor& send_tokens,
     const at::Tensor& channel_count, const at::Tensor& recv_channel_offset, const at::Tensor& recv_src_idx,
     const at::Tensor& rank_prefix_matrix, const at::Tensor& send_position, const RingConfig& config) {
+  HostTiming& timing = rt.host_timing();
+  timing.begin();
   check_healthy(rt);
   const int R = rt.num_ranks();
   const cudaStream_t stream = current_stream(rt);
@@ -471,9 +511,11 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> cached_dispatch(
   expect(rank_prefix_matrix, "rank_prefix_matrix", at::kInt, {R, R}, rt);
   expect(send_position, "send_position", at::kInt, {T, R}, rt);
   const int64_t num_recv_rows = recv_src_idx.size(0);  // the rows the dispatch that made the layout allocated
+  timing.mark("checks");
 
   const PeerContext ctx = rt.context();
   const ReceiveRows rows = ReceiveRows::allocate(x, num_recv_rows, num_scales, 0, arena_for(rt, stream), rt.arena(), stream);
+  timing.mark("receive tensors");
   const at::Tensor& recv_x = rows.x;
   const std::optional<at::Tensor>& recv_x_scales = rows.x_scales;
   DispatchArgs a{};
@@ -496,6 +538,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> cached_dispatch(
   a.rank_prefix_matrix = rank_prefix_matrix.data_ptr<int>();
   a.send_position = const_cast<int*>(send_position.data_ptr<int>());  // read only: no is_token_in_rank
   launch_dispatch(ctx, ring, a, stream);
+  timing.mark("dispatch launch");
   return {recv_x, recv_x_scales};
 }
 
@@ -505,6 +548,8 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> combine(Runtime& rt, const at:
                                                           const at::Tensor& send_position, const at::Tensor& recv_src_idx,
                                                           const at::Tensor& rank_prefix_matrix,
                                                           const at::Tensor& channel_count, const RingConfig& config) {
+  HostTiming& timing = rt.host_timing();
+  timing.begin();
   check_healthy(rt);
   const int R = rt.num_ranks();
   const cudaStream_t stream = current_stream(rt);
@@ -527,6 +572,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> combine(Runtime& rt, const at:
   const int off_weights = align_slot(row_bytes);
   if (off_weights + align_slot(num_topk * 4) > ring.slot_bytes) fail("combine row does not fit a slot");
   const int64_t T = send_position.size(0);
+  timing.mark("checks");
 
   const PeerContext ctx = rt.context();
   at::Tensor combined = at::empty({T, x.size(1)}, x.options());
@@ -558,8 +604,11 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> combine(Runtime& rt, const at:
   const int64_t offset = arena != nullptr && rows > 0 ? arena->allocate(combine_block(rows, row_bytes, num_topk).bytes, stream) : -1;
   a.use_blocks = offset >= 0;
   a.blocks = a.use_blocks ? BlockExchange{true, ReceiveBlock{offset, rows}} : kNoExchange;
+  timing.mark("output tensors");
   launch_combine(ctx, ring, a, stream);
+  timing.mark("combine launch");
   if (offset >= 0) arena->release(offset);
+  timing.mark("combine block release");
   return {combined, combined_weights};
 }
 

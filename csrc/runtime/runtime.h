@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "context.h"
+#include "host_timing.h"
 #include "receive_arena.h"
 
 namespace deepep_megatron {
@@ -73,6 +74,8 @@ class Runtime {
   // this rank reported an error first; throws after host_timeout_s (the stream never got there).
   bool wait_notify(uint32_t ticket, double host_timeout_s) const;
   const NotifyResult& notify_result() const { return *host_notify_; }
+  // Stage times of this rank's last operation (DEEPEP_MEGATRON_HOST_TIMING=1; host_timing.h).
+  HostTiming& host_timing() { return host_timing_; }
 
  private:
   int rank_;
@@ -94,6 +97,7 @@ class Runtime {
   int64_t recent_receive_rows_[kReceiveHintWindow] = {};
   int64_t num_receive_hints_ = 0;
   int64_t min_buffer_bytes_ = 0;
+  HostTiming host_timing_;
 };
 
 }  // namespace deepep_megatron

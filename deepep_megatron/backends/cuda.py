@@ -267,6 +267,12 @@ class CudaBackend(LowLatencyDelegate, Backend):
         size, in_use, blocks, misses = self._runtime.arena_stats()
         return {"bytes": size, "bytes_in_use": in_use, "blocks": blocks, "misses": misses}
 
+    def host_timing(self) -> list:
+        """``[(stage, microseconds)]`` of this rank's last dispatch, cached dispatch or combine inside
+        ``_C`` (checks, output tensors, each launch, the notify wait), when the process runs with
+        ``DEEPEP_MEGATRON_HOST_TIMING=1``; empty otherwise (csrc/runtime/host_timing.h)."""
+        return self._runtime.host_timing()
+
     def check_errors(self) -> None:
         """Raise the recorded error if a kernel of this rank failed (no sync)."""
         if self._error is None and self._runtime.has_error():
