@@ -734,6 +734,8 @@ def _repro_command(args: argparse.Namespace) -> str:
         parts.append(f"--recv-arena-bytes {args.recv_arena_bytes}")
     if args.ring_combine:
         parts.append("--ring-combine")
+    if args.fused_notify:
+        parts.append("--fused-notify")
     return " ".join(parts)
 
 
@@ -758,11 +760,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                              "poisoned when taken); 0: the rings only")
     parser.add_argument("--ring-combine", action="store_true",
                         help="with --recv-arena-bytes: combine through the rings, not direct (DEEPEP_MEGATRON_DIRECT_COMBINE=0)")
+    parser.add_argument("--fused-notify", action="store_true",
+                        help="cuda: notify in the dispatch kernel's last block, not its own launch (DEEPEP_MEGATRON_FUSED_NOTIFY=1)")
     args = parser.parse_args(argv)
     if args.recv_arena_bytes < 0:
         parser.error("--recv-arena-bytes must be >= 0")
     rank_env = {"DEEPEP_MEGATRON_RECV_ARENA_BYTES": str(args.recv_arena_bytes), "DEEPEP_MEGATRON_POISON_ARENA": "1",
-                "DEEPEP_MEGATRON_DIRECT_COMBINE": "0" if args.ring_combine else "1"}
+                "DEEPEP_MEGATRON_DIRECT_COMBINE": "0" if args.ring_combine else "1",
+                "DEEPEP_MEGATRON_FUSED_NOTIFY": "1" if args.fused_notify else "0"}
 
     rank_counts = [int(r) for r in args.ranks.split(",")]
     device = args.device if args.device != "auto" else ("cuda" if args.backend == "cuda" else "cpu")
@@ -797,7 +802,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     header = (f"soak_intranode · backend {args.backend} · {where} · seed {args.seed} · ranks {args.ranks} · "
               f"max tokens {args.max_tokens} · hidden {list(hiddens)}" + (f" · planted error in {args.plant_error}" if args.plant_error else "")
               + (f" · receive arena {args.recv_arena_bytes} bytes" if args.recv_arena_bytes else "")
-              + ((" · ring combine" if args.ring_combine else " · direct combine") if args.recv_arena_bytes else ""))
+              + ((" · ring combine" if args.ring_combine else " · direct combine") if args.recv_arena_bytes else "")
+              + (" · fused notify" if args.fused_notify else ""))
     report = format_report(summaries, header)
     if args.out:
         with open(args.out, "w") as f:

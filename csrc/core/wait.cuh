@@ -111,6 +111,7 @@ __device__ __forceinline__ bool cross_rank_barrier(const PeerContext& ctx, const
 // carries its own barrier (fused_barrier); the kernel's last block (finish_block) resets it to 0.
 constexpr uint32_t kGoPassed = 1u;
 constexpr uint32_t kGoFailed = 2u;
+constexpr uint32_t kGoNotified = 3u;  // passed, and (kFusedNotify) the kernel's notify block wrote its outputs
 
 __device__ __forceinline__ void publish_go(const PeerContext& ctx, bool passed) {
   st_release_sys(at<uint32_t>(ctx.buffers[ctx.rank], kOffGo), passed ? kGoPassed : kGoFailed);
@@ -132,12 +133,33 @@ __device__ __forceinline__ bool wait_go(const PeerContext& ctx) {
       }
       verdict = ld_acquire_sys(go);
     }
-    passed = verdict == kGoPassed ? 1 : 0;
+    passed = verdict != kGoFailed ? 1 : 0;  // kGoPassed, or already kGoNotified
   }
   __syncthreads();
   const bool ok = passed != 0;
   __syncthreads();  // `passed` is rewritten by the next wait of this block
   return ok;
+}
+
+// Called by any thread of a kernel whose own notify block publishes kGoNotified (kFusedNotify), before
+// it reads what notify computes: spin (acquire, so this thread sees notify's outputs) until then.
+// False when this rank was aborted first (notify stopped early or refused the input) or after twice
+// the timeout (the notify block never ran: a diagnostic names the wait).
+// Not inlined (ctx copied): the kernels that never fuse notify keep their registers.
+__device__ __noinline__ bool wait_notified(const PeerContext ctx) {
+  const uint32_t* go = at<uint32_t>(ctx.buffers[ctx.rank], kOffGo);
+  const uint64_t start = global_timer_ns();
+  for (uint32_t iter = 1;; ++iter) {
+    if (ld_acquire_sys(go) == kGoNotified) return true;
+    if ((iter & 63u) == 0u) {
+      if (aborted(ctx)) return false;
+      if (global_timer_ns() - start > 2 * ctx.timeout_ns) {
+        report_error(ctx, kWaitBarrier, ctx.rank, -1, kGoNotified, 0);
+        return false;
+      }
+    }
+    __nanosleep(64);
+  }
 }
 
 // The barrier a data kernel carries itself (a cached dispatch, a combine: one launch instead of a

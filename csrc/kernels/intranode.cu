@@ -28,6 +28,11 @@
 //   else on none (they drain the rings) and every host launches the exact one; or
 //   (num_worst_tokens > 0, nothing on the host waits) turns bad ids on any rank, or any rank
 //   receiving more than num_worst_tokens rows, into the same abort on every rank.
+//   Fused (Opening::kFusedNotify, DEEPEP_MEGATRON_FUSED_NOTIFY=1): no notify launch; the dispatch
+//   kernel (the direct one with a receive block) has 2*C + 1 blocks and the last runs the above,
+//   then sets the go word to kGoNotified (release); the data blocks open on the go word as behind
+//   notify and wait for kGoNotified (acquire) where they would wait for notify's end. A block that
+//   finds this rank aborted by then (notify stopped, or refused the input) reads no offset of it.
 //
 // direct dispatch (2*C blocks of 24 warps; every rank published a receive block in the opening
 //   barrier: the layout header's "Receive arena"). A rank with a block of its own launches it first
@@ -110,28 +115,42 @@ namespace {
 constexpr int kNotifyThreads = 512;
 
 // ------------------------------------------------------------------------------------- notify
-__global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(PeerContext ctx, Fingerprint fp, NotifyArgs a) {
+// (kFusedNotify) The notify block's outputs are written: every thread's stores, then kGoNotified
+// (release) for the blocks waiting in wait_for_notify.
+__device__ __forceinline__ void publish_notified(const PeerContext& ctx) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) st_release_sys(at<uint32_t>(ctx.buffers[ctx.rank], kOffGo), kGoNotified);
+}
+
+// What notify does, run by one block of kThreads threads: the notify kernel's, or (fused, a full
+// dispatch's Opening::kFusedNotify) the dispatch kernel's last block, which then publishes
+// kGoNotified in the go word once its outputs are written, where the other blocks wait
+// (wait_for_notify) instead of for the end of a notify kernel launched before them.
+template <int kThreads>
+__device__ __forceinline__ void notify_block(const PeerContext& ctx, const Fingerprint fp, const NotifyArgs& a,
+                                             bool fused) {
   __shared__ int totals[kMaxRanks];          // rows this rank receives from each source
   __shared__ int recv_totals[kMaxRanks];     // rows every rank receives (from the send matrix)
   __shared__ int channel_counts[kMaxRanks * kMaxChannels];  // [R, C] this rank's send streams
-  __shared__ long long warp_low[kNotifyThreads / 32], warp_high[kNotifyThreads / 32];
+  __shared__ long long warp_low[kThreads / 32], warp_high[kThreads / 32];
   const int num_ranks = ctx.num_ranks, me = ctx.rank, num_channels = a.num_channels;
   const int lane = threadIdx.x % 32;
 
-  for (int i = threadIdx.x; i < num_ranks * num_channels; i += kNotifyThreads) channel_counts[i] = 0;
+  for (int i = threadIdx.x; i < num_ranks * num_channels; i += kThreads) channel_counts[i] = 0;
   if (threadIdx.x == 0 && a.fits != nullptr) *a.fits = 0;  // stays 0 if this notify stops early
   // The first barrier opens the dispatch kernel launched behind this one (every dispatch launches
   // one): its senders start filling the peers' rings while the rest of notify runs (they need
   // nothing notify computes).
   const bool passed = cross_rank_barrier(ctx, fp, a.blocks);
   if (threadIdx.x == 0) publish_go(ctx, passed);
-  pdl_launch_dependents();
+  if (!fused) pdl_launch_dependents();
   if (!passed) return;
 
   // The tokens each channel (a contiguous slice) sends to each rank: lanes of one channel add their
   // ballot once (a warp spans at most a few channels), and the min / max of topk_idx.
   const int per_channel = (a.num_tokens + num_channels - 1) / max(num_channels, 1);
-  for (int base = threadIdx.x - lane; base < a.num_tokens; base += kNotifyThreads) {
+  for (int base = threadIdx.x - lane; base < a.num_tokens; base += kThreads) {
     const int t = base + lane;
     const bool valid = t < a.num_tokens;
     const int c = valid ? t / per_channel : -1;
@@ -145,7 +164,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(PeerContext c
   }
   long long low = INT64_MAX, high = INT64_MIN;
   const int64_t entries = static_cast<int64_t>(a.num_tokens) * a.num_topk;
-  for (int64_t i = threadIdx.x; i < entries; i += kNotifyThreads) {
+  for (int64_t i = threadIdx.x; i < entries; i += kThreads) {
     const long long v = __ldg(reinterpret_cast<const long long*>(a.topk_idx) + i);
     low = min(low, v);
     high = max(high, v);
@@ -159,9 +178,9 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(PeerContext c
     warp_high[threadIdx.x / 32] = high;
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < num_ranks * num_channels; i += kNotifyThreads) a.channel_count[i] = channel_counts[i];
+  for (int i = threadIdx.x; i < num_ranks * num_channels; i += kThreads) a.channel_count[i] = channel_counts[i];
   if (threadIdx.x == 0) {
-    for (int w = 1; w < kNotifyThreads / 32; ++w) {
+    for (int w = 1; w < kThreads / 32; ++w) {
       low = min(low, warp_low[w]);
       high = max(high, warp_high[w]);
     }
@@ -257,6 +276,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(PeerContext c
         }
       }
     }
+    if (fused) publish_notified(ctx);
     return;
   }
   // Publish to the host (host-mapped NotifyResult): every field first, the sequence word last.
@@ -279,7 +299,20 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(PeerContext c
     __threadfence_system();
     *reinterpret_cast<volatile uint32_t*>(&a.result->sequence) = a.ticket;
   }
+  if (fused) publish_notified(ctx);
 }
+
+__global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(PeerContext ctx, Fingerprint fp, NotifyArgs a) {
+  notify_block<kNotifyThreads>(ctx, fp, a, false);
+}
+
+// The last block of a kFusedNotify dispatch. Not inlined, its arguments copied: so that notify's
+// registers and frame do not add to those of the data blocks' copy loops (ptxas: inlined, they
+// made the EP8 kernels spill).
+__device__ __noinline__ void fused_notify(PeerContext ctx, Fingerprint fp, NotifyArgs a) {
+  notify_block<kThreadsPerBlock>(ctx, fp, a, true);
+}
+
 
 // ------------------------------------------------------------------------------------- copies
 // The loads and stores a warp copy is made of: read-only inputs go through the non-coherent
@@ -412,6 +445,43 @@ __device__ __forceinline__ bool writes_outputs(const DispatchArgs& a) {
   return a.fits == nullptr || *reinterpret_cast<const volatile int*>(a.fits) != 0;
 }
 
+// Before a thread reads what notify computes (offsets, rank_prefix_matrix, the fits verdict): behind
+// a notify kernel it waits for that kernel's end (griddepcontrol.wait; a no-op after any other
+// launch), in a kernel that runs notify in its last block (kFusedNotify) for kGoNotified. False when
+// this rank was aborted by then (notify stopped early, or refused the input: bad ids, more rows than
+// num_worst_tokens), so that no offset of a failed notify is ever used to write. kFused: the kernel
+// instantiation for kFusedNotify launches (the others carry no code of it, so their registers are
+// as without it).
+template <bool kFused>
+__device__ __forceinline__ bool wait_for_notify(const PeerContext& ctx) {
+  if (kFused) {
+    if (!wait_notified(ctx)) return false;
+  } else {
+    pdl_wait_for_primary();
+  }
+  return !aborted(ctx);
+}
+
+// The blocks that move data: two per channel. A kFusedNotify launch has one more, the last, for notify.
+__device__ __forceinline__ int data_blocks(const RingGeometry& ring) { return 2 * ring.num_channels; }
+// Whether this block is a kFusedNotify launch's notify block.
+template <bool kFused>
+__device__ __forceinline__ bool runs_notify(const RingGeometry& ring) {
+  return kFused && static_cast<int>(blockIdx.x) == data_blocks(ring);
+}
+
+// wait_for_notify for a whole block (every thread calls it): thread 0 waits, every thread gets its
+// answer (alike, so the block's later barriers are reached by all).
+template <bool kFused>
+__device__ __forceinline__ bool block_wait_for_notify(const PeerContext& ctx) {
+  __shared__ int ok;
+  if (threadIdx.x == 0) ok = wait_for_notify<kFused>(ctx) ? 1 : 0;
+  __syncthreads();
+  const bool result = ok != 0;
+  __syncthreads();  // `ok` is rewritten by the next call
+  return result;
+}
+
 // The receive block peer d published in the barrier that opened this kernel (kOffReceiveBlocks).
 __device__ __forceinline__ ReceiveBlock published_block(const PeerContext& ctx, int peer) {
   const volatile int64_t* words = reinterpret_cast<const volatile int64_t*>(
@@ -461,7 +531,7 @@ __device__ __forceinline__ DirectTarget direct_target(const PeerContext& ctx, co
 // A sender block: (full dispatch) build this channel's streams, then the own-rank group copies this
 // rank's tokens of the channel straight from x into its output rows (no ring, nothing to wait for)
 // while the other groups push to the peers' rings.
-template <int kNumRanks>
+template <int kNumRanks, bool kFused>
 __device__ __forceinline__ void dispatch_sender(const PeerContext& ctx, const RingGeometry& ring, const DispatchArgs& a,
                                                 int channel, int begin, int* step) {
   __shared__ int lengths[kMaxRanks];
@@ -481,8 +551,7 @@ __device__ __forceinline__ void dispatch_sender(const PeerContext& ctx, const Ri
   if (peer == me) {
     // Own tokens go straight to their output rows, which notify computes: wait for it (a kernel
     // launched behind notify), and write nothing when a speculative launch's rows do not fit.
-    pdl_wait_for_primary();
-    if (!writes_outputs(a)) return;
+    if (!wait_for_notify<kFused>(ctx) || !writes_outputs(a)) return;
     const int out_begin = a.recv_channel_offset[me * (ring.num_channels + 1) + channel];
     const int total = a.recv_channel_offset[me * (ring.num_channels + 1) + channel + 1] - out_begin;
     const int* tokens = stream_tokens(me);
@@ -514,8 +583,8 @@ __device__ __forceinline__ void dispatch_sender(const PeerContext& ctx, const Ri
     if (a.use_blocks) {
       const ReceiveBlock block = published_block(ctx, peer);
       if (block.offset != kNoReceiveBlock) {
-        if (a.opening == Opening::kAfterNotify) pdl_wait_for_primary();
-        direct = direct_target(ctx, a, ring, block, peer, channel, length);
+        direct = wait_for_notify<kFused>(ctx) ? direct_target(ctx, a, ring, block, peer, channel, length)
+                                         : DirectTarget{nullptr, nullptr, RowTarget::kMetadataOnly};
       }
     }
     direct_s[peer] = direct;
@@ -572,7 +641,7 @@ struct DirectRows {
 // Then each block adds 1 to kOffDirectDone[c][me] of every destination; the even block waits for
 // both blocks of every source and copies the metadata rows of channel c out of this rank's block
 // into the ordinary outputs (and takes its share of the padding rows).
-template <int kNumRanks>
+template <int kNumRanks, bool kFused>
 __device__ __forceinline__ void dispatch_direct(const PeerContext& ctx, const RingGeometry& ring, const DispatchArgs& a,
                                                 int channel) {
   __shared__ int lengths[kMaxRanks];
@@ -591,7 +660,7 @@ __device__ __forceinline__ void dispatch_direct(const PeerContext& ctx, const Ri
   } else if (threadIdx.x < kNumRanks) {
     lengths[threadIdx.x] = a.channel_count[threadIdx.x * C + channel];
   }
-  pdl_wait_for_primary();  // a full dispatch: notify's offsets and verdict
+  if (!block_wait_for_notify<kFused>(ctx)) return;  // a full dispatch: notify's offsets and verdict
   const bool write = writes_outputs(a);  // alike on every rank: nobody writes, nobody waits
   if (!write) return;
   if (threadIdx.x == 0) overflow = 0;
@@ -730,12 +799,12 @@ __device__ __forceinline__ void pad_rows_share(const PeerContext& ctx, const Rin
 
 // A receiver block: (num_worst_tokens) its share of the padding rows, then one warp group per peer
 // drains that peer's ring of this channel into the output rows.
-template <int kNumRanks>
+template <int kNumRanks, bool kFused>
 __device__ __forceinline__ void dispatch_receiver(const PeerContext& ctx, const RingGeometry& ring,
                                                   const DispatchArgs& a, int channel, int* step) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int me = ctx.rank;
-  pdl_wait_for_primary();  // launched behind notify: its offsets (and verdict) first
+  if (!block_wait_for_notify<kFused>(ctx)) return;  // a full dispatch: notify's offsets (and verdict) first
   const bool write = writes_outputs(a);
   if (a.pad_rows && write) pad_rows_share(ctx, ring, a, channel, ring.num_channels);
   int source, warp_in_group, group_warps;
@@ -789,22 +858,27 @@ __device__ __forceinline__ void dispatch_receiver(const PeerContext& ctx, const 
   if (leader && consumed == total) *head_shadow = base + static_cast<uint32_t>(total);
 }
 
-template <int kNumRanks>
+template <int kNumRanks, bool kFused>
 __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     dispatch_kernel(PeerContext ctx, RingGeometry ring, DispatchArgs a) {
   __shared__ int step[kNumRanks];  // per warp group: rows in this step (sender) / rows available (receiver); -1 = timed out
+  if (runs_notify<kFused>(ring)) {
+    fused_notify(ctx, a.barrier_fp, a.notify);
+    finish_block(ctx, a.poison);
+    return;
+  }
   const int channel = blockIdx.x / 2;
   int begin, end;
   channel_range(a.num_tokens, ring.num_channels, channel, begin, end);
   bool opened = true;
-  if (a.opening == Opening::kAfterNotify) opened = wait_go(ctx);
+  if (a.opening == Opening::kAfterNotify || a.opening == Opening::kFusedNotify) opened = wait_go(ctx);
   if (a.opening == Opening::kOwnBarrier) opened = fused_barrier(ctx, a.barrier_fp, a.blocks);
   // (every rank has a receive block: dispatch_direct_kernel, launched before this one, moved the data)
   if (opened && !aborted(ctx) && !every_rank_has_block(ctx, a.use_blocks)) {  // aborted: finish_block poisons
     if (blockIdx.x % 2 == 0) {
-      dispatch_sender<kNumRanks>(ctx, ring, a, channel, begin, step);
+      dispatch_sender<kNumRanks, kFused>(ctx, ring, a, channel, begin, step);
     } else {
-      dispatch_receiver<kNumRanks>(ctx, ring, a, channel, step);
+      dispatch_receiver<kNumRanks, kFused>(ctx, ring, a, channel, step);
     }
   }
   finish_block(ctx, a.poison);
@@ -1184,17 +1258,22 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
 // The direct dispatch (every rank has a receive block; else it does nothing and the ring kernel
 // launched after it moves the data). Its own kernel, so that its registers (a row in flight to
 // every destination) do not make the ring kernel spill.
-template <int kNumRanks>
+template <int kNumRanks, bool kFused>
 __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     dispatch_direct_kernel(PeerContext ctx, RingGeometry ring, DispatchArgs a) {
+  if (runs_notify<kFused>(ring)) {
+    fused_notify(ctx, a.barrier_fp, a.notify);
+    finish_block(ctx, a.poison);
+    return;
+  }
   const int channel = blockIdx.x / 2;
   bool opened = true;
-  if (a.opening == Opening::kAfterNotify) opened = wait_go(ctx);
+  if (a.opening == Opening::kAfterNotify || a.opening == Opening::kFusedNotify) opened = wait_go(ctx);
   if (a.opening == Opening::kOwnBarrier) opened = fused_barrier(ctx, a.barrier_fp, a.blocks);
   if (opened && !aborted(ctx) && every_rank_has_block(ctx, a.use_blocks)) {
-    dispatch_direct<kNumRanks>(ctx, ring, a, channel);
+    dispatch_direct<kNumRanks, kFused>(ctx, ring, a, channel);
     // the padding rows, over every block (after notify: dispatch_direct waited for it)
-    if (a.pad_rows && writes_outputs(a)) pad_rows_share(ctx, ring, a, blockIdx.x, gridDim.x);
+    if (a.pad_rows && writes_outputs(a)) pad_rows_share(ctx, ring, a, blockIdx.x, data_blocks(ring));
   }
   finish_block(ctx, a.poison);
 }
@@ -1210,7 +1289,8 @@ template <typename Kernel>
 void launch_kernel(Kernel kernel, const PeerContext& ctx, const RingGeometry& ring, const DispatchArgs& args,
                    cudaStream_t stream) {
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3(2 * ring.num_channels);
+  // a kFusedNotify launch has one block more, the last, that runs notify (runs_notify)
+  config.gridDim = dim3(2 * ring.num_channels + (args.opening == Opening::kFusedNotify ? 1 : 0));
   config.blockDim = dim3(kThreadsPerBlock);
   config.stream = stream;
   cudaLaunchAttribute attribute{};
@@ -1230,14 +1310,16 @@ void launch_kernel(Kernel kernel, const PeerContext& ctx, const RingGeometry& ri
 // the ring kernel runs, opened as the call asks.
 template <int kNumRanks>
 void launch_dispatch_for(const PeerContext& ctx, const RingGeometry& ring, const DispatchArgs& args, cudaStream_t stream) {
+  const bool fused = args.opening == Opening::kFusedNotify;  // the kernel with the opening runs notify
   if (args.use_blocks && args.blocks.block.offset != kNoReceiveBlock) {
-    launch_kernel(dispatch_direct_kernel<kNumRanks>, ctx, ring, args, stream);
+    launch_kernel(fused ? dispatch_direct_kernel<kNumRanks, true> : dispatch_direct_kernel<kNumRanks, false>, ctx,
+                  ring, args, stream);
     DispatchArgs after = args;
     after.opening = Opening::kNone;
-    launch_kernel(dispatch_kernel<kNumRanks>, ctx, ring, after, stream);
+    launch_kernel(dispatch_kernel<kNumRanks, false>, ctx, ring, after, stream);
     return;
   }
-  launch_kernel(dispatch_kernel<kNumRanks>, ctx, ring, args, stream);
+  launch_kernel(fused ? dispatch_kernel<kNumRanks, true> : dispatch_kernel<kNumRanks, false>, ctx, ring, args, stream);
 }
 
 
@@ -1282,9 +1364,7 @@ void check_ring(const PeerContext& ctx, const RingGeometry& ring) {
   }
 }
 
-}  // namespace
-
-void launch_notify(const PeerContext& ctx, const Fingerprint& fp, const NotifyArgs& args, cudaStream_t stream) {
+void check_notify(const NotifyArgs& args) {
   if (args.num_channels < 1 || args.num_channels > kMaxChannels) {
     throw std::invalid_argument("notify: num_channels out of range");
   }
@@ -1292,6 +1372,12 @@ void launch_notify(const PeerContext& ctx, const Fingerprint& fp, const NotifyAr
     throw std::invalid_argument("notify: at most " + std::to_string(kMaxLocalExperts) + " experts per rank, got " +
                                 std::to_string(args.num_local_experts));
   }
+}
+
+}  // namespace
+
+void launch_notify(const PeerContext& ctx, const Fingerprint& fp, const NotifyArgs& args, cudaStream_t stream) {
+  check_notify(args);
   notify_kernel<<<1, kNotifyThreads, 0, stream>>>(ctx, fp, args);
   check_cuda(cudaGetLastError(), "notify kernel launch");
 }
@@ -1301,6 +1387,7 @@ void launch_dispatch(const PeerContext& ctx, const RingGeometry& ring, const Dis
   if (args.slot.row_bytes % kSlotAlign != 0) throw std::invalid_argument("dispatch: the x row must be a multiple of 16 bytes");
   if (args.slot.off_src_idx + kSourceIndexBytes > ring.slot_bytes) throw std::invalid_argument("dispatch: slot overflow");
   if (args.num_topk > kMaxTopk) throw std::invalid_argument("dispatch: top-k above " + std::to_string(kMaxTopk));
+  if (args.opening == Opening::kFusedNotify) check_notify(args.notify);
   switch (ctx.num_ranks) {
     case 2: launch_dispatch_for<2>(ctx, ring, args, stream); break;
     case 4: launch_dispatch_for<4>(ctx, ring, args, stream); break;

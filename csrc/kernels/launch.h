@@ -61,6 +61,8 @@ enum class Opening : int {
   kNone = 0,        // nothing to wait for: the exact dispatch after a host wait, behind a complete notify
   kAfterNotify = 1, // launched behind notify (programmatic dependent launch): notify's first barrier
   kOwnBarrier = 2,  // the kernel carries its barrier (fused_barrier): a cached dispatch, a combine
+  kFusedNotify = 3, // a full dispatch whose last block runs notify (DispatchArgs::notify) instead of a
+                    // notify launch before it (DEEPEP_MEGATRON_FUSED_NOTIFY=1): one launch fewer
 };
 
 struct DispatchArgs {
@@ -96,7 +98,8 @@ struct DispatchArgs {
   // writing (every rank alike) and the host launches the exact one. null: not speculative.
   const int* fits;
   Opening opening;
-  Fingerprint barrier_fp;          // kOwnBarrier: the barrier's fingerprint
+  Fingerprint barrier_fp;          // kOwnBarrier: the barrier's fingerprint; kFusedNotify: notify's
+  NotifyArgs notify;               // kFusedNotify: what notify's block (the last, blockIdx 2 * C) computes
   // Direct write (receive arena): `blocks` is what this rank published in the barrier that opens the
   // kernel (kOwnBarrier: the kernel's own; kAfterNotify: notify's first), recv_x being the block's
   // rows when blocks.block.offset != kNoReceiveBlock. Every rank with a block: the direct kernel;

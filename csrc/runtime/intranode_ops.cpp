@@ -178,6 +178,14 @@ bool direct_combine_enabled() {
   return enabled;
 }
 
+// DEEPEP_MEGATRON_FUSED_NOTIFY=1: a full dispatch runs notify in the dispatch kernel's last block
+// (Opening::kFusedNotify) instead of launching notify before it: one launch fewer per dispatch.
+// Off by default until a GPU run has verified it (docs/perf.md).
+bool fused_notify_enabled() {
+  static const bool enabled = env_switch("DEEPEP_MEGATRON_FUSED_NOTIFY", false);
+  return enabled;
+}
+
 // The arena a dispatch on `stream` may take its receive rows from: none under CUDA graph capture
 // (a block's lifetime is the host's, which a replayed graph does not follow).
 ReceiveArena* arena_for(const Runtime& rt, cudaStream_t stream) {
@@ -375,8 +383,12 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
   notify.blocks = BlockExchange{true, speculative.block};
   timing.mark("receive tensors");
   const PeerContext ctx = rt.context();
-  launch_notify(ctx, fingerprint(rt, kOpDispatch, row_bytes, num_scales, num_topk, ring), notify, stream);
-  timing.mark("notify launch");
+  const Fingerprint notify_fp = fingerprint(rt, kOpDispatch, row_bytes, num_scales, num_topk, ring);
+  const bool fused = fused_notify_enabled();
+  if (!fused) {
+    launch_notify(ctx, notify_fp, notify, stream);
+    timing.mark("notify launch");
+  }
 
   DispatchArgs a{};
   a.x = static_cast<const uint8_t*>(x.data_ptr());
@@ -395,7 +407,11 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
   a.pad_rows = num_worst_tokens > 0;
   a.num_local_experts = num_local_experts;
   a.slot = dispatch_slot(row_bytes, num_scales, hidden_bytes);
-  a.opening = Opening::kAfterNotify;
+  a.opening = fused ? Opening::kFusedNotify : Opening::kAfterNotify;
+  if (fused) {  // the kernel's last block runs notify (the kernel with the opening: the direct one with a block)
+    a.barrier_fp = notify_fp;
+    a.notify = notify;
+  }
   a.rank_prefix_matrix = out.rank_prefix_matrix.data_ptr<int>();
   if (num_worst_tokens == 0) {
     a.fits = fits;

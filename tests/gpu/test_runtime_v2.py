@@ -149,8 +149,9 @@ def _graph(rank: int, world_size: int) -> int:
     return replays
 
 
-def test_graph_capture_and_replay() -> None:
-    results = run_ranks(_graph, WORLD, backend=_launch(), timeout_s=300)
+@pytest.mark.parametrize("fused_notify", ["0", "1"])
+def test_graph_capture_and_replay(fused_notify: str) -> None:
+    results = run_ranks(_graph, WORLD, backend=_launch(), timeout_s=300, env={"DEEPEP_MEGATRON_FUSED_NOTIFY": fused_notify})
     assert results == [3, 3]
 
 
@@ -227,8 +228,12 @@ def _worst_errors(rank: int, world_size: int) -> int:
     return checked
 
 
-def test_worst_tokens_errors_reach_every_rank() -> None:
-    results = run_ranks(_worst_errors, WORLD, backend=_launch(), timeout_s=300)
+@pytest.mark.parametrize("fused_notify", ["0", "1"])
+def test_worst_tokens_errors_reach_every_rank(fused_notify: str) -> None:
+    """Also with notify in the dispatch kernel (DEEPEP_MEGATRON_FUSED_NOTIFY=1): its refusal must stop
+    every block before any of them writes with the refused offsets."""
+    results = run_ranks(_worst_errors, WORLD, backend=_launch(), timeout_s=300,
+                        env={"DEEPEP_MEGATRON_FUSED_NOTIFY": fused_notify})
     assert results == [2, 2]
 
 
@@ -292,12 +297,14 @@ def _speculation(rank: int, world_size: int) -> int:
     return len(SPECULATION_ROUNDS)
 
 
-@pytest.mark.parametrize("dependent_launch", ["1", "0"])
-def test_speculative_dispatch_stays_correct_when_sizes_change(dependent_launch: str) -> None:
+@pytest.mark.parametrize("env", [{"DEEPEP_MEGATRON_PDL": "1"}, {"DEEPEP_MEGATRON_PDL": "0"}, {"DEEPEP_MEGATRON_FUSED_NOTIFY": "1"}],
+                         ids=["dependent-launch", "after-notify", "fused-notify"])
+def test_speculative_dispatch_stays_correct_when_sizes_change(env: dict) -> None:
     """The host-waited dispatch launches its kernel behind notify (early, as a programmatic dependent
-    launch, or after notify with DEEPEP_MEGATRON_PDL=0) into tensors sized from recent calls; every
-    change of the receive counts, on one rank or all, stays bit-exact."""
-    results = run_ranks(_speculation, WORLD, backend=_launch(), timeout_s=300, env={"DEEPEP_MEGATRON_PDL": dependent_launch})
+    launch, or after notify with DEEPEP_MEGATRON_PDL=0), or as one kernel that runs notify in its last
+    block (DEEPEP_MEGATRON_FUSED_NOTIFY=1), into tensors sized from recent calls; every change of the
+    receive counts, on one rank or all, stays bit-exact."""
+    results = run_ranks(_speculation, WORLD, backend=_launch(), timeout_s=300, env=env)
     assert results == [len(SPECULATION_ROUNDS)] * WORLD
 
 
