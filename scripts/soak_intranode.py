@@ -36,9 +36,8 @@ import os
 import random
 import sys
 import time
-import traceback
-from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence, Union
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -49,6 +48,8 @@ from deepep_megatron import Buffer, Config, per_token_cast_to_fp8  # noqa: E402 
 from deepep_megatron.config import FP8_BLOCK  # noqa: E402
 from deepep_megatron.launch import local_backend, run_ranks  # noqa: E402
 from harness import mps_running  # noqa: E402 - tests/harness.py
+from soak_harness import (Checks, LoopOptions, Poisoner, POISON_BYTE, Summary, describe, format_report,  # noqa: E402
+                          planted, run_rounds, share_of_budget, summarize)
 from oracle import expert_transform, reference_cast_back  # noqa: E402 - tests/oracle.py: the stand-in expert
 
 # ---------------------------------------------------------------------------- the round distribution
@@ -77,7 +78,6 @@ P_STARVED = 0.1  # a rank owns experts nobody routes to, so it receives nothing
 DROP_CHOICES = (0.0, 0.0, 0.1, 0.5)  # probability that a top-k slot is -1
 EMPTY_CHOICES = (0.0, 0.05, 0.3)  # probability that a token routes nowhere
 P_COMBINE_WEIGHTS = 0.7
-POISON_BYTE = 0xFF  # NaN in every float format: an unwritten output element cannot pass as a value
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 #: Outputs --plant-error can corrupt (one bit of one element, on rank 0) to show a mismatch is caught.
 PLANTABLE = ("num_tokens_per_rank", "recv_x", "recv_topk_idx", "recv_topk_weights", "cached_recv_x", "combined_x")
@@ -367,74 +367,6 @@ def expected_for_rank(p: RoundParams, inputs: RoundInputs, rank: int) -> Expecte
 
 
 # ---------------------------------------------------------------------------- checking
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """``t`` reinterpreted as integers of its element size: equal bits <=> equal integers (NaN too)."""
-    t = t.contiguous()
-    if t.dtype == torch.bool or t.is_floating_point():
-        return t.view(_INT_OF_SIZE[t.element_size()])
-    return t
-
-
-class Checks:
-    """Collects comparisons of one round and syncs the host once, in :meth:`failures`."""
-
-    def __init__(self) -> None:
-        self._pending: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._errors: list[str] = []
-
-    def fail(self, message: str) -> None:
-        self._errors.append(message)
-
-    def same(self, what: str, got: Any, want: Optional[torch.Tensor]) -> None:
-        """``got`` must equal ``want`` bit for bit (None: ``got`` must be None)."""
-        if want is None or got is None:
-            if (want is None) != (got is None):
-                self.fail(f"{what}: expected {'None' if want is None else 'a tensor'}, got {_describe(got)}")
-            return
-        if not isinstance(got, torch.Tensor):
-            self.fail(f"{what}: expected a tensor, got {_describe(got)}")
-        elif got.dtype != want.dtype or tuple(got.shape) != tuple(want.shape):
-            self.fail(f"{what}: expected {_describe(want)}, got {_describe(got)}")
-        else:
-            self._pending.append((what, got, want, (_bits(got) == _bits(want).to(got.device)).all()))
-
-    def failures(self) -> list[str]:
-        if self._pending:
-            ok = torch.stack([flag for *_, flag in self._pending]).cpu().tolist()  # the one host sync
-            for (what, got, want, _), passed in zip(self._pending, ok):
-                if not passed:
-                    self._errors.append(_mismatch(what, got, want))
-        return self._errors
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"{str(value.dtype).replace('torch.', '')}{list(value.shape)}"
-    if isinstance(value, (tuple, list)):
-        return type(value).__name__ + "(" + ", ".join(_describe(v) for v in value) + ")"
-    return repr(value)
-
-
-def _mismatch(what: str, got: torch.Tensor, want: torch.Tensor) -> str:
-    differ = (_bits(got) != _bits(want).to(got.device)).reshape(got.shape)
-    where = differ.nonzero()
-    first = tuple(where[0].tolist())
-    return (f"{what}: {where.size(0)} of {got.numel()} elements differ; first at {list(first)}: "
-            f"got {_value(got, first)}, expected {_value(want, first)}")
-
-
-def _value(t: torch.Tensor, index: tuple[int, ...]) -> str:
-    """One element, as a number and (for floats) its bits in hex."""
-    element = t[index]
-    if not element.is_floating_point():
-        return repr(element.item())
-    bits = _bits(element.reshape(1)).item() & ((1 << (8 * t.element_size())) - 1)
-    return f"{element.float().item()!r} (0x{bits:0{2 * t.element_size()}x})"
-
-
 # ---------------------------------------------------------------------------- one round
 def _config_like(default: Config, num_sms: int) -> Config:
     """``default`` (a Buffer.get_*_config) with ``num_sms`` SMs; DeepEP's five-argument constructor."""
@@ -442,47 +374,11 @@ def _config_like(default: Config, num_sms: int) -> Config:
                   default.num_max_rdma_chunked_send_tokens, default.num_max_rdma_chunked_recv_tokens)
 
 
-class Poisoner:
-    """Fills, before each call, free allocator memory with 0xFF where that call's outputs will land.
-
-    The caching allocator keeps a pool per stream and gives a request the smallest free block that
-    fits. So for each stream that may allocate outputs (the current one and the Buffer's
-    communication stream) we allocate blocks of exactly the output sizes, fill them and free them:
-    an output then gets a poisoned block (rather than, say, the just-freed block of an earlier call
-    that held the same values). Deferred frees (record_stream) are flushed by a sync first. No-op on CPU.
-    """
-
-    def __init__(self, device: torch.device, streams: Sequence["torch.cuda.Stream"]) -> None:
-        self.device = device
-        self.streams = list(streams)
-
-    def __call__(self, sizes_bytes: Sequence[int]) -> None:
-        if self.device.type != "cuda":
-            return
-        torch.cuda.synchronize(self.device)
-        for stream in self.streams:
-            with torch.cuda.stream(stream):
-                junk = [torch.empty(n, dtype=torch.uint8, device=self.device) for n in sizes_bytes if n > 0]
-                for block in junk:
-                    block.fill_(POISON_BYTE)
-                del junk  # freed on the stream that allocated them: the next allocations there reuse them
-
-
-def _planted(opts: SoakOptions, rank: int, name: str, tensor: Any) -> Any:
-    """``tensor`` as the checks see it. With ``--plant-error name``, on rank 0, a copy with one bit of
-    its first element flipped (to prove a mismatch is caught); the calls that follow get the original."""
-    if opts.plant_error != name or rank != 0 or not isinstance(tensor, torch.Tensor) or tensor.numel() == 0:
-        return tensor
-    corrupted = tensor.clone()
-    corrupted.view(torch.uint8).view(-1)[:1].bitwise_xor_(1)
-    return corrupted
-
-
 def _planted_x(opts: SoakOptions, rank: int, name: str, recv_x: Any) -> Any:
-    """:func:`_planted` for a received x: the tensor, or the e4m3 half of an FP8 pair."""
+    """:func:`planted` for a received x: the tensor, or the e4m3 half of an FP8 pair."""
     if isinstance(recv_x, tuple) and len(recv_x) == 2:
-        return (_planted(opts, rank, name, recv_x[0]), recv_x[1])
-    return _planted(opts, rank, name, recv_x)
+        return (planted(opts.plant_error, rank, name, recv_x[0]), recv_x[1])
+    return planted(opts.plant_error, rank, name, recv_x)
 
 
 def _rows(value: Union[torch.Tensor, tuple, None], num_rows: int) -> Any:
@@ -496,16 +392,16 @@ def _same_x(checks: Checks, what: str, got: Any, want: Union[torch.Tensor, tuple
     """Received x (tensor or FP8 pair): ``num_rows`` rows in all, the first ones equal to ``want``."""
     if isinstance(want, tuple):
         if not (isinstance(got, tuple) and len(got) == 2):
-            checks.fail(f"{what}: expected an FP8 pair, got {_describe(got)}")
+            checks.fail(f"{what}: expected an FP8 pair, got {describe(got)}")
             return
         for part, name in zip(range(2), ("e4m3", "scales")):
             if got[part].size(0) != num_rows:
-                checks.fail(f"{what} ({name}): expected {num_rows} rows, got {_describe(got[part])}")
+                checks.fail(f"{what} ({name}): expected {num_rows} rows, got {describe(got[part])}")
             else:
                 checks.same(f"{what} ({name})", got[part][: want[part].size(0)], want[part])
         return
     if not isinstance(got, torch.Tensor) or got.size(0) != num_rows:
-        checks.fail(f"{what}: expected {num_rows} rows, got {_describe(got)}")
+        checks.fail(f"{what}: expected {num_rows} rows, got {describe(got)}")
     else:
         checks.same(what, got[: want.size(0)], want)
 
@@ -532,7 +428,7 @@ def run_round(buffer: Buffer, p: RoundParams, rank: int, device: torch.device, p
     layout = buffer.get_dispatch_layout(topk_idx, E)
     keep.append(layout)
     per_rank, per_rdma, per_expert, in_rank = layout[:4]
-    checks.same("layout num_tokens_per_rank", _planted(opts, rank, "num_tokens_per_rank", per_rank), exp.per_rank)
+    checks.same("layout num_tokens_per_rank", planted(opts.plant_error, rank, "num_tokens_per_rank", per_rank), exp.per_rank)
     checks.same("layout num_tokens_per_rdma_rank", per_rdma, None)
     checks.same("layout num_tokens_per_expert", per_expert, exp.per_expert)
     checks.same("layout is_token_in_rank", in_rank, exp.in_rank)
@@ -544,13 +440,13 @@ def run_round(buffer: Buffer, p: RoundParams, rank: int, device: torch.device, p
                           num_worst_tokens=W, config=dispatch_config)
     keep.append(out)
     recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle = out[:5]
-    recv_topk_idx = _planted(opts, rank, "recv_topk_idx", recv_topk_idx)
-    recv_topk_weights = _planted(opts, rank, "recv_topk_weights", recv_topk_weights)
+    recv_topk_idx = planted(opts.plant_error, rank, "recv_topk_idx", recv_topk_idx)
+    recv_topk_weights = planted(opts.plant_error, rank, "recv_topk_weights", recv_topk_weights)
     _same_x(checks, "dispatch recv_x", _planted_x(opts, rank, "recv_x", recv_x), exp.recv_x, rows)
     for what, got, want in (("recv_topk_idx", recv_topk_idx, exp.recv_topk_idx),
                             ("recv_topk_weights", recv_topk_weights, exp.recv_topk_weights)):
         if not isinstance(got, torch.Tensor) or tuple(got.shape) != (rows, K):
-            checks.fail(f"dispatch {what}: expected [{rows}, {K}], got {_describe(got)}")
+            checks.fail(f"dispatch {what}: expected [{rows}, {K}], got {describe(got)}")
         else:
             checks.same(f"dispatch {what}", got[:N], want)
     if W and isinstance(recv_topk_idx, torch.Tensor) and recv_topk_idx.size(0) == W:
@@ -566,7 +462,7 @@ def run_round(buffer: Buffer, p: RoundParams, rank: int, device: torch.device, p
         checks.fail(f"handle.num_recv_tokens: expected {N}, got {handle.num_recv_tokens}")
     src = handle.recv_src_idx
     if src.size(0) < N:
-        checks.fail(f"handle.recv_src_idx: expected >= {N} rows, got {_describe(src)}")
+        checks.fail(f"handle.recv_src_idx: expected >= {N} rows, got {describe(src)}")
     else:
         checks.same("handle.recv_src_idx", src[:N], exp.recv_src_idx)
         if src.size(0) > N:  # padded to num_worst_tokens: past the real rows there is no source
@@ -577,12 +473,12 @@ def run_round(buffer: Buffer, p: RoundParams, rank: int, device: torch.device, p
     keep.append(cached)
     _same_x(checks, "cached dispatch recv_x", _planted_x(opts, rank, "cached_recv_x", cached[0]), exp.recv_x, rows)
     if any(v is not None for v in cached[1:5]):
-        checks.fail(f"cached dispatch: expected (recv_x, None, None, None, None, event), got {_describe(cached[:5])}")
+        checks.fail(f"cached dispatch: expected (recv_x, None, None, None, None, event), got {describe(cached[:5])}")
 
     poison([T * H * DTYPES[p.dtype].itemsize, T * K * 4])
     combined = buffer.combine(exp.combine_x, handle, topk_weights=exp.combine_weights, config=combine_config)
     keep.append(combined)
-    checks.same("combine combined_x", _planted(opts, rank, "combined_x", combined[0]), exp.combined_x)
+    checks.same("combine combined_x", planted(opts.plant_error, rank, "combined_x", combined[0]), exp.combined_x)
     checks.same("combine combined_topk_weights", combined[1], exp.combined_weights)
 
     facts = {"num_worst_tokens": W, "recv_counts": exp.recv_counts}
@@ -632,82 +528,22 @@ def _worker(rank: int, world: int, opts: SoakOptions) -> dict[str, Any]:
     streams = [torch.cuda.current_stream(device), buffer.get_comm_stream()] if device.type == "cuda" else []
     poison = Poisoner(device, streams)
     flag_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    indices = [opts.only_round] if opts.only_round is not None else range(opts.rounds)
-    records: list[tuple[int, list[str], bool]] = []
-    started = last_report = time.monotonic()
-    stopped, broken = "", False
-    for index in indices:
+    indices = (opts.only_round,) if opts.only_round is not None else tuple(range(opts.rounds))
+    loop = LoopOptions(indices, opts.time_budget_s, opts.stop_on_failure, opts.progress_s, opts.repro)
+
+    def one_round(index: int) -> tuple[list[str], list[str], str]:
         p = draw_round(opts, world, index)
-        try:
-            failures, facts = run_round(buffer, p, rank, device, poison, opts)
-        except Exception:  # noqa: BLE001 - report the round, then stop: the group's state is unknown
-            failures, facts, broken = [traceback.format_exc()], {"num_worst_tokens": 0, "recv_counts": []}, True
-        if failures:
-            print(f"[rank {rank}] FAILED round {index}: {asdict(p)}\n  num_worst_tokens={facts['num_worst_tokens']}, "
-                  f"rows received per rank={facts['recv_counts']}\n  replay: {opts.repro} --ranks {world} --only-round {index}\n  "
-                  + "\n  ".join(failures), flush=True)
-        records.append((index, features(p, facts, opts.max_tokens), bool(failures)))
-        over_time = opts.time_budget_s > 0 and time.monotonic() - started > opts.time_budget_s
-        flags = torch.tensor([int(bool(failures) and opts.stop_on_failure), int(broken), int(over_time)], device=flag_device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)  # every rank stops after the same round
-        stop_failure, stop_broken, stop_time = flags.tolist()
-        if stop_failure or stop_broken or stop_time:
-            stopped = ("an exception" if stop_broken else "a failure (--stop-on-failure)" if stop_failure
-                       else f"the time budget ({opts.time_budget_s:g} s)")
-            break
-        now = time.monotonic()
-        if rank == 0 and now - last_report >= opts.progress_s:
-            bad = sum(failed for *_, failed in records)
-            print(f"[EP{world}] round {index + 1}/{len(indices)}, {bad} failed so far, {now - started:.0f} s", flush=True)
-            last_report = now
-    seconds = time.monotonic() - started
-    if not broken:
+        failures, facts = run_round(buffer, p, rank, device, poison, opts)
+        about = (f"{asdict(p)}\n  num_worst_tokens={facts['num_worst_tokens']}, "
+                 f"rows received per rank={facts['recv_counts']}")
+        return failures, features(p, facts, opts.max_tokens), about
+
+    result = run_rounds(rank, world, loop, group, flag_device, one_round)
+    if not result["broken"]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         buffer.destroy()
-    return {"records": records, "seconds": seconds, "stopped": stopped, "requested": len(indices)}
-
-
-# ---------------------------------------------------------------------------- report
-@dataclass
-class Summary:
-    """Merged result of one rank count: a round failed when it failed on any rank."""
-
-    num_ranks: int
-    requested: int
-    rounds: int = 0
-    failed: int = 0
-    seconds: float = 0.0
-    stopped: str = ""
-    per_feature: dict[str, list[int]] = field(default_factory=dict)  # name -> [rounds, failed]
-
-
-def summarize(num_ranks: int, per_rank: list[dict[str, Any]]) -> Summary:
-    failed_rounds = {index for result in per_rank for index, _, failed in result["records"] if failed}
-    s = Summary(num_ranks, per_rank[0]["requested"], seconds=max(r["seconds"] for r in per_rank), stopped=per_rank[0]["stopped"])
-    for index, names, _ in per_rank[0]["records"]:
-        s.rounds += 1
-        s.failed += index in failed_rounds
-        for name in names:
-            count = s.per_feature.setdefault(name, [0, 0])
-            count[0] += 1
-            count[1] += index in failed_rounds
-    return s
-
-
-def format_report(summaries: list[Summary], header: str) -> str:
-    lines = [header, ""]
-    for s in summaries:
-        early = f", stopped early by {s.stopped}" if s.stopped else ""
-        pace = f" ({1e3 * s.seconds / s.rounds:.1f} ms/round)" if s.rounds else ""
-        lines.append(f"- EP{s.num_ranks}: {s.rounds} of {s.requested} rounds in {s.seconds:.0f} s{pace}, {s.failed} failed{early}")
-    lines += ["", "| feature | " + " | ".join(f"EP{s.num_ranks} rounds | EP{s.num_ranks} failed" for s in summaries) + " |",
-              "|---|" + "---|---|" * len(summaries)]
-    for name in FEATURE_ROWS:
-        cells = [f"{s.per_feature.get(name, [0, 0])[0]} | {s.per_feature.get(name, [0, 0])[1]}" for s in summaries]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("| seconds | " + " | ".join(f"{s.seconds:.0f} | " for s in summaries) + " |")
-    return "\n".join(lines)
+    return result
 
 
 def _sms_cap(device: str, ranks_per_gpu: int) -> tuple[int, ...]:
@@ -780,9 +616,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if ranks_per_gpu > 1 and not mps_running():
             raise SystemExit(f"soak_intranode: {num_ranks} ranks share a GPU and need CUDA MPS; start it first "
                              "(source scripts/mps.sh && mps_start)")
-        budget = 0.0
-        if args.time_budget_s > 0:  # what is left, shared among the rank counts still to run
-            budget = max(1.0, (args.time_budget_s - (time.monotonic() - started)) / (len(rank_counts) - position))
+        budget = share_of_budget(args.time_budget_s, started, position, len(rank_counts))
         opts = SoakOptions(backend=args.backend, device=device, seed=args.seed, rounds=args.rounds, only_round=args.only_round,
                            max_tokens=args.max_tokens, hiddens=hiddens, sms_choices=_sms_cap(device, ranks_per_gpu),
                            time_budget_s=budget, stop_on_failure=args.stop_on_failure, plant_error=args.plant_error,
@@ -804,7 +638,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               + (f" · receive arena {args.recv_arena_bytes} bytes" if args.recv_arena_bytes else "")
               + ((" · ring combine" if args.ring_combine else " · direct combine") if args.recv_arena_bytes else "")
               + (" · fused notify" if args.fused_notify else ""))
-    report = format_report(summaries, header)
+    report = format_report(summaries, header, FEATURE_ROWS)
     if args.out:
         with open(args.out, "w") as f:
             f.write(report + "\n")

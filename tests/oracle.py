@@ -57,9 +57,9 @@ def reference_pack_ue8m0(scales: torch.Tensor) -> torch.Tensor:
     (little end first) of word j = the fp32 exponent byte of scale 4j + i (0 past G)."""
     exponent_bytes = ((scales.view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
     groups = scales.size(-1)
-    padded = torch.zeros(*scales.shape[:-1], -(-groups // 4) * 4, dtype=torch.uint8)
+    padded = torch.zeros(*scales.shape[:-1], -(-groups // 4) * 4, dtype=torch.uint8, device=scales.device)
     padded[..., :groups] = exponent_bytes
-    # four bytes -> one int32 word by reinterpreting memory: byte 0 is the low byte on this host
+    # four bytes -> one int32 word by reinterpreting memory: byte 0 is the low byte on this host (and on GPUs)
     assert sys.byteorder == "little", "reference_pack_ue8m0 reinterprets bytes as little-endian int32"
     return padded.view(torch.int32)
 

@@ -146,7 +146,7 @@ __device__ __forceinline__ bool wait_go(const PeerContext& ctx) {
 // False when this rank was aborted first (notify stopped early or refused the input) or after twice
 // the timeout (the notify block never ran: a diagnostic names the wait).
 // Not inlined (ctx copied): the kernels that never fuse notify keep their registers.
-__device__ __noinline__ bool wait_notified(const PeerContext ctx) {
+static __device__ __noinline__ bool wait_notified(const PeerContext ctx) {
   const uint32_t* go = at<uint32_t>(ctx.buffers[ctx.rank], kOffGo);
   const uint64_t start = global_timer_ns();
   for (uint32_t iter = 1;; ++iter) {

@@ -29,10 +29,11 @@
 //   (num_worst_tokens > 0, nothing on the host waits) turns bad ids on any rank, or any rank
 //   receiving more than num_worst_tokens rows, into the same abort on every rank.
 //   Fused (Opening::kFusedNotify, DEEPEP_MEGATRON_FUSED_NOTIFY=1): no notify launch; the dispatch
-//   kernel (the direct one with a receive block) has 2*C + 1 blocks and the last runs the above,
-//   then sets the go word to kGoNotified (release); the data blocks open on the go word as behind
-//   notify and wait for kGoNotified (acquire) where they would wait for notify's end. A block that
-//   finds this rank aborted by then (notify stopped, or refused the input) reads no offset of it.
+//   kernel (the direct one with a receive block) keeps its 2*C blocks; block 1 runs the above
+//   first, sets the go word to kGoNotified (release), then does its own data work. The data blocks
+//   open on the go word as behind notify and wait for kGoNotified (acquire) where they would wait
+//   for notify's end. A block that finds this rank aborted by then (notify stopped, or refused the
+//   input) reads no offset of it.
 //
 // direct dispatch (2*C blocks of 24 warps; every rank published a receive block in the opening
 //   barrier: the layout header's "Receive arena"). A rank with a block of its own launches it first
@@ -124,7 +125,7 @@ __device__ __forceinline__ void publish_notified(const PeerContext& ctx) {
 }
 
 // What notify does, run by one block of kThreads threads: the notify kernel's, or (fused, a full
-// dispatch's Opening::kFusedNotify) the dispatch kernel's last block, which then publishes
+// dispatch's Opening::kFusedNotify) the dispatch kernel's block 1, which then publishes
 // kGoNotified in the go word once its outputs are written, where the other blocks wait
 // (wait_for_notify) instead of for the end of a notify kernel launched before them.
 template <int kThreads>
@@ -306,7 +307,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(PeerContext c
   notify_block<kNotifyThreads>(ctx, fp, a, false);
 }
 
-// The last block of a kFusedNotify dispatch. Not inlined, its arguments copied: so that notify's
+// What block 1 of a kFusedNotify dispatch runs first. Not inlined, its arguments copied: so that notify's
 // registers and frame do not add to those of the data blocks' copy loops (ptxas: inlined, they
 // made the EP8 kernels spill).
 __device__ __noinline__ void fused_notify(PeerContext ctx, Fingerprint fp, NotifyArgs a) {
@@ -447,7 +448,7 @@ __device__ __forceinline__ bool writes_outputs(const DispatchArgs& a) {
 
 // Before a thread reads what notify computes (offsets, rank_prefix_matrix, the fits verdict): behind
 // a notify kernel it waits for that kernel's end (griddepcontrol.wait; a no-op after any other
-// launch), in a kernel that runs notify in its last block (kFusedNotify) for kGoNotified. False when
+// launch), in a kernel whose block 1 runs notify (kFusedNotify) for kGoNotified. False when
 // this rank was aborted by then (notify stopped early, or refused the input: bad ids, more rows than
 // num_worst_tokens), so that no offset of a failed notify is ever used to write. kFused: the kernel
 // instantiation for kFusedNotify launches (the others carry no code of it, so their registers are
@@ -462,12 +463,18 @@ __device__ __forceinline__ bool wait_for_notify(const PeerContext& ctx) {
   return !aborted(ctx);
 }
 
-// The blocks that move data: two per channel. A kFusedNotify launch has one more, the last, for notify.
+// The blocks that move data: two per channel, in every launch.
 __device__ __forceinline__ int data_blocks(const RingGeometry& ring) { return 2 * ring.num_channels; }
-// Whether this block is a kFusedNotify launch's notify block.
+// The block of a kFusedNotify launch that runs notify before its own data work: channel 0's second
+// block, which (ring kernel: its receiver; direct kernel: the channel's second half) has nothing to
+// write before notify's offsets anyway. Not a block of its own: a launch of 2*C + 1 blocks no longer
+// fits beside the other ranks' when they share a GPU (EP8 on one H200 at 16 SMs: 8 x 17 > 132 SMs;
+// the data blocks that got an SM spun on notify blocks that never did).
+constexpr int kFusedNotifyBlock = 1;
+// Whether this block runs notify first (kFusedNotify launches only).
 template <bool kFused>
-__device__ __forceinline__ bool runs_notify(const RingGeometry& ring) {
-  return kFused && static_cast<int>(blockIdx.x) == data_blocks(ring);
+__device__ __forceinline__ bool runs_notify() {
+  return kFused && static_cast<int>(blockIdx.x) == kFusedNotifyBlock;
 }
 
 // wait_for_notify for a whole block (every thread calls it): thread 0 waits, every thread gets its
@@ -862,11 +869,7 @@ template <int kNumRanks, bool kFused>
 __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     dispatch_kernel(PeerContext ctx, RingGeometry ring, DispatchArgs a) {
   __shared__ int step[kNumRanks];  // per warp group: rows in this step (sender) / rows available (receiver); -1 = timed out
-  if (runs_notify<kFused>(ring)) {
-    fused_notify(ctx, a.barrier_fp, a.notify);
-    finish_block(ctx, a.poison);
-    return;
-  }
+  if (runs_notify<kFused>()) fused_notify(ctx, a.barrier_fp, a.notify);  // then this block's own data work
   const int channel = blockIdx.x / 2;
   int begin, end;
   channel_range(a.num_tokens, ring.num_channels, channel, begin, end);
@@ -1261,11 +1264,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
 template <int kNumRanks, bool kFused>
 __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     dispatch_direct_kernel(PeerContext ctx, RingGeometry ring, DispatchArgs a) {
-  if (runs_notify<kFused>(ring)) {
-    fused_notify(ctx, a.barrier_fp, a.notify);
-    finish_block(ctx, a.poison);
-    return;
-  }
+  if (runs_notify<kFused>()) fused_notify(ctx, a.barrier_fp, a.notify);  // then this block's own data work
   const int channel = blockIdx.x / 2;
   bool opened = true;
   if (a.opening == Opening::kAfterNotify || a.opening == Opening::kFusedNotify) opened = wait_go(ctx);
@@ -1289,8 +1288,7 @@ template <typename Kernel>
 void launch_kernel(Kernel kernel, const PeerContext& ctx, const RingGeometry& ring, const DispatchArgs& args,
                    cudaStream_t stream) {
   cudaLaunchConfig_t config{};
-  // a kFusedNotify launch has one block more, the last, that runs notify (runs_notify)
-  config.gridDim = dim3(2 * ring.num_channels + (args.opening == Opening::kFusedNotify ? 1 : 0));
+  config.gridDim = dim3(2 * ring.num_channels);  // a kFusedNotify launch too: block 1 runs notify first
   config.blockDim = dim3(kThreadsPerBlock);
   config.stream = stream;
   cudaLaunchAttribute attribute{};

@@ -4,7 +4,7 @@
 // Data layout (deepep_megatron_layout.h, ll_layout): one symmetric region per PE, a control block,
 // the signals of each half at fixed offsets, then the data of two halves that consecutive calls
 // alternate. In a half:
-//   send    dispatch: the cast message of each of my tokens, [M] x message (source of puts)
+//   send    dispatch: the cast message of each of my tokens, [M] x message (staged for puts only)
 //           combine:  [E_l][R * M][H] bf16 rows (zero-copy combine: the experts write here)
 //   recv    dispatch: [E_l][R][M] messages: slot (e, s, i) holds the i-th (token, k) pair of source
 //                     rank s whose expert is my local expert e, pairs counted in (token, k) order
@@ -12,10 +12,12 @@
 //   signals u64 counts [E_l][R], u64 flags [R], i32 scratch [E]
 //
 // Who signals whom:
-//   dispatch send (rank s): every block casts its tokens (FP8 per 128 channels, or bf16) into the
-//     staging messages, then one warp group per top-k slot writes each message into slot
-//     (e % E_l, s, i) of rank e / E_l (a store through nvshmem_ptr when the peer is load/store
-//     reachable, else nvshmemx_putmem_nbi_warp), counting pairs per expert in scratch. The last
+//   dispatch send (rank s): every block takes its tokens in batches: first one warp per (token, k)
+//     pair finds the pair's slot (e % E_l, s, i) on rank e / E_l, counting pairs per expert in
+//     scratch; then every warp casts units of the batch's rows (FP8 per 128 channels, or bf16) and
+//     stores each unit straight into every slot of its token whose rank is load/store reachable
+//     (nvshmem_ptr). Only pairs whose rank is not (puts) get a staged message in the send region
+//     and an nvshmemx_putmem_nbi_warp from it. The last
 //     block to finish (done counter) writes counts[e % E_l][s] = n + 1 on rank e / E_l for EVERY
 //     expert e (n may be 0), after a system fence (puts: nvshmem_quiet first), then clears scratch.
 //   dispatch recv (rank d): blocks own (local expert, part); each waits (bounded) for the R counts
@@ -52,6 +54,9 @@ constexpr int kCounterDispatchSend = 0;
 constexpr int kCounterDispatchRecv = 1;
 constexpr int kCounterCombineSend = 2;
 constexpr int kCounterCombineRecv = 3;
+// (token, k) pairs a dispatch send block places at a time (its shared tables; >= kMaxTopk tokens' worth).
+constexpr int kLLSendBatchPairs = 128;
+static_assert(kLLSendBatchPairs >= kMaxTopk, "a send batch holds at least one token");
 
 // Data (send, recv) and signals of the call's half.
 __device__ __forceinline__ uint8_t* half_base(const LowLatencyContext& ctx, const LowLatencyShape& s) {
@@ -118,7 +123,7 @@ __device__ __forceinline__ void put_signal(uint64_t* local_addr, uint64_t value,
 // One warp copies `vectors` 16-byte vectors from `src` to `dst` (L2 only on both sides), kCopyUnroll
 // loads in flight per lane before their stores: a copy is latency-bound otherwise (the compiler cannot
 // reorder a load past a store that may alias it).
-constexpr int kCopyUnroll = 4;
+constexpr int kCopyUnroll = 8;
 
 __device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int64_t vectors, int lane) {
   for (int64_t base = 0; base < vectors; base += 32 * kCopyUnroll) {
@@ -205,21 +210,79 @@ __global__ void __launch_bounds__(kThreads, 1)
       if ((e < -1 || e >= E) && blockIdx.x == 0) ll_report(ctx, kLowLatencyBadExpertIds, ctx.rank, i / K, E, e);
     }
     __syncthreads();
+    // The batch's (token, k) pairs: where each one's slot is (byte offset in the receive region, and
+    // its address on the destination rank when that rank is load/store reachable), -1 / null: none.
+    __shared__ uint8_t* pair_peer_s[kLLSendBatchPairs];
+    __shared__ int64_t pair_offset_s[kLLSendBatchPairs];
+    __shared__ int pair_rank_s[kLLSendBatchPairs];
     bool used_puts = false;
-    const int parts = K >= kLLWarpsPerBlock ? 1 : kLLWarpsPerBlock / K;  // warps per top-k slot
-    for (int t = blockIdx.x; t < T; t += gridDim.x) {
-      uint8_t* staged = send + static_cast<int64_t>(t) * msg_bytes;
-      const uint16_t* row = args.x + static_cast<int64_t>(t) * H;
-      if (args.use_fp8) {
-        // A warp casts two 128-channel groups per step: half-warp h takes group 2 * step + h,
-        // 8 channels per lane; the group's amax is reduced over its 16 lanes.
-        float* scales = reinterpret_cast<float*>(staged + kLLHeaderBytes + H);
-        for (int pair = warp; pair * 2 < G; pair += kLLWarpsPerBlock) {
-          const int g = pair * 2 + lane / 16;
-          const bool valid = g < G;
+    const int batch = kLLSendBatchPairs / K;  // tokens a batch takes (K <= kMaxTopk)
+    const int mine = static_cast<int>(blockIdx.x) < T ? (T - 1 - static_cast<int>(blockIdx.x)) / gridDim.x + 1 : 0;
+    // A unit is what one warp moves of a row: two 128-channel groups (FP8) or 32 vectors (bf16).
+    const int row_vectors = static_cast<int>(row_bytes / 16);
+    const int units = args.use_fp8 ? (G + 1) / 2 : (row_vectors + 31) / 32;
+    for (int j0 = 0; j0 < mine; j0 += batch) {  // this block's tokens blockIdx.x + j * gridDim.x
+      const int nb = min(batch, mine - j0);
+      const auto token_of = [&](int j) { return static_cast<int>(blockIdx.x) + (j0 + j) * static_cast<int>(gridDim.x); };
+      // 1. One warp per pair: its slot, the pairs before it in (token, k) order with the same expert
+      //    (every lane counts the same ballots; lanes at or past p vote no).
+      int need_put = 0;
+      for (int q = warp; q < nb * K; q += kLLWarpsPerBlock) {
+        const int p = token_of(q / K) * K + q % K;
+        const int e = topk_s[p];
+        int slot = -1, dst = -1;
+        int64_t offset = -1;
+        uint8_t* peer = nullptr;
+        if (e >= 0) {
+          slot = 0;
+          for (int base = 0; base < p; base += 32) {
+            const int r = base + lane;
+            slot += __popc(__ballot_sync(0xFFFFFFFFu, r < p && topk_s[r] == e));
+          }
+          dst = e / El;
+          if (slot >= M) {
+            if (lane == 0) ll_report(ctx, kLowLatencySlotOverflow, dst, e, M, slot + 1);
+            slot = -1;
+          } else {
+            offset = ((static_cast<int64_t>(e % El) * R + ctx.rank) * M + slot) * slot_stride;
+            peer = static_cast<uint8_t*>(nvshmem_ptr(recv + offset, dst));
+            if (lane == 0) atomicAdd(scratch + e, 1);
+          }
+        }
+        if (lane == 0) {
+          args.pair_slot[p] = slot;
+          pair_peer_s[q] = peer;
+          pair_offset_s[q] = offset;
+          pair_rank_s[q] = dst;
+        }
+        need_put |= (offset >= 0 && peer == nullptr) ? 1 : 0;
+      }
+      const bool puts = __syncthreads_or(need_put) != 0;  // block-uniform: stage the batch's messages
+      // 2. Every warp takes units of the batch's rows and stores each straight into every reachable
+      //    slot of its token (no staging pass, no block barrier in between); the next unit's load is
+      //    issued before this unit's stores (they may alias it as far as the compiler knows).
+      const int items = nb * units;
+      const auto load_unit = [&](int item) {
+        const int j = item / units, u = item % units;
+        const int4* row = reinterpret_cast<const int4*>(args.x + static_cast<int64_t>(token_of(j)) * H);
+        if (args.use_fp8) {
+          const int g = u * 2 + lane / 16;
+          return g < G ? ld_input_int4(row + (g * kFp8Block + (lane % 16) * 8) / 8) : make_int4(0, 0, 0, 0);
+        }
+        const int v = u * 32 + lane;
+        return v < row_vectors ? ld_input_int4(row + v) : make_int4(0, 0, 0, 0);
+      };
+      int4 next = warp < items ? load_unit(warp) : make_int4(0, 0, 0, 0);
+      for (int item = warp; item < items; item += kLLWarpsPerBlock) {
+        const int4 v = next;
+        if (item + kLLWarpsPerBlock < items) next = load_unit(item + kLLWarpsPerBlock);
+        const int j = item / units, u = item % units;
+        uint8_t* const* peers = pair_peer_s + j * K;
+        uint8_t* staged = send + static_cast<int64_t>(token_of(j)) * msg_bytes;
+        if (args.use_fp8) {
+          // Half-warp h casts group 2u + h, 8 channels a lane; the group's amax over its 16 lanes.
+          const int g = u * 2 + lane / 16;
           const int c = g * kFp8Block + (lane % 16) * 8;
-          int4 v = make_int4(0, 0, 0, 0);
-          if (valid) v = ld_input_int4(reinterpret_cast<const int4*>(row + c));
           const uint32_t w[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
                                  static_cast<uint32_t>(v.w)};
           float f[8];
@@ -234,58 +297,52 @@ __global__ void __launch_bounds__(kThreads, 1)
           // multiplication by the scalar's fp32 reciprocal in PyTorch (measured: division differs).
           float scale = fmaxf(amax, 1e-4f) * (1.0f / 448.0f);
           if (args.round_scale || args.use_ue8m0) scale = round_up_pow2(scale);
-          if (valid) {
+          if (g < G) {
             uint32_t lo = 0, hi = 0;
             for (int i = 0; i < 4; ++i) {
               lo |= fp8_e4m3(fminf(fmaxf(f[i] / scale, -448.0f), 448.0f)) << (8 * i);
               hi |= fp8_e4m3(fminf(fmaxf(f[4 + i] / scale, -448.0f), 448.0f)) << (8 * i);
             }
-            __stcg(reinterpret_cast<uint2*>(staged + kLLHeaderBytes + c), make_uint2(lo, hi));
-            if (lane % 16 == 0) __stcg(scales + g, scale);
-          }
-        }
-      } else {
-        const int vectors = H * 2 / 16;
-        for (int i = threadIdx.x; i < vectors; i += blockDim.x) {
-          __stcg(reinterpret_cast<int4*>(staged + kLLHeaderBytes) + i, ld_input_int4(reinterpret_cast<const int4*>(row) + i));
-        }
-      }
-      if (threadIdx.x == 0) __stcg(reinterpret_cast<int4*>(staged), make_int4(t, 0, 0, 0));
-      __syncthreads();  // the staged message is complete (block-visible)
-      if (warp < K * parts) {
-        const int k = warp % K, part = warp / K;
-        const int p = t * K + k;
-        const int e = topk_s[p];
-        if (e >= 0) {
-          // Slot: pairs before (t, k) in (token, k) order with the same expert.
-          // Every lane counts the same ballots (lanes at or past p vote no).
-          int slot = 0;
-          for (int base = 0; base < p; base += 32) {
-            const int q = base + lane;
-            slot += __popc(__ballot_sync(0xFFFFFFFFu, q < p && topk_s[q] == e));
-          }
-          const int dst = e / El, le = e % El;
-          if (slot >= M) {
-            if (lane == 0 && part == 0) ll_report(ctx, kLowLatencySlotOverflow, dst, e, M, slot + 1);
-          } else {
-            uint8_t* dst_msg = recv + ((static_cast<int64_t>(le) * R + ctx.rank) * M + slot) * slot_stride;
-            // This warp's share of the message, in 16-byte vectors.
-            const int64_t vectors = msg_bytes / 16;
-            const int64_t per = (vectors + parts - 1) / parts;
-            const int64_t begin = per * part < vectors ? per * part : vectors;
-            const int64_t end = begin + per < vectors ? begin + per : vectors;
-            if (end > begin) {
-              used_puts |= warp_send(dst_msg + begin * 16, staged + begin * 16, (end - begin) * 16, dst, lane);
+            const uint2 codes = make_uint2(lo, hi);
+            for (int k = 0; k < K; ++k) {
+              uint8_t* peer = peers[k];
+              if (peer == nullptr) continue;
+              __stcg(reinterpret_cast<uint2*>(peer + kLLHeaderBytes + c), codes);
+              if (lane % 16 == 0) __stcg(reinterpret_cast<float*>(peer + kLLHeaderBytes + H) + g, scale);
             }
-            if (lane == 0 && part == 0) {
-              args.pair_slot[p] = slot;
-              atomicAdd(scratch + e, 1);
+            if (puts) {
+              __stcg(reinterpret_cast<uint2*>(staged + kLLHeaderBytes + c), codes);
+              if (lane % 16 == 0) __stcg(reinterpret_cast<float*>(staged + kLLHeaderBytes + H) + g, scale);
             }
           }
-        } else if (lane == 0 && part == 0) {
-          args.pair_slot[p] = -1;
+        } else {
+          const int i = u * 32 + lane;
+          if (i < row_vectors) {
+            for (int k = 0; k < K; ++k) {
+              if (peers[k] != nullptr) __stcg(reinterpret_cast<int4*>(peers[k] + kLLHeaderBytes) + i, v);
+            }
+            if (puts) __stcg(reinterpret_cast<int4*>(staged + kLLHeaderBytes) + i, v);
+          }
         }
       }
+      // 3. Headers (the source token index), one thread per pair; then the puts of the batch's pairs
+      //    whose rank is not load/store reachable, from the staged messages (one warp per pair).
+      for (int q = threadIdx.x; q < nb * K; q += blockDim.x) {
+        if (pair_peer_s[q] != nullptr) __stcg(reinterpret_cast<int4*>(pair_peer_s[q]), make_int4(token_of(q / K), 0, 0, 0));
+      }
+      if (puts) {
+        for (int j = threadIdx.x; j < nb; j += blockDim.x) {
+          __stcg(reinterpret_cast<int4*>(send + static_cast<int64_t>(token_of(j)) * msg_bytes), make_int4(token_of(j), 0, 0, 0));
+        }
+        __syncthreads();  // the staged messages are complete (block-visible)
+        for (int q = warp; q < nb * K; q += kLLWarpsPerBlock) {
+          if (pair_offset_s[q] < 0 || pair_peer_s[q] != nullptr) continue;
+          nvshmemx_putmem_nbi_warp(recv + pair_offset_s[q], send + static_cast<int64_t>(token_of(q / K)) * msg_bytes,
+                                   static_cast<size_t>(msg_bytes), pair_rank_s[q]);
+          used_puts = true;
+        }
+      }
+      __syncthreads();  // the pair tables are rewritten by the next batch
     }
     if (last_block(ctx, s.half, kCounterDispatchSend, used_puts)) {
       for (int e = threadIdx.x; e < E; e += blockDim.x) {
@@ -394,23 +451,26 @@ __global__ void __launch_bounds__(kThreads, 1)
         offset_s[r] = static_cast<int>(range >> 32);
       }
       __syncthreads();
-      for (int r = 0; r < R; ++r) {
-        const int n = count_s[r], off = offset_s[r];
-        for (int i = part * kLLWarpsPerBlock + warp; i < n; i += parts * kLLWarpsPerBlock) {
-          const int64_t local_row = static_cast<int64_t>(le) * S + off + i;
-          const uint8_t* src = reinterpret_cast<const uint8_t*>(args.x) + local_row * row_bytes;
-          uint8_t* dst = recv + (static_cast<int64_t>(ctx.rank * El + le) * M + i) * row_bytes;
-          if (nvshmem_ptr(dst, r) == nullptr && !zero_copy) {
-            // A put reads symmetric memory: stage the row in this half's send region first.
-            uint8_t* staged = send + local_row * row_bytes;
-            for (int64_t v = lane; v < row_bytes / 16; v += 32) {
-              __stcg(reinterpret_cast<int4*>(staged) + v, ld_input_int4(reinterpret_cast<const int4*>(src) + v));
-            }
-            __syncwarp();
-            src = staged;
+      // The expert's rows are contiguous by source rank (offset_s): one warp per row, over all of
+      // them, so that the block's warps stay busy whatever the split between source ranks.
+      const int total = offset_s[R - 1] + count_s[R - 1];
+      for (int j = part * kLLWarpsPerBlock + warp; j < total; j += parts * kLLWarpsPerBlock) {
+        int r = 0;
+        while (r + 1 < R && offset_s[r + 1] <= j) ++r;
+        const int i = j - offset_s[r];
+        const int64_t local_row = static_cast<int64_t>(le) * S + j;
+        const uint8_t* src = reinterpret_cast<const uint8_t*>(args.x) + local_row * row_bytes;
+        uint8_t* dst = recv + (static_cast<int64_t>(ctx.rank * El + le) * M + i) * row_bytes;
+        if (nvshmem_ptr(dst, r) == nullptr && !zero_copy) {
+          // A put reads symmetric memory: stage the row in this half's send region first.
+          uint8_t* staged = send + local_row * row_bytes;
+          for (int64_t v = lane; v < row_bytes / 16; v += 32) {
+            __stcg(reinterpret_cast<int4*>(staged) + v, ld_input_int4(reinterpret_cast<const int4*>(src) + v));
           }
-          used_puts |= warp_send(dst, src, row_bytes, r, lane);
+          __syncwarp();
+          src = staged;
         }
+        used_puts |= warp_send(dst, src, row_bytes, r, lane);
       }
       __syncthreads();
     }
@@ -432,7 +492,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // each step issues the loads of four top-k rows before it sums them (k ascending, as the reference).
     const int warps = gridDim.x * kLLWarpsPerBlock;
     const int vectors = H / 8;  // 8 bf16 per 16-byte vector
-    constexpr int kChunk = 64, kGroup = 4;
+    constexpr int kChunk = 64, kGroup = 8;
     const int chunks = (vectors + kChunk - 1) / kChunk;
     for (int task = blockIdx.x * kLLWarpsPerBlock + warp; task < T * chunks; task += warps) {
       const int t = task / chunks, chunk = task % chunks;

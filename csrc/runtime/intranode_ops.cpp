@@ -178,7 +178,7 @@ bool direct_combine_enabled() {
   return enabled;
 }
 
-// DEEPEP_MEGATRON_FUSED_NOTIFY=1: a full dispatch runs notify in the dispatch kernel's last block
+// DEEPEP_MEGATRON_FUSED_NOTIFY=1: a full dispatch runs notify in the dispatch kernel's block 1
 // (Opening::kFusedNotify) instead of launching notify before it: one launch fewer per dispatch.
 // Off by default until a GPU run has verified it (docs/perf.md).
 bool fused_notify_enabled() {
@@ -408,7 +408,7 @@ DispatchResult dispatch(Runtime& rt, const at::Tensor& x, const std::optional<at
   a.num_local_experts = num_local_experts;
   a.slot = dispatch_slot(row_bytes, num_scales, hidden_bytes);
   a.opening = fused ? Opening::kFusedNotify : Opening::kAfterNotify;
-  if (fused) {  // the kernel's last block runs notify (the kernel with the opening: the direct one with a block)
+  if (fused) {  // the kernel's block 1 runs notify (the kernel with the opening: the direct one with a block)
     a.barrier_fp = notify_fp;
     a.notify = notify;
   }
