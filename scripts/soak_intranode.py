@@ -35,7 +35,6 @@ import math
 import os
 import random
 import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Union
 
@@ -46,10 +45,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from deepep_megatron import Buffer, Config, per_token_cast_to_fp8  # noqa: E402 - after the path insert
 from deepep_megatron.config import FP8_BLOCK  # noqa: E402
-from deepep_megatron.launch import local_backend, run_ranks  # noqa: E402
-from harness import mps_running  # noqa: E402 - tests/harness.py
-from soak_harness import (Checks, LoopOptions, Poisoner, POISON_BYTE, Summary, describe, format_report,  # noqa: E402
-                          planted, run_rounds, share_of_budget, summarize)
+from soak_harness import (POISON_BYTE, Checks, LoopOptions, Poisoner, describe, planted, repro_prefix,  # noqa: E402
+                          run_rounds, run_soak, soak_device, soak_parser)
 from oracle import expert_transform, reference_cast_back  # noqa: E402 - tests/oracle.py: the stand-in expert
 
 # ---------------------------------------------------------------------------- the round distribution
@@ -90,16 +87,10 @@ class SoakOptions:
     backend: str
     device: str  # "cuda" or "cpu"
     seed: int
-    rounds: int
-    only_round: Optional[int]
     max_tokens: int
     hiddens: tuple[int, ...]
     sms_choices: tuple[int, ...]
-    time_budget_s: float  # <= 0: none
-    stop_on_failure: bool
     plant_error: Optional[str]
-    progress_s: float
-    repro: str  # the command line that replays a round, without --only-round
 
 
 @dataclass(frozen=True)
@@ -518,7 +509,7 @@ def _nvl_bytes(num_ranks: int, opts: SoakOptions) -> int:
                for default in (Buffer.get_dispatch_config(num_ranks), Buffer.get_combine_config(num_ranks)))
 
 
-def _worker(rank: int, world: int, opts: SoakOptions) -> dict[str, Any]:
+def _worker(rank: int, world: int, opts: SoakOptions, loop: LoopOptions) -> dict[str, Any]:
     """One rank (run_ranks started its process group): run the rounds, return its records."""
     device = torch.device("cuda", torch.cuda.current_device()) if opts.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
@@ -528,8 +519,6 @@ def _worker(rank: int, world: int, opts: SoakOptions) -> dict[str, Any]:
     streams = [torch.cuda.current_stream(device), buffer.get_comm_stream()] if device.type == "cuda" else []
     poison = Poisoner(device, streams)
     flag_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    indices = (opts.only_round,) if opts.only_round is not None else tuple(range(opts.rounds))
-    loop = LoopOptions(indices, opts.time_budget_s, opts.stop_on_failure, opts.progress_s, opts.repro)
 
     def one_round(index: int) -> tuple[list[str], list[str], str]:
         p = draw_round(opts, world, index)
@@ -557,15 +546,9 @@ def _sms_cap(device: str, ranks_per_gpu: int) -> tuple[int, ...]:
 
 
 def _repro_command(args: argparse.Namespace) -> str:
-    parts = [f"python {os.path.relpath(os.path.abspath(__file__))}", f"--backend {args.backend}", f"--seed {args.seed}"]
-    if args.device != "auto":
-        parts.append(f"--device {args.device}")
+    parts = repro_prefix(__file__, args)
     if args.max_tokens != MAX_TOKENS:
         parts.append(f"--max-tokens {args.max_tokens}")
-    if args.max_hidden is not None:
-        parts.append(f"--max-hidden {args.max_hidden}")
-    if args.plant_error:
-        parts.append(f"--plant-error {args.plant_error}")
     if args.recv_arena_bytes:
         parts.append(f"--recv-arena-bytes {args.recv_arena_bytes}")
     if args.ring_combine:
@@ -576,74 +559,35 @@ def _repro_command(args: argparse.Namespace) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ranks", default="2", help="rank count, or a comma list soaked one after the other")
-    parser.add_argument("--rounds", type=int, default=10000, help="rounds per rank count")
-    parser.add_argument("--backend", choices=("cuda", "reference"), default="cuda")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: cuda for --backend cuda, else cpu")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--only-round", type=int, default=None, help="run just this round (replay a failure)")
+    parser = soak_parser(__doc__.split("\n")[0], PLANTABLE)
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="largest token count of a rank")
-    parser.add_argument("--max-hidden", type=int, default=None, help="largest hidden (small shapes for CPU runs)")
-    parser.add_argument("--time-budget-s", type=float, default=0.0, help="stop after this many seconds in all (0: no limit)")
-    parser.add_argument("--stop-on-failure", action="store_true")
-    parser.add_argument("--plant-error", choices=PLANTABLE, default=None,
-                        help="testing the soak itself: corrupt this output on rank 0 in every round where it has elements")
-    parser.add_argument("--progress-s", type=float, default=30.0, help="seconds between progress lines")
-    parser.add_argument("--out", default=None, help="also write the report (markdown) here")
     parser.add_argument("--recv-arena-bytes", type=int, default=0,
                         help="cuda: a receive arena of this many bytes per rank (direct-write dispatch; its blocks are "
                              "poisoned when taken); 0: the rings only")
     parser.add_argument("--ring-combine", action="store_true",
                         help="with --recv-arena-bytes: combine through the rings, not direct (DEEPEP_MEGATRON_DIRECT_COMBINE=0)")
     parser.add_argument("--fused-notify", action="store_true",
-                        help="cuda: notify in the dispatch kernel's last block, not its own launch (DEEPEP_MEGATRON_FUSED_NOTIFY=1)")
+                        help="cuda: notify in block 1 of the dispatch kernel, not its own launch (DEEPEP_MEGATRON_FUSED_NOTIFY=1)")
     args = parser.parse_args(argv)
     if args.recv_arena_bytes < 0:
         parser.error("--recv-arena-bytes must be >= 0")
     rank_env = {"DEEPEP_MEGATRON_RECV_ARENA_BYTES": str(args.recv_arena_bytes), "DEEPEP_MEGATRON_POISON_ARENA": "1",
                 "DEEPEP_MEGATRON_DIRECT_COMBINE": "0" if args.ring_combine else "1",
                 "DEEPEP_MEGATRON_FUSED_NOTIFY": "1" if args.fused_notify else "0"}
-
-    rank_counts = [int(r) for r in args.ranks.split(",")]
-    device = args.device if args.device != "auto" else ("cuda" if args.backend == "cuda" else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("soak_intranode: no CUDA device here; use --backend reference (CPU)")
+    device = soak_device(args, "soak_intranode")
     hiddens = hidden_choices(args.max_hidden)
-    summaries, started = [], time.monotonic()
-    for position, num_ranks in enumerate(rank_counts):
-        pg_backend, ranks_per_gpu = local_backend(num_ranks) if device == "cuda" else ("gloo", 1)
-        if ranks_per_gpu > 1 and not mps_running():
-            raise SystemExit(f"soak_intranode: {num_ranks} ranks share a GPU and need CUDA MPS; start it first "
-                             "(source scripts/mps.sh && mps_start)")
-        budget = share_of_budget(args.time_budget_s, started, position, len(rank_counts))
-        opts = SoakOptions(backend=args.backend, device=device, seed=args.seed, rounds=args.rounds, only_round=args.only_round,
-                           max_tokens=args.max_tokens, hiddens=hiddens, sms_choices=_sms_cap(device, ranks_per_gpu),
-                           time_budget_s=budget, stop_on_failure=args.stop_on_failure, plant_error=args.plant_error,
-                           progress_s=args.progress_s, repro=_repro_command(args))
-        print(f"EP{num_ranks}: {args.backend} backend on {device} over {pg_backend}, sms {list(opts.sms_choices)}, "
-              f"hidden {list(hiddens)}, tokens <= {args.max_tokens}", flush=True)
-        timeout = (budget + 600) if budget else 24 * 3600
-        try:
-            per_rank = run_ranks(_worker, num_ranks, opts, backend=pg_backend, timeout_s=timeout, env=rank_env)
-        except (AssertionError, RuntimeError, TimeoutError) as error:  # a rank died: its traceback is in the message
-            print(f"soak_intranode: EP{num_ranks} aborted: {error}", flush=True)
-            summaries.append(Summary(num_ranks, args.rounds, stopped="a crashed rank", failed=1))
-            continue
-        summaries.append(summarize(num_ranks, per_rank))
 
-    where = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
-    header = (f"soak_intranode · backend {args.backend} · {where} · seed {args.seed} · ranks {args.ranks} · "
-              f"max tokens {args.max_tokens} · hidden {list(hiddens)}" + (f" · planted error in {args.plant_error}" if args.plant_error else "")
+    def options_for(num_ranks: int, ranks_per_gpu: int) -> tuple[SoakOptions, str]:
+        opts = SoakOptions(backend=args.backend, device=device, seed=args.seed, max_tokens=args.max_tokens,
+                           hiddens=hiddens, sms_choices=_sms_cap(device, ranks_per_gpu), plant_error=args.plant_error)
+        return opts, f"sms {list(opts.sms_choices)}, hidden {list(hiddens)}, tokens <= {args.max_tokens}"
+
+    header = (f"max tokens {args.max_tokens} · hidden {list(hiddens)}"
               + (f" · receive arena {args.recv_arena_bytes} bytes" if args.recv_arena_bytes else "")
               + ((" · ring combine" if args.ring_combine else " · direct combine") if args.recv_arena_bytes else "")
               + (" · fused notify" if args.fused_notify else ""))
-    report = format_report(summaries, header, FEATURE_ROWS)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(report + "\n")
-    print(report, flush=True)
-    return 1 if any(s.failed for s in summaries) else 0
+    return run_soak("soak_intranode", args, device, _repro_command(args), _worker, options_for, FEATURE_ROWS, header,
+                    env=rank_env)
 
 
 if __name__ == "__main__":

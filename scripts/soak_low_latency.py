@@ -36,7 +36,6 @@ import argparse
 import os
 import random
 import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
@@ -47,11 +46,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from deepep_megatron import Buffer  # noqa: E402 - after the path insert
 from deepep_megatron.config import FP8_BLOCK  # noqa: E402
-from deepep_megatron.launch import local_backend, run_ranks  # noqa: E402
-from harness import mps_running  # noqa: E402 - tests/harness.py
 from oracle import low_latency_expert, reference_cast_back, reference_cast_to_fp8, reference_pack_ue8m0  # noqa: E402
-from soak_harness import (Checks, LoopOptions, Poisoner, Summary, describe, format_report, planted,  # noqa: E402
-                          run_rounds, share_of_budget, summarize)
+from soak_harness import (Checks, LoopOptions, Poisoner, describe, planted, repro_prefix, run_rounds,  # noqa: E402
+                          run_soak, soak_device, soak_parser)
 
 # ---------------------------------------------------------------------------- the round distribution
 HIDDEN_CHOICES = (256, 512, 1024, 2048, 2560, 4096, 5120, 7168)
@@ -467,76 +464,30 @@ def _block_choices(device: str, ranks_per_gpu: int) -> tuple[int, ...]:
 
 
 def _repro_command(args: argparse.Namespace) -> str:
-    parts = [f"python {os.path.relpath(os.path.abspath(__file__))}", f"--backend {args.backend}", f"--seed {args.seed}",
-             f"--max-tokens {args.max_tokens}", f"--heap-mib {args.heap_mib}"]
-    if args.device != "auto":
-        parts.append(f"--device {args.device}")
-    if args.max_hidden is not None:
-        parts.append(f"--max-hidden {args.max_hidden}")
-    if args.plant_error:
-        parts.append(f"--plant-error {args.plant_error}")
-    return " ".join(parts)
+    return " ".join(repro_prefix(__file__, args) + [f"--max-tokens {args.max_tokens}", f"--heap-mib {args.heap_mib}"])
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ranks", default="2", help="rank count, or a comma list soaked one after the other")
-    parser.add_argument("--rounds", type=int, default=10000, help="rounds per rank count")
-    parser.add_argument("--backend", choices=("cuda", "reference"), default="cuda")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: cuda for --backend cuda, else cpu")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--only-round", type=int, default=None, help="run just this round (replay a failure)")
+    parser = soak_parser(__doc__.split("\n")[0], PLANTABLE)
     parser.add_argument("--max-tokens", type=int, default=max(MAX_TOKENS_CHOICES),
                         help="largest num_max_dispatch_tokens_per_rank drawn")
-    parser.add_argument("--max-hidden", type=int, default=None, help="largest hidden (small shapes for CPU runs)")
     parser.add_argument("--heap-mib", type=int, default=1024,
                         help="NVSHMEM heap per rank (num_rdma_bytes); a round needing more draws fewer tokens")
-    parser.add_argument("--time-budget-s", type=float, default=0.0, help="stop after this many seconds in all (0: no limit)")
-    parser.add_argument("--stop-on-failure", action="store_true")
-    parser.add_argument("--plant-error", choices=PLANTABLE, default=None,
-                        help="testing the soak itself: corrupt this output on rank 0 in every round where it has elements")
-    parser.add_argument("--progress-s", type=float, default=30.0, help="seconds between progress lines")
-    parser.add_argument("--out", default=None, help="also write the report (markdown) here")
     args = parser.parse_args(argv)
     if args.max_tokens < 1:
         parser.error("--max-tokens must be >= 1")
-    rank_counts = [int(r) for r in args.ranks.split(",")]
-    device = args.device if args.device != "auto" else ("cuda" if args.backend == "cuda" else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("soak_low_latency: no CUDA device here; use --backend reference (CPU)")
+    device = soak_device(args, "soak_low_latency")
     hiddens = hidden_choices(args.max_hidden)
-    summaries, started = [], time.monotonic()
-    for position, num_ranks in enumerate(rank_counts):
-        pg_backend, ranks_per_gpu = local_backend(num_ranks) if device == "cuda" else ("gloo", 1)
-        if ranks_per_gpu > 1 and not mps_running():
-            raise SystemExit(f"soak_low_latency: {num_ranks} ranks share a GPU and need CUDA MPS; start it first "
-                             "(source scripts/mps.sh && mps_start)")
+
+    def options_for(num_ranks: int, ranks_per_gpu: int) -> tuple[SoakOptions, str]:
         opts = SoakOptions(backend=args.backend, device=device, seed=args.seed, max_tokens=args.max_tokens, hiddens=hiddens,
                            heap_bytes=args.heap_mib << 20, block_choices=_block_choices(device, ranks_per_gpu),
                            plant_error=args.plant_error)
-        indices = (args.only_round,) if args.only_round is not None else tuple(range(args.rounds))
-        budget = share_of_budget(args.time_budget_s, started, position, len(rank_counts))
-        loop = LoopOptions(indices, budget, args.stop_on_failure, args.progress_s, _repro_command(args))
-        print(f"EP{num_ranks}: {args.backend} backend on {device} over {pg_backend}, blocks {list(opts.block_choices)}, "
-              f"hidden {list(hiddens)}, max tokens <= {args.max_tokens}, heap {args.heap_mib} MiB", flush=True)
-        timeout = (budget + 600) if budget else 24 * 3600
-        try:
-            per_rank = run_ranks(_worker, num_ranks, opts, loop, backend=pg_backend, timeout_s=timeout)
-        except (AssertionError, RuntimeError, TimeoutError) as error:  # a rank died: its traceback is in the message
-            print(f"soak_low_latency: EP{num_ranks} aborted: {error}", flush=True)
-            summaries.append(Summary(num_ranks, len(indices), stopped="a crashed rank", failed=1))
-            continue
-        summaries.append(summarize(num_ranks, per_rank))
-    where = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
-    header = (f"soak_low_latency · backend {args.backend} · {where} · seed {args.seed} · ranks {args.ranks} · "
-              f"max tokens {args.max_tokens} · hidden {list(hiddens)} · heap {args.heap_mib} MiB"
-              + (f" · planted error in {args.plant_error}" if args.plant_error else ""))
-    report = format_report(summaries, header, FEATURE_ROWS)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(report + "\n")
-    print(report, flush=True)
-    return 1 if any(s.failed for s in summaries) else 0
+        return opts, (f"blocks {list(opts.block_choices)}, hidden {list(hiddens)}, max tokens <= {args.max_tokens}, "
+                      f"heap {args.heap_mib} MiB")
+
+    header = f"max tokens {args.max_tokens} · hidden {list(hiddens)} · heap {args.heap_mib} MiB"
+    return run_soak("soak_low_latency", args, device, _repro_command(args), _worker, options_for, FEATURE_ROWS, header)
 
 
 if __name__ == "__main__":

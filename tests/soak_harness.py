@@ -5,6 +5,10 @@ markdown report (one row per feature a round exercised).
 """
 from __future__ import annotations
 
+import argparse
+import os
+import subprocess
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -227,3 +231,89 @@ def format_report(summaries: list[Summary], header: str, feature_rows: Sequence[
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("| seconds | " + " | ".join(f"{s.seconds:.0f} | " for s in summaries) + " |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- the command line
+def soak_parser(description: str, plantable: Sequence[str]) -> argparse.ArgumentParser:
+    """The options every soak takes; a soak adds its own (shapes, buffers) before parsing."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--ranks", default="2", help="rank count, or a comma list soaked one after the other")
+    parser.add_argument("--rounds", type=int, default=10000, help="rounds per rank count")
+    parser.add_argument("--backend", choices=("cuda", "reference"), default="cuda")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: cuda for --backend cuda, else cpu")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--only-round", type=int, default=None, help="run just this round (replay a failure)")
+    parser.add_argument("--max-hidden", type=int, default=None, help="largest hidden (small shapes for CPU runs)")
+    parser.add_argument("--time-budget-s", type=float, default=0.0, help="stop after this many seconds in all (0: no limit)")
+    parser.add_argument("--stop-on-failure", action="store_true")
+    parser.add_argument("--plant-error", choices=tuple(plantable), default=None,
+                        help="testing the soak itself: corrupt this output on rank 0 in every round where it has elements")
+    parser.add_argument("--progress-s", type=float, default=30.0, help="seconds between progress lines")
+    parser.add_argument("--out", default=None, help="also write the report (markdown) here")
+    return parser
+
+
+def soak_device(args: argparse.Namespace, name: str) -> str:
+    device = args.device if args.device != "auto" else ("cuda" if args.backend == "cuda" else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{name}: no CUDA device here; use --backend reference (CPU)")
+    return device
+
+
+def repro_prefix(script: str, args: argparse.Namespace) -> list[str]:
+    """The replay command's options every soak shares (a soak appends its own)."""
+    parts = [f"python {os.path.relpath(os.path.abspath(script))}", f"--backend {args.backend}", f"--seed {args.seed}"]
+    if args.device != "auto":
+        parts.append(f"--device {args.device}")
+    if args.max_hidden is not None:
+        parts.append(f"--max-hidden {args.max_hidden}")
+    if args.plant_error:
+        parts.append(f"--plant-error {args.plant_error}")
+    return parts
+
+
+def run_soak(name: str, args: argparse.Namespace, device: str, repro: str, worker: Callable[..., dict[str, Any]],
+             options_for: Callable[[int, int], tuple[Any, str]], feature_rows: Sequence[str], header: str,
+             env: Optional[dict[str, str]] = None) -> int:
+    """Soak each of ``--ranks`` in turn: ``options_for(num_ranks, ranks_per_gpu) -> (picklable options,
+    what to print about them)``, then ``worker(rank, world, options, LoopOptions)`` on every rank
+    (run_ranks). Prints the report last (and writes ``--out``); returns the exit status."""
+    from deepep_megatron.launch import local_backend, run_ranks
+    from harness import mps_running
+
+    rank_counts = [int(r) for r in args.ranks.split(",")]
+    indices = (args.only_round,) if args.only_round is not None else tuple(range(args.rounds))
+    summaries, started = [], time.monotonic()
+    for position, num_ranks in enumerate(rank_counts):
+        pg_backend, ranks_per_gpu = local_backend(num_ranks) if device == "cuda" else ("gloo", 1)
+        if ranks_per_gpu > 1 and not mps_running():
+            raise SystemExit(f"{name}: {num_ranks} ranks share a GPU and need CUDA MPS; start it first "
+                             "(source scripts/mps.sh && mps_start)")
+        budget = share_of_budget(args.time_budget_s, started, position, len(rank_counts))
+        loop = LoopOptions(indices, budget, args.stop_on_failure, args.progress_s, repro)
+        opts, about = options_for(num_ranks, ranks_per_gpu)
+        print(f"EP{num_ranks}: {args.backend} backend on {device} over {pg_backend}, {about}", flush=True)
+        timeout = (budget + 600) if budget else 24 * 3600
+        try:
+            per_rank = run_ranks(worker, num_ranks, opts, loop, backend=pg_backend, timeout_s=timeout, env=env)
+        except (AssertionError, RuntimeError, TimeoutError) as error:  # a rank died: its traceback is in the message
+            print(f"{name}: EP{num_ranks} aborted: {error}", flush=True)
+            summaries.append(Summary(num_ranks, len(indices), stopped="a crashed rank", failed=1))
+            continue
+        summaries.append(summarize(num_ranks, per_rank))
+    where = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
+    full_header = (f"{name} · backend {args.backend} · {where} · seed {args.seed} · ranks {args.ranks} · {header}"
+                   + (f" · planted error in {args.plant_error}" if args.plant_error else ""))
+    report = format_report(summaries, full_header, feature_rows)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(report + "\n")
+    print(report, flush=True)
+    return 1 if any(s.failed for s in summaries) else 0
+
+
+def run_soak_script(script: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """The CPU tests' way to run a soak: a subprocess from the repository root, one thread per rank."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, os.path.join(root, "scripts", script), *args], cwd=root, capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))

@@ -1,25 +1,22 @@
 """CPU smoke test of scripts/soak_intranode.py: the soak runs its GPU-style oracle (every rank
 regenerates every rank's inputs and computes its expected outputs without communication) against
-the reference backend on gloo, and it can fail: a planted one-bit error is reported with a replay
+the reference backend on gloo, and it can fail: a planted error (an exponent bit) is reported with a replay
 command that reproduces it."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOAK = os.path.join(ROOT, "scripts", "soak_intranode.py")
+from soak_harness import run_soak_script
+
 #: Small shapes, so a few dozen rounds take seconds on two cores.
 SMALL = ["--backend", "reference", "--max-tokens", "48", "--max-hidden", "256"]
 
 
-def _soak(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, SOAK, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+def _soak(*args: str) -> subprocess.CompletedProcess:
+    return run_soak_script("soak_intranode.py", *args, timeout=120)
 
 
 @pytest.mark.parametrize("ranks, rounds", [(2, 32), (3, 24)])

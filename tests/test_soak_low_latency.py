@@ -4,15 +4,13 @@ agrees with the reference backend on gloo over every feature the soak draws, and
 each checked output is reported with a replay command that reproduces it."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOAK = os.path.join(ROOT, "scripts", "soak_low_latency.py")
+from soak_harness import run_soak_script
+
 #: Small shapes, so a few dozen rounds take seconds on two cores.
 SMALL = ["--backend", "reference", "--max-tokens", "16", "--max-hidden", "512"]
 #: Report rows that a 40-round draw must hit (the soak's claims).
@@ -21,9 +19,8 @@ DRAWN_FEATURES = ("fp8", "bf16", "fp8 round_scale", "fp8 ue8m0", "receive hook",
                   "a rank receives nothing")
 
 
-def _soak(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, SOAK, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+def _soak(*args: str) -> subprocess.CompletedProcess:
+    return run_soak_script("soak_low_latency.py", *args, timeout=180)
 
 
 @pytest.mark.parametrize("ranks, rounds", [(2, 40), (3, 20)])
