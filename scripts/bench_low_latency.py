@@ -17,7 +17,7 @@ scales) and bf16 combine. Times, from CUDA events, median over repeats, the slow
   * overlap: send, a bf16 matmul, hook -- against the matmul alone (work between send and hook runs
     while the data is in flight, nothing holds SMs);
   * the reference backend (torch.distributed) and the cuda backend's normal dispatch/combine of the
-    same tokens (24 SMs per rank).
+    same tokens (24 SMs per rank, fewer where the ranks sharing a GPU would not fit: EP8 on one H200 gets 16).
 Prints a short table last; --out writes it (markdown) too.
 """
 from __future__ import annotations
@@ -32,6 +32,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from deepep_megatron.launch import local_backend, run_ranks, tree_commit  # noqa: E402
+
+#: SMs per rank of the normal (intranode) kernels measured beside the low-latency ones.
+NORMAL_SMS = 24
 from deepep_megatron.profiling import seconds_per_call  # noqa: E402
 
 
@@ -148,7 +151,9 @@ def _worker(rank: int, world: int, tokens: int, hidden: int, topk: int, experts:
     results["reference combine"] = slowest(
         _per_call(lambda: ref.low_latency_combine(y, topk_idx, topk_weights, ref_handle), group, 5))
 
-    sms = 24
+    # 24 SMs per rank, or fewer where the ranks sharing this GPU would not all fit (their blocks spin on each other)
+    sharing = -(-world // torch.cuda.device_count())
+    sms = min(NORMAL_SMS, torch.cuda.get_device_properties(device).multi_processor_count // sharing // 2 * 2)
     config = Config(sms, 6, 256)
     normal = Buffer(group, num_nvl_bytes=config.get_nvl_buffer_size_hint(hidden * 2, world), explicitly_destroy=True,
                     backend="cuda")

@@ -180,7 +180,7 @@ bool direct_combine_enabled() {
 
 // DEEPEP_MEGATRON_FUSED_NOTIFY=1: a full dispatch runs notify in the dispatch kernel's block 1
 // (Opening::kFusedNotify) instead of launching notify before it: one launch fewer per dispatch.
-// Off by default until a GPU run has verified it (docs/perf.md).
+// Off by default: correct on the H200 (tests, soak) but not faster there (docs/perf.md, issue 12).
 bool fused_notify_enabled() {
   static const bool enabled = env_switch("DEEPEP_MEGATRON_FUSED_NOTIFY", false);
   return enabled;
