@@ -353,6 +353,9 @@ class Buffer:
         self.num_nvl_bytes = num_nvl_bytes
         self.num_rdma_bytes = num_rdma_bytes
         self.low_latency_mode = bool(low_latency_mode)
+        #: (max tokens, hidden, experts) shapes already found to fit num_rdma_bytes: a decode loop
+        #: repeats one shape, so each call skips recomputing the layout.
+        self._low_latency_shapes_that_fit: set[tuple[int, int, int]] = set()
         self.num_qps_per_rank = num_qps_per_rank
         self.allow_nvlink_for_low_latency_mode = bool(allow_nvlink_for_low_latency_mode)
         self.allow_mnnvl = bool(allow_mnnvl)
@@ -773,6 +776,9 @@ class Buffer:
     def _check_low_latency(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         if not self.low_latency_mode:
             raise RuntimeError("low-latency calls need a Buffer created with low_latency_mode=True")
+        shape = (num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        if shape in self._low_latency_shapes_that_fit:
+            return
         needed = get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, self.group_size, num_experts)
         if needed > self.num_rdma_bytes:
             raise RuntimeError(
@@ -781,6 +787,7 @@ class Buffer:
                 f"num_rdma_bytes={self.num_rdma_bytes}; create it with num_rdma_bytes >= {needed} "
                 "(see Buffer.get_low_latency_rdma_size_hint)"
             )
+        self._low_latency_shapes_that_fit.add(shape)
 
     def _check_wait_stats(self, stats: Optional[torch.Tensor], name: str) -> Optional[torch.Tensor]:
         """A wait-cost statistics tensor: int64 with R (or R x R, DeepEP's documented shape) entries;
@@ -931,7 +938,7 @@ class Buffer:
     def _host_checks_topk_range(self) -> bool:
         """Whether a low-latency call checks topk_idx's values on the host (a sync): not under graph
         capture, and not when the backend's kernels check them."""
-        return not (_capturing() or self.runtime.low_latency_checks_topk_range)
+        return not (self.runtime.low_latency_checks_topk_range or _capturing())
 
     def _device_wait_stats(self, wait_stats: Optional[torch.Tensor]) -> tuple[dict, Optional[torch.Tensor]]:
         """(keyword arguments for the backend, what the hook accounts on the host): a backend whose
