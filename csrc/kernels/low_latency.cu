@@ -28,7 +28,9 @@
 //     i) of the source rank; the last block sets flags[d] = 1 on every rank.
 //   combine recv (rank s): every block waits for the R flags, then one warp per token sums
 //     w[t, k] * row(topk_idx[t, k], pair_slot[t, k]) over k ascending in fp32 (no FMA, as the
-//     reference) and writes bf16. The last block clears the flags.
+//     reference) and writes bf16. The last block clears the flags. A combine that sends and
+//     receives in one launch (no hook) leaves its own rank's rows in x: the send skips them and the
+//     receive reads them there (row recv_layout_range offset + slot of the expert's [S] rows).
 // Every receiver clears what it consumed, so the next call on the half starts from zero signals.
 // Grid sizes come from the caller (a rank's kernel must fit on the GPU next to its peers' when
 // ranks share one GPU: the receive spins). Every wait is bounded by ctx.timeout_ns and reports a
@@ -436,6 +438,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* recv = half + s.layout.send_bytes;
   uint64_t* flags = reinterpret_cast<uint64_t*>(half_signals(ctx, s) + s.layout.off_flags);  // [R]
 
+  // One launch that sends and receives reads this rank's own rows straight from x in the receive
+  // (x is unchanged in between): they are neither copied into the receive region nor read back from
+  // it. A hooked combine copies them, since x may change before the hook.
+  const bool own_rows_from_x = (phases & kLLSend) && (phases & kLLRecv);
   if (phases & kLLSend) {
     __shared__ int count_s[kLLMaxRanks];
     __shared__ int offset_s[kLLMaxRanks + 1];
@@ -457,6 +463,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int j = part * kLLWarpsPerBlock + warp; j < total; j += parts * kLLWarpsPerBlock) {
         int r = 0;
         while (r + 1 < R && offset_s[r + 1] <= j) ++r;
+        if (own_rows_from_x && r == ctx.rank) continue;
         const int i = j - offset_s[r];
         const int64_t local_row = static_cast<int64_t>(le) * S + j;
         const uint8_t* src = reinterpret_cast<const uint8_t*>(args.x) + local_row * row_bytes;
@@ -496,13 +503,22 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int chunks = (vectors + kChunk - 1) / kChunk;
     for (int task = blockIdx.x * kLLWarpsPerBlock + warp; task < T * chunks; task += warps) {
       const int t = task / chunks, chunk = task % chunks;
-      int my_e = -1, my_slot = -1;
+      // Lane k < K: the address of pair k's row (0: none), in the receive region or (own rows) in x.
+      unsigned long long my_row = 0ull;
       float my_w = 0.0f;
       if (lane < K) {
         const int64_t e = args.topk_idx[static_cast<int64_t>(t) * K + lane];
-        my_slot = args.pair_slot[static_cast<int64_t>(t) * K + lane];
+        const int slot = args.pair_slot[static_cast<int64_t>(t) * K + lane];
         my_w = args.topk_weights[static_cast<int64_t>(t) * K + lane];
-        my_e = (e >= 0 && e < s.num_experts && my_slot >= 0 && my_slot < M) ? static_cast<int>(e) : -1;
+        if (e >= 0 && e < s.num_experts && slot >= 0 && slot < M) {
+          const int le = static_cast<int>(e % El);
+          const uint8_t* row = recv + (e * M + slot) * row_bytes;
+          if (own_rows_from_x && e / El == ctx.rank) {
+            const int64_t first = args.recv_layout_range[static_cast<int64_t>(le) * R + ctx.rank] >> 32;
+            row = reinterpret_cast<const uint8_t*>(args.x) + (static_cast<int64_t>(le) * S + first + slot) * row_bytes;
+          }
+          my_row = reinterpret_cast<unsigned long long>(row);
+        }
       }
       const int v0 = chunk * kChunk + lane, v1 = v0 + 32;
       const bool a0 = v0 < vectors, a1 = v1 < vectors;
@@ -515,14 +531,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         bool use[kGroup];
 #pragma unroll
         for (int g = 0; g < kGroup; ++g) {
-          const int k = k0 + g;  // < 32: lanes >= K hold e = -1
-          const int e = __shfl_sync(0xFFFFFFFFu, my_e, k);
-          const int slot = __shfl_sync(0xFFFFFFFFu, my_slot, k);
+          const int k = k0 + g;  // < 32: lanes >= K hold no row
+          const unsigned long long address = __shfl_sync(0xFFFFFFFFu, my_row, k);
           w[g] = __shfl_sync(0xFFFFFFFFu, my_w, k);
-          use[g] = k < K && e >= 0;
+          use[g] = k < K && address != 0ull;
           y[g][0] = y[g][1] = make_int4(0, 0, 0, 0);
           if (use[g]) {
-            const int4* row = reinterpret_cast<const int4*>(recv + (static_cast<int64_t>(e) * M + slot) * row_bytes);
+            const int4* row = reinterpret_cast<const int4*>(address);
             if (a0) y[g][0] = __ldcg(row + v0);
             if (a1) y[g][1] = __ldcg(row + v1);
           }
