@@ -575,7 +575,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "DEEPEP_MEGATRON_DIRECT_COMBINE": "0" if args.ring_combine else "1",
                 "DEEPEP_MEGATRON_FUSED_NOTIFY": "1" if args.fused_notify else "0"}
     device = soak_device(args, "soak_intranode")
-    hiddens = hidden_choices(args.max_hidden)
+    try:
+        hiddens = hidden_choices(args.max_hidden)
+    except ValueError as error:
+        parser.error(str(error))
 
     def options_for(num_ranks: int, ranks_per_gpu: int) -> tuple[SoakOptions, str]:
         opts = SoakOptions(backend=args.backend, device=device, seed=args.seed, max_tokens=args.max_tokens,

@@ -45,8 +45,10 @@ import torch.distributed as dist
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from deepep_megatron import Buffer  # noqa: E402 - after the path insert
+from deepep_megatron.backends.low_latency import LowLatencyBackend  # noqa: E402
 from deepep_megatron.config import FP8_BLOCK  # noqa: E402
-from oracle import low_latency_expert, reference_cast_back, reference_cast_to_fp8, reference_pack_ue8m0  # noqa: E402
+from oracle import (beyond_bf16_rounding, beyond_one_e4m3_step, low_latency_expert, reference_cast_back,  # noqa: E402
+                    reference_cast_to_fp8, reference_pack_ue8m0)
 from soak_harness import (Checks, LoopOptions, Poisoner, describe, planted, repro_prefix, run_rounds,  # noqa: E402
                           run_soak, soak_device, soak_parser)
 
@@ -257,21 +259,6 @@ def expected_for_rank(p: RoundParams, rank: int, device: torch.device, salt: int
 
 
 # ---------------------------------------------------------------------------- checks
-def _codes(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.uint8).to(torch.int16)
-
-
-def _beyond_one_e4m3_step(got: torch.Tensor, want: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    a, b = _codes(got), _codes(want)
-    close = ((a & 0x80) == (b & 0x80)) & ((a & 0x7F) - (b & 0x7F)).abs().le(1)
-    return ~close & valid.unsqueeze(-1)
-
-
-def _beyond_bf16_rounding(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
-    got, want = got.float(), want.float()
-    return ~((got - want).abs() <= want.abs() * 2.0 ** -7 + 1e-6)  # NaN counts as beyond
-
-
 def check_dispatch(checks: Checks, tag: str, p: RoundParams, exp: Expected, out: tuple, rank: int,
                    plant: Optional[str]) -> None:
     recv_x, recv_count, handle = out
@@ -289,14 +276,15 @@ def check_dispatch(checks: Checks, tag: str, p: RoundParams, exp: Expected, out:
         return
     data, scales = recv_x
     checks.within(f"{tag} recv_x (e4m3)", planted(plant, rank, "recv_x", data), exp.recv_fp8,
-                  lambda g, w: _beyond_one_e4m3_step(g, w, valid), "are more than one e4m3 step from the oracle's cast")
+                  lambda g, w: beyond_one_e4m3_step(g, w) & valid.unsqueeze(-1),
+                  "are more than one e4m3 step from the oracle's cast")
     checks.within(f"{tag} recv_x_scales", scales, exp.recv_scales,
                   lambda g, w: (g.contiguous().view(torch.int32) != w.view(torch.int32)) & valid.unsqueeze(-1), "differ")
 
 
 def check_combine(checks: Checks, tag: str, exp: Expected, combined: torch.Tensor, rank: int,
                   plant: Optional[str]) -> None:
-    checks.within(tag, planted(plant, rank, "combined_x", combined), exp.combined, _beyond_bf16_rounding,
+    checks.within(tag, planted(plant, rank, "combined_x", combined), exp.combined, beyond_bf16_rounding,
                   "are beyond one bf16 rounding of the oracle")
 
 
@@ -423,13 +411,6 @@ FEATURE_ROWS = ("all rounds", "bf16", "fp8", "fp8 round_scale", "fp8 ue8m0", "re
 
 
 # ---------------------------------------------------------------------------- the ranks
-def _set_blocks(buffer: Buffer, num_blocks: int) -> None:
-    """The kernels' block count for the next calls (the soak varies what DEEPEP_MEGATRON_LL_SMS sets)."""
-    kernels = getattr(buffer.runtime, "_low_latency", None)
-    if num_blocks and kernels is not None and hasattr(kernels, "num_blocks"):
-        kernels.num_blocks = num_blocks
-
-
 def _worker(rank: int, world: int, opts: SoakOptions, loop: LoopOptions) -> dict[str, Any]:
     device = torch.device("cuda", torch.cuda.current_device()) if opts.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
@@ -437,14 +418,16 @@ def _worker(rank: int, world: int, opts: SoakOptions, loop: LoopOptions) -> dict
     group = dist.group.WORLD
     buffer = Buffer(group, 0, opts.heap_bytes, low_latency_mode=True, backend=opts.backend, explicitly_destroy=True,
                     timeout_s=20)
-    if opts.backend == "cuda" and type(buffer.runtime).__name__ != "LowLatencyBackend":
+    if opts.backend == "cuda" and not isinstance(buffer.runtime, LowLatencyBackend):
         raise RuntimeError("the cuda backend did not get the NVSHMEM kernels (build with DEEPEP_MEGATRON_NVSHMEM=1)")
+    # The kernels, whose block count each round sets (what DEEPEP_MEGATRON_LL_SMS sets); none on the reference backend.
+    kernels = buffer.runtime._low_latency if opts.backend == "cuda" else None
     poison = Poisoner(device, [torch.cuda.current_stream(device)] if device.type == "cuda" else [])
-    default_blocks = getattr(getattr(buffer.runtime, "_low_latency", None), "num_blocks", 0)
 
     def one_round(index: int) -> tuple[list[str], list[str], str]:
         p = draw_round(opts, world, index)
-        _set_blocks(buffer, p.num_blocks or default_blocks)
+        if kernels is not None and p.num_blocks:
+            kernels.num_blocks = p.num_blocks
         failures, facts = Round(buffer, p, rank, device, poison, opts.plant_error).run()
         return failures, features(p, facts), str(asdict(p))
 
@@ -477,7 +460,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.max_tokens < 1:
         parser.error("--max-tokens must be >= 1")
     device = soak_device(args, "soak_low_latency")
-    hiddens = hidden_choices(args.max_hidden)
+    try:
+        hiddens = hidden_choices(args.max_hidden)
+    except ValueError as error:
+        parser.error(str(error))
 
     def options_for(num_ranks: int, ranks_per_gpu: int) -> tuple[SoakOptions, str]:
         opts = SoakOptions(backend=args.backend, device=device, seed=args.seed, max_tokens=args.max_tokens, hiddens=hiddens,

@@ -41,6 +41,21 @@ def reference_cast_to_fp8(x: torch.Tensor, round_scale: bool = False) -> tuple[t
     return data.reshape(num_tokens, hidden), scales
 
 
+def beyond_one_e4m3_step(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """Elementwise: e4m3 codes ``got`` that are not within one code step of ``want`` (same sign,
+    magnitude codes at most 1 apart) -- the bound of a cast that divides or multiplies by the
+    reciprocal scale."""
+    a, b = got.view(torch.uint8).to(torch.int16), want.view(torch.uint8).to(torch.int16)
+    close = ((a & 0x80) == (b & 0x80)) & ((a & 0x7F) - (b & 0x7F)).abs().le(1)
+    return ~close
+
+
+def beyond_bf16_rounding(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """Elementwise: values of ``got`` further than one bf16 rounding from ``want`` (NaN counts)."""
+    got, want = got.float(), want.float()
+    return ~((got - want).abs() <= want.abs() * 2.0 ** -7 + 1e-6)
+
+
 def reference_cast_back(data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """fp32 ``data * scale`` per 128-channel block (the inverse of :func:`reference_cast_to_fp8`)."""
     blocks = data.float().reshape(*data.shape[:-1], data.size(-1) // SCALE_BLOCK, SCALE_BLOCK)

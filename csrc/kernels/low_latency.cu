@@ -496,7 +496,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();
     // One warp per (token, chunk of 64 vectors = 512 channels): every warp of the grid has work, and
-    // each step issues the loads of four top-k rows before it sums them (k ascending, as the reference).
+    // each step issues the loads of kGroup top-k rows before it sums them (k ascending, as the reference).
     const int warps = gridDim.x * kLLWarpsPerBlock;
     const int vectors = H / 8;  // 8 bf16 per 16-byte vector
     constexpr int kChunk = 64, kGroup = 8;
