@@ -5,6 +5,7 @@ tests; :data:`GPU_MARKS` and :func:`mps_running` for the GPU tests."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -43,3 +44,17 @@ def gloo_threads() -> list[str]:
         except FileNotFoundError:  # the thread ended while we listed them
             continue
     return sorted(n for n in names if "gloo" in n)
+
+
+# How long a freed group's threads may take to end: they end asynchronously after
+# destroy_process_group, and on a loaded CI machine a gloo_tcp_loop was still seen right after it.
+GLOO_THREAD_EXIT_WAIT_S = 5.0
+
+
+def gloo_threads_left(wait_s: float = GLOO_THREAD_EXIT_WAIT_S) -> list[str]:
+    """:func:`gloo_threads` after giving them up to ``wait_s`` seconds to end: a group that was
+    freed loses its threads within that time, one that was not keeps them."""
+    deadline = time.monotonic() + wait_s
+    while gloo_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return gloo_threads()
