@@ -631,8 +631,6 @@ class Buffer:
             raise ValueError(f"num_worst_tokens must be an int >= 0 (0 = exact sizes), got {num_worst_tokens!r}")
         if self.num_rdma_ranks == 1 and num_tokens_per_rdma_rank is not None:
             raise ValueError("num_tokens_per_rdma_rank must be None for intranode dispatch (all ranks share one node)")
-        if self.num_rdma_ranks > 1 and num_worst_tokens:
-            raise ValueError("num_worst_tokens must be 0 when the group spans nodes (DeepEP's rule: intranode only)")
         self._check_nvl_size(config, hidden, data.element_size(), "dispatch")
 
         if handle is not None:

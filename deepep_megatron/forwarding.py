@@ -21,10 +21,11 @@ Ranks sit in nodes of L consecutive ranks (node n holds ranks n*L .. n*L + L - 1
 * **Combine**, the reverse. The proxy reads each slot's expert-output rows back from the local ranks
   that received it, sums them in fp32 in local rank order, and puts one row per slot (the node's
   partial sum, rounded to the rows' dtype: one RDMA row per token and node, as in dispatch) into
-  s's region for node m. Rank s adds, in fp32 and node order, each own-node rank's row (in rank
-  order) and each other node's partial. With one node, or one rank per node, that is exactly the
-  reference's rank-order sum; otherwise it differs by the partials' rounding (at most one bf16
-  rounding per node partial) and the grouping of the additions.
+  s's region for node m. Its own node's rows s sums the same way (the NVLink leg's combine, rounded
+  to the rows' dtype too). Rank s then adds the nodes' partials in fp32 and node order and rounds
+  once. With one node, or one rank per node, that is exactly the reference's rank-order sum;
+  otherwise it differs by the partials' rounding (at most one bf16 rounding per node partial) and
+  the grouping of the additions.
 """
 from __future__ import annotations
 
@@ -182,10 +183,12 @@ def forwarded_combine(plan: ForwardingPlan, ys: Sequence[torch.Tensor]) -> list[
         home = topology.node_of(s)
         acc = torch.zeros((mask.size(0), *ys[0].shape[1:]), dtype=torch.float32)
         for m in range(N):
-            if m == home:  # own node: each rank's row, in rank order
+            if m == home:  # own node: its ranks' rows in rank order, rounded like every node partial
+                partial = torch.zeros_like(acc)
                 for r in range(home * L, (home + 1) * L):
                     sel = mask[:, r]
-                    acc[sel] += ys[r][plan.direct_rows(s, r)].float()
+                    partial[sel] += ys[r][plan.direct_rows(s, r)].float()
+                acc += partial.to(dtype).float()
                 continue
             rows = plan.forward_rows(s, m)  # the proxy's reduce, in local rank order
             partial = torch.zeros((rows.size(0), *ys[0].shape[1:]), dtype=torch.float32)

@@ -187,6 +187,26 @@ def seconds_per_call(fn: Callable[[], Any], iters: int, repeats: int = 5, warmup
     return statistics.median(samples)
 
 
+def one_call_seconds(op: Callable[[], Any], iters: int, warmup: int = 3, group: Any = None) -> tuple[float, float]:
+    """Median seconds of (``op`` with the GPU work it queued, ``op``'s host time), one call at a time
+    after a sync and :func:`start_together` (what a training step sees: nothing queued before it to
+    hide the host behind, and every rank starts each call at the same instant)."""
+    walls, hosts = [], []
+    for i in range(warmup + iters):
+        torch.cuda.synchronize()
+        start_together(group)
+        t0 = time.perf_counter()
+        result = op()
+        returned = time.perf_counter()
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        del result
+        if i >= warmup:
+            walls.append(t1 - t0)
+            hosts.append(returned - t0)
+    return statistics.median(walls), statistics.median(hosts)
+
+
 #: Bytes each copy of the roofline moves (large enough to leave the caches out).
 ROOFLINE_BYTES = 1 << 30
 

@@ -36,11 +36,9 @@ import importlib
 import importlib.util
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -52,7 +50,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from deepep_megatron.config import default_combine_config, default_dispatch_config  # noqa: E402 - after the path insert
 from deepep_megatron.fp8 import per_token_cast_to_fp8  # noqa: E402
 from deepep_megatron.launch import local_backend, run_ranks, tree_commit  # noqa: E402
-from deepep_megatron.profiling import copy_roofline, seconds_per_call, sm_copy_GBps, start_together  # noqa: E402
+from deepep_megatron.profiling import copy_roofline, one_call_seconds, seconds_per_call, sm_copy_GBps  # noqa: E402
 from harness import mps_running  # noqa: E402 - tests/harness.py
 
 IMPLS = ("deep_ep", "deepep_megatron")
@@ -95,26 +93,6 @@ def _load(impl: str) -> tuple[Any, Any, dict[str, Any], str]:
         return module.Buffer, module.Config, {}, module.__file__
     module = importlib.import_module("deepep_megatron")
     return module.Buffer, module.Config, {"backend": "cuda"}, module.__file__
-
-
-def _one_call(op: Callable[[], Any], iters: int, warmup: int) -> tuple[float, float]:
-    """Median seconds of (op with the GPU work it queued, op's host time), one call at a time after
-    a sync and :func:`start_together`, so every rank starts each call at the same instant (not a
-    barrier's spread apart) and no earlier call overlaps."""
-    walls, hosts = [], []
-    for i in range(warmup + iters):
-        torch.cuda.synchronize()
-        start_together()
-        t0 = time.perf_counter()
-        result = op()
-        returned = time.perf_counter()
-        torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        del result
-        if i >= warmup:
-            walls.append(t1 - t0)
-            hosts.append(returned - t0)
-    return statistics.median(walls), statistics.median(hosts)
 
 
 def _inputs(rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -194,7 +172,7 @@ def _worker(rank: int, world: int, opts: BenchOptions) -> Optional[dict[str, Any
         }
         for name in OPS:
             misses = _arena_misses(buffer)
-            one, host = _one_call(ops[name], opts.iters, opts.warmup)
+            one, host = one_call_seconds(ops[name], opts.iters, opts.warmup)
             b2b = seconds_per_call(ops[name], opts.iters, repeats=opts.repeats, warmup=opts.warmup, group=group)
             figures[f"{name}|{sms}"] = {"one_call_us": one * 1e6, "host_us": host * 1e6, "b2b_us": b2b * 1e6,
                                         "arena_misses": float(_arena_misses(buffer) - misses)}

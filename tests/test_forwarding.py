@@ -130,6 +130,26 @@ def _forwarding_backend_round(rank: int, world_size: int, per_node: int) -> int:
         torch.testing.assert_close(f_comb.float(), r_comb.float(), rtol=2 ** -6, atol=2 ** -6)
         torch.testing.assert_close(f_comb_w, r_comb_w, rtol=1e-6, atol=1e-6)
         checked += 1
+    # DeepEP's handle items, a layout-only dispatch (no top-k), aligned expert counts and
+    # num_worst_tokens padding: as the reference's
+    case = _case(world_size, 83)
+    x, topk_idx, topk_weights = make_inputs(case, rank)
+    num_experts = case.num_experts
+    outs = []
+    for buf in (fast, ref):
+        per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, num_experts)
+        layout = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
+                      num_tokens_per_expert=per_expert)
+        recv_x, _, _, counts, handle, _ = buf.dispatch(x, **layout, expert_alignment=4)
+        worst = buf.dispatch(x, **layout, topk_idx=topk_idx, topk_weights=topk_weights,
+                             num_worst_tokens=sum(case.tokens) + 3)
+        outs.append((recv_x, counts, [handle[i] for i in range(6)], worst[0], worst[1], worst[2]))
+    (f_x, f_counts, f_items, *f_worst), (r_x, r_counts, r_items, *r_worst) = outs
+    assert torch.equal(f_x, r_x) and f_counts == r_counts, f"rank {rank}: layout-only dispatch"
+    for i, (a, b) in enumerate(zip(f_items, r_items)):
+        assert torch.equal(a, b), f"rank {rank}: handle item {i} differs from the reference's"
+    for a, b in zip(f_worst, r_worst):
+        assert torch.equal(a, b), f"rank {rank}: num_worst_tokens outputs differ"
     # the differentiable pair runs on it unchanged (the Megatron dispatcher's path)
     xg = x.clone().requires_grad_(True)
     recv, _, _, _, handle = deepep_autograd.dispatch(fast, xg, topk_idx, topk_weights, case.num_experts)
@@ -143,3 +163,103 @@ def test_forwarding_backend_equals_the_reference(world_size: int, per_node: int)
     results = run_ranks(_forwarding_backend_round, world_size, per_node,
                         env={"DEEPEP_MEGATRON_RANKS_PER_NODE": str(per_node)})
     assert results == [2] * world_size
+
+
+def _refusals_round(rank: int, world_size: int) -> list[str]:
+    """A bad layout on one rank, and ranks that call different operations: every rank raises."""
+    import torch.distributed as dist
+
+    from deepep_megatron import Buffer
+
+    buf = Buffer(dist.group.WORLD, backend="forwarding")
+    case = _case(world_size, 90)
+    x, topk_idx, topk_weights = make_inputs(case, rank)
+    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, case.num_experts)
+    seen = []
+    bad = per_rank.clone()
+    if rank == 2:
+        bad[0] += 1
+    try:
+        buf.dispatch(x, num_tokens_per_rank=bad, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
+                     num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=topk_weights)
+    except ValueError as error:
+        seen.append("layout" if ("rank(s) [2]" in str(error) or "disagrees" in str(error)) else str(error))
+    recv_x, _, _, _, handle, _ = buf.dispatch(x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
+                                              is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                                              topk_idx=topk_idx, topk_weights=topk_weights)
+    try:
+        if rank == 3:  # a dispatch while the others combine
+            buf.dispatch(x, handle=handle)
+        else:
+            buf.combine(recv_x, handle)
+    except ValueError as error:
+        seen.append("operations" if "called different operations" in str(error) else str(error))
+    buf.combine(recv_x, handle)  # the buffer works after both refusals
+    return seen
+
+
+def test_bad_layouts_and_mismatched_operations_are_refused_on_every_rank() -> None:
+    results = run_ranks(_refusals_round, 4, env={"DEEPEP_MEGATRON_RANKS_PER_NODE": "2"})
+    assert results == [["layout", "operations"]] * 4
+
+
+def _selection_round(rank: int, world_size: int) -> tuple:
+    import torch.distributed as dist
+
+    from deepep_megatron import Buffer
+
+    auto = Buffer(dist.group.WORLD, num_nvl_bytes=1 << 20).backend_name  # no kernels here: one all-to-all
+    errors = []
+    try:
+        Buffer(dist.group.WORLD, num_nvl_bytes=1 << 20, backend="cuda")
+    except RuntimeError as error:
+        errors.append("needs the compiled extension" in str(error))
+    return auto, Buffer(dist.group.WORLD, backend="forwarding").num_rdma_ranks, errors
+
+
+def test_backend_selection_over_nodes_without_kernels() -> None:
+    results = run_ranks(_selection_round, 4, env={"DEEPEP_MEGATRON_RANKS_PER_NODE": "2"})
+    assert results == [("reference", 2, [True])] * 4
+
+
+STALL_TIMEOUT_S = 3.0
+
+
+def _stall_round(rank: int, world_size: int) -> tuple:
+    """Rank 3 (node 1) skips a dispatch: the others' collective gives up after timeout_s with an
+    error naming where; after every rank's reset the Buffer dispatches as the reference does."""
+    import time
+
+    import torch.distributed as dist
+
+    from deepep_megatron import Buffer
+
+    buf = Buffer(dist.group.WORLD, backend="forwarding", timeout_s=STALL_TIMEOUT_S)
+    ref = Buffer(dist.group.WORLD, backend="reference")
+    case = _case(world_size, 95)
+    x, topk_idx, topk_weights = make_inputs(case, rank)
+    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, case.num_experts)
+    args = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=topk_weights)
+    message, elapsed = "", 0.0
+    if rank != 3:
+        start = time.monotonic()
+        try:
+            buf.dispatch(x, **args)
+        except RuntimeError as error:
+            message = str(error)
+        elapsed = time.monotonic() - start
+    dist.barrier()  # rank 3 comes back once the others have given up
+    buf.reset()
+    got, want = buf.dispatch(x, **args)[0], ref.dispatch(x, **args)[0]
+    return message, elapsed, bool(torch.equal(got, want))
+
+
+def test_a_stalled_rank_times_out_and_the_buffer_recovers() -> None:
+    results = run_ranks(_stall_round, 4, env={"DEEPEP_MEGATRON_RANKS_PER_NODE": "2"}, timeout_s=120)
+    for rank, (message, elapsed, same) in enumerate(results):
+        assert same, f"rank {rank}: the dispatch after reset differs from the reference"
+        if rank == 3:
+            continue
+        assert f"rank {rank}, the group's agreement check" in message and "Buffer.reset()" in message, message
+        assert STALL_TIMEOUT_S <= elapsed < STALL_TIMEOUT_S + 10, f"rank {rank} gave up after {elapsed:.1f} s"

@@ -278,25 +278,14 @@ def test_padded_capacity_layer_makes_no_host_sync() -> None:
         assert any("aten.masked_select" in s for s in dropless_syncs), f"rank {rank}: the guard missed {dropless_syncs}"
 
 
-def _refusal(rank: int, world_size: int, argv: list[str]) -> str:
-    from deepep_megatron.megatron import pretrain
-    from deepep_megatron.megatron.arguments import parse_args
-    from deepep_megatron.megatron.model import build_moe_layer
-
-    args = parse_args(argv)
-    device = pretrain.initialize(args)
-    layer = build_moe_layer(args, pretrain.build_transformer_config(args), device)
-    try:
-        layer(torch.randn(*LAYER_TOKENS, args.hidden_size))
-    except ValueError as error:
-        return str(error)
-    finally:
-        pretrain.shutdown()
-    return "no error"
-
-
-def test_ep_group_over_nodes_is_refused() -> None:
-    """Two virtual nodes of one rank each: num_worst_tokens is intranode only (DeepEP's rule)."""
-    argv = LAYER + ["--moe-expert-capacity-factor", "1.0"] + PAD
-    for message in run_ranks(_refusal, 2, argv, env={"DEEPEP_MEGATRON_RANKS_PER_NODE": "1"}):
-        assert "--moe-pad-expert-input-to-capacity with --moe-token-dispatcher deepep needs the EP group on one node" in message
+def test_padded_capacity_over_virtual_nodes_matches_alltoall() -> None:
+    """EP4 as 2 virtual nodes of 2 (node forwarding): num_worst_tokens works across nodes too, and
+    training equals megatron-core's alltoall."""
+    world, flags, _ = CASES["ep4-drop"]
+    argv = TINY + flags + PAD + ["--train-iters", str(ITERS), "--use-distributed-optimizer"]
+    nodes = {"DEEPEP_MEGATRON_RANKS_PER_NODE": "2"}
+    alltoall = run_ranks(_train, world, argv + ["--moe-token-dispatcher", "alltoall"], None)
+    deepep = run_ranks(_train, world, argv + ["--moe-token-dispatcher", "deepep", "--moe-deepep-backend", "forwarding"],
+                       None, env=nodes)
+    _assert_same_training(deepep, alltoall)
+    assert all(sum(r["dropped"]) > 0 for r in deepep)

@@ -65,9 +65,11 @@ def _multi_node(rank: int, world_size: int, per_node: int) -> int:
             buffer.dispatch(x, topk_idx=topk_idx, **dict(layout, num_tokens_per_rdma_rank=None))
         with pytest.raises(ValueError, match="num_tokens_per_rdma_rank disagrees"):
             buffer.dispatch(x, topk_idx=topk_idx, **dict(layout, num_tokens_per_rdma_rank=per_rdma + 1))
-        with pytest.raises(ValueError, match="num_worst_tokens must be 0 when the group spans nodes"):
-            buffer.dispatch(x, topk_idx=topk_idx, num_worst_tokens=64, **layout)
-        with pytest.raises(ValueError, match="intranode kernels only"):
+        worst = sum(case.tokens)  # num_worst_tokens across nodes too (DeepEP allows it intranode only)
+        padded = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, num_worst_tokens=worst, **layout)
+        assert padded[0].size(0) == worst and torch.equal(padded[0][:recv_x.size(0)], recv_x)
+        assert bool((padded[1][recv_x.size(0):] == -1).all())
+        with pytest.raises(RuntimeError, match="needs the compiled extension"):  # no kernels on this machine
             Buffer(dist.group.WORLD, num_nvl_bytes=nvl, backend="cuda")
     return int(recv_x.size(0))
 

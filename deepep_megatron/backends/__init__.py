@@ -40,18 +40,22 @@ def create_backend(
     num_nodes: int = 1,
     timeout_s: Optional[float] = None,
 ) -> Backend:
-    """Build backend ``name``; ``"auto"`` is ``"cuda"`` when :func:`cuda_backend_available`, the buffer
-    has NVLink bytes and the group is one node with a rank count the kernels support (2, 4, 8), else
-    ``"reference"`` (so an EP1 group, e.g. a one-GPU run of the Megatron dispatcher, still works, and
-    so does a group over ``num_nodes`` > 1 nodes, which only the reference backend serves so far).
-    A low-latency Buffer without NVLink bytes (DeepEP's ``Buffer(group, 0, num_rdma_bytes,
-    low_latency_mode=True)``) gets the NVSHMEM low-latency kernels under ``"auto"`` and ``"cuda"`` when
-    they are built (backends/low_latency.py), the reference backend otherwise.
-    ``"forwarding"`` is the reference backend's collectives with issue [5/8]'s node forwarding (each
-    token crosses to each destination node once, to the rank with its local index, which forwards
-    it inside the node: backends/forwarding.py), for groups over ``num_nodes`` nodes of equal size.
-    ``timeout_s`` bounds the cuda kernels' waits on peers (None: env or 100 s). Collective: every
-    rank of ``group`` must call it."""
+    """Build backend ``name`` for a group over ``num_nodes`` nodes of equal size. Collective: every
+    rank of ``group`` must call it.
+
+    * One node: ``"auto"`` is ``"cuda"`` (the intranode kernels) when :func:`cuda_backend_available`,
+      the buffer has NVLink bytes and the group has 2, 4 or 8 ranks, else ``"reference"`` (so an EP1
+      group, e.g. a one-GPU run of the Megatron dispatcher, still works).
+    * Several nodes: ``"cuda"`` and ``"forwarding"`` are issue [5/8]'s node forwarding
+      (backends/forwarding.py: each token crosses to each destination node once, to the rank with its
+      local index, which forwards it inside the node), with the intranode kernels or the reference
+      backend inside each node; ``"auto"`` is ``"cuda"`` when those kernels fit (built, NVLink bytes,
+      2, 4 or 8 ranks per node), else ``"reference"``.
+    * A low-latency Buffer without NVLink bytes (DeepEP's ``Buffer(group, 0, num_rdma_bytes,
+      low_latency_mode=True)``) on one node gets the NVSHMEM low-latency kernels under ``"auto"`` and
+      ``"cuda"`` when they are built (backends/low_latency.py), the reference backend otherwise.
+
+    ``timeout_s`` bounds the cuda kernels' waits on peers (None: env or 100 s)."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
     if timeout_s is not None:  # checked on every backend, so a bad value never passes unnoticed on CPU
@@ -65,30 +69,57 @@ def create_backend(
 
         return LowLatencyBackend(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank,
                                  resolve_timeout(timeout_s))
+    world = dist.get_world_size(group)
+    if num_nodes > 1 or name == "forwarding":
+        return _internode_backend(name, group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank,
+                                  world // num_nodes, timeout_s)
     if name == "auto":
-        kernels_fit = num_nvl_bytes > 0 and num_nodes == 1 and dist.get_world_size(group) in SUPPORTED_NVL_RANK_COUNTS
+        kernels_fit = num_nvl_bytes > 0 and world in SUPPORTED_NVL_RANK_COUNTS
         name = "cuda" if kernels_fit and cuda_backend_available() else "reference"
-    if name == "cuda" and num_nodes > 1:
-        raise ValueError(
-            f"backend='cuda' has intranode kernels only, and this group spans {num_nodes} nodes; use backend='reference' "
-            "(or 'auto') until the internode kernels exist, or one node per EP group"
-        )
     if name == "cuda":
-        if not cuda_backend_available():
-            raise RuntimeError(
-                "backend='cuda' needs the compiled extension deepep_megatron._C and a CUDA device; build it with "
-                "`DEEPEP_MEGATRON_BUILD_CUDA=1 pip install -e .` on a machine with nvcc and a CUDA torch, "
-                "or use backend='reference'"
-            )
+        _require_cuda_backend()
         from .cuda import CudaBackend
 
         return CudaBackend(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank, timeout_s)
-    if name == "forwarding":
-        from .forwarding import ForwardingBackend
-
-        return ForwardingBackend(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank,
-                                 ranks_per_node=dist.get_world_size(group) // num_nodes)
     return ReferenceBackend(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank)
+
+
+def _require_cuda_backend() -> None:
+    if not cuda_backend_available():
+        raise RuntimeError(
+            "backend='cuda' needs the compiled extension deepep_megatron._C and a CUDA device; build it with "
+            "`DEEPEP_MEGATRON_BUILD_CUDA=1 pip install -e .` on a machine with nvcc and a CUDA torch, "
+            "or use backend='reference'"
+        )
+
+
+def _internode_backend(name, group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank,
+                       ranks_per_node: int, timeout_s: Optional[float]) -> Backend:
+    """The backend of a group over several nodes of ``ranks_per_node`` ranks: node forwarding
+    (backends/forwarding.py) with the intranode kernels as its NVLink leg under ``"cuda"`` (and under
+    ``"auto"`` when they are built, the buffer has NVLink bytes and a node holds 2, 4 or 8 ranks),
+    the reference backend as its NVLink leg under ``"forwarding"``; ``"auto"`` otherwise gives the
+    plain reference backend (one all-to-all of the whole group)."""
+    if name == "reference":
+        return ReferenceBackend(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank)
+    kernels_fit = num_nvl_bytes > 0 and ranks_per_node in SUPPORTED_NVL_RANK_COUNTS
+    if name == "auto":
+        if not (kernels_fit and cuda_backend_available()):
+            return ReferenceBackend(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank)
+        name = "cuda"
+    if name == "cuda":
+        _require_cuda_backend()
+        if ranks_per_node > 1 and not kernels_fit:
+            raise ValueError(
+                f"backend='cuda' over several nodes runs the intranode kernels inside each node, which need "
+                f"num_nvl_bytes > 0 (got {num_nvl_bytes}) and 2, 4 or 8 ranks per node (got {ranks_per_node}); "
+                "size num_nvl_bytes with Buffer.get_nvl_size_hint, or use backend='forwarding'"
+            )
+    from .forwarding import ForwardingBackend
+
+    return ForwardingBackend(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank,
+                             ranks_per_node=ranks_per_node, node_leg="cuda" if name == "cuda" else "reference",
+                             timeout_s=timeout_s)
 
 
 __all__ = [

@@ -1,187 +1,357 @@
-"""Dispatch and combine over torch.distributed with node forwarding, for EP groups that span nodes.
+"""Internode dispatch and combine by node forwarding (issue [5/8]), on two legs.
 
-Issue [5/8]'s scheme (deepep_megatron/forwarding.py has its indices and a one-process emulation),
-run as two all-to-alls of the group instead of the flat one of the reference backend:
+deepep_megatron/forwarding.py has the indices and a one-process emulation; this backend runs them.
+Ranks sit in nodes of L consecutive ranks; rank (n, l) = n * L + l.
 
-* **RDMA leg**: each rank sends a token once to each other node that holds a destination of it,
-  to its proxy there (the rank with the same local index), with the token's destination bits over
-  that node's ranks. Only same-local-index pairs exchange rows here, so on a cluster this traffic
-  is what crosses the network, deduplicated per node.
-* **NVLink leg**: each rank sends, to every rank of its own node, its own tokens for that rank and
-  the forwarded slots whose bit is set for it, grouped by source node; the receiver puts them in
-  (source rank, source token) order. Dispatch is bit-identical to the reference backend.
-* **Combine** goes back the same way: each proxy sums, in fp32 and local rank order, the rows of
-  its node's ranks for each forwarded token and returns one partial row (in the rows' dtype) per
-  token and node; the source adds its own node's rows rank by rank and the other nodes' partials in
-  node order. Equal to the reference's rank-order sum with one node or one rank per node, otherwise
-  within one rounding per node partial (the same result as ``forwarding.forwarded_combine``).
+* **RDMA leg** (between nodes): rank (n, l) sends each of its tokens once to each other node m that
+  holds a destination rank of it, to its proxy there, the rank (m, l) with the same local index.
+  Only same-local-index ranks (a "rail") exchange here, so on a cluster this is the traffic that
+  crosses the network, deduplicated per node. It runs as one all-to-all of the rail's process group.
+* **NVLink leg** (inside a node): every rank dispatches its *node token list* to its node's ranks
+  with a backend over the node's process group: the intranode CUDA kernels (``node_leg="cuda"``) or
+  the reference backend. A rank's node token list is, in node order, the tokens it received from
+  node n's rank on its rail (its own tokens at its own node's place). The receiver reorders the
+  rows from (local source, source node) blocks into (source rank, source token) order, so the
+  dispatch is bit-identical to the reference backend's (rows, FP8 scales, top-k, per-expert counts).
+* **Combine**, the reverse: the NVLink leg's combine sums each node-token-list row over the node's
+  ranks (fp32 in local rank order, one rounding to the rows' dtype); each proxy sends the partial row
+  of every forwarded token back over its rail (one row per token and node); the source adds its
+  nodes' partials in node order in fp32 (its own node's partial too) and rounds once. With one rank
+  per node that is the reference's rank-order sum exactly; otherwise it differs by at most one
+  rounding per node partial (the result of ``forwarding.forwarded_combine``).
 
-The collectives are the group's (gloo or NCCL), so this runs wherever the reference backend runs;
-it is the protocol the NVSHMEM internode kernels will implement on the device, not those kernels.
+The RDMA leg's rows are packed bytes: the token row, its FP8 scales, its index, 16-byte padding (the
+part the NVLink leg carries on), then its top-k ids and weights and its ``is_token_in_rank`` row,
+which the proxy reads to route it inside its node. Waits on the NVLink leg time out as the node
+backend's do (with the node named in the error); the RDMA leg's collective waits as long as the
+process group's timeout. The low-latency calls go to the reference backend over the whole group.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import datetime
+import math
+from typing import Optional
 
 import torch
+import torch.distributed as dist
 
+from ..config import Config
 from ..forwarding import rdma_slots
 from ..topology import Topology
-from .base import DispatchLayout
-from .reference import ReferenceBackend, _spec, pack_rows, unpack_rows
+from .base import Backend, DispatchLayout, DispatchOutput, channel_prefix_matrix
+from .reference import (
+    ReferenceBackend,
+    _row_fields,
+    _spec,
+    deepep_prefix_matrices,
+    layout_problem,
+    pack_rows,
+    received_per_expert,
+    refuse_bad_layouts,
+    unpack_rows,
+)
+
+#: The NVLink leg's rows are a multiple of this many bytes (the cuda kernels move 16-byte vectors).
+NODE_ROW_ALIGN = 16
+#: Node legs a ForwardingBackend can run on.
+NODE_LEGS = ("reference", "cuda")
 
 
-@dataclass
-class ForwardingState:
-    """What a dispatch leaves for the combine that reverses it (the handle's ``private["moves"]``).
+def _subgroup(ranks: list[int], timeout_s: float) -> dist.ProcessGroup:
+    """A process group of ``ranks`` (global ranks) that only its members create, whose collectives
+    give up after ``timeout_s`` seconds."""
+    return dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s), use_local_synchronization=True)
 
-    Attributes:
-        slots: [T, N] int64, this rank's tokens' slots on each node (-1: not sent there).
-        rdma_rows: [R, N] int64 on the host, every rank's slot count per node.
-        region_bits: per source rank (n, l) of another node (l: this rank's local index), the
-            destination bits [S, L] bool of the slots this rank forwarded for it; others empty.
+
+def _padding(rows: int, row_bytes: int, device: torch.device) -> torch.Tensor:
+    """[rows, P] uint8 zeros that round ``row_bytes`` up to a multiple of :data:`NODE_ROW_ALIGN`."""
+    return torch.zeros(rows, -row_bytes % NODE_ROW_ALIGN, dtype=torch.uint8, device=device)
+
+
+def _row_bytes(columns: list[torch.Tensor]) -> int:
+    """Bytes of one row of ``columns`` (each [N, ...]) packed by :func:`pack_rows`."""
+    return sum(math.prod(c.shape[1:]) * c.element_size() for c in columns)
+
+
+def _columns_at(rows: torch.Tensor, offset: int, like: list[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
+    """:func:`unpack_rows` of the columns that start ``offset`` bytes into each of ``rows`` [N, B]."""
+    nbytes = sum(torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() for dtype, shape in like)
+    return unpack_rows(rows[:, offset:offset + nbytes], like)
+
+
+class ForwardingBackend(Backend):
+    """Dispatch/combine for an EP group over several nodes: an RDMA leg between same-local-index
+    ranks, then an NVLink leg inside each node (see the module docstring).
+
+    Args (beyond :class:`Backend`'s):
+        ranks_per_node: L, ranks of one node (the group splits into consecutive nodes of L).
+        node_leg: ``"cuda"`` (the intranode kernels; needs L in 2, 4, 8 and ``num_nvl_bytes`` > 0)
+            or ``"reference"``. With L = 1 there is no NVLink peer and the reference moves the rows.
+        timeout_s: the cuda node leg's wait bound (None: its default).
     """
 
-    slots: torch.Tensor
-    rdma_rows: torch.Tensor
-    region_bits: list[torch.Tensor]
-
-
-class ForwardingBackend(ReferenceBackend):
-    """The reference backend's API and checks, with the rows moved by node forwarding."""
-
-    name = "forwarding"
-
-    def __init__(self, group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank, ranks_per_node: int) -> None:
+    def __init__(self, group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank, ranks_per_node: int,
+                 node_leg: str = "reference", timeout_s: Optional[float] = None) -> None:
         super().__init__(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank)
-        self.topology = Topology(self.num_ranks, ranks_per_node)
+        if node_leg not in NODE_LEGS:
+            raise ValueError(f"node_leg must be one of {NODE_LEGS}, got {node_leg!r}")
+        from .cuda import resolve_timeout  # importable without the extension
 
-    def _all_to_all(self, chunks: list[torch.Tensor], recv_counts: list[int]) -> list[torch.Tensor]:
-        """``chunks[r]`` [n_r, B] uint8 rows to rank r -> the rows from each rank (``recv_counts``)."""
-        received = self._exchange_rows(torch.cat(chunks), [c.size(0) for c in chunks], recv_counts)
+        self.topology = Topology(self.num_ranks, ranks_per_node)
+        self.timeout_s = resolve_timeout(timeout_s)
+        L = ranks_per_node
+        self.home, self.local = divmod(self.rank, L)
+        self._members = dist.get_process_group_ranks(group)
+        self._kernels_inside = node_leg == "cuda" and L > 1
+        self.name = "cuda" if self._kernels_inside else "forwarding"
+        if self._kernels_inside:  # the kernels bound their own waits; their group only starts and stops them
+            from .cuda import CudaBackend
+
+            self.node_group = _subgroup(self._node_members(), self.timeout_s)
+            self.node: Backend = CudaBackend(self.node_group, num_nvl_bytes, 0, False, num_qps_per_rank, self.timeout_s)
+        self._open_collectives()
+        self.needs_nvl_buffer = self.node.needs_nvl_buffer
+
+    def _node_members(self) -> list[int]:
+        L = self.topology.ranks_per_node
+        return self._members[self.home * L:(self.home + 1) * L]
+
+    def _open_collectives(self) -> None:
+        """The groups whose collectives this backend runs itself, each bounded by ``timeout_s``: the
+        whole group (agreement checks, the counts gather, the low-latency calls), this rank's rail
+        (the RDMA leg; rail rank n = node n) and, with the reference inside nodes, this node. A
+        collective that timed out may leave messages behind, so :meth:`reset` opens new ones."""
+        L = self.topology.ranks_per_node
+        self.control_group = _subgroup(self._members, self.timeout_s)
+        self.rail_group = _subgroup(self._members[self.local::L], self.timeout_s)
+        self.flat = ReferenceBackend(self.control_group, self.num_nvl_bytes, self.num_rdma_bytes, self.low_latency_mode,
+                                     self.num_qps_per_rank)
+        self.rail = ReferenceBackend(self.rail_group, 0, 0, False, self.num_qps_per_rank)
+        if not self._kernels_inside:
+            self.node_group = _subgroup(self._node_members(), self.timeout_s)
+            self.node = ReferenceBackend(self.node_group, self.num_nvl_bytes, 0, False, self.num_qps_per_rank)
+
+    # ------------------------------------------------------------------ legs
+    def _leg(self, where: str, op, *args):
+        """Run one step of an operation; its errors say which step and leg, and how to go on."""
+        try:
+            return op(*args)
+        except ValueError as error:
+            raise ValueError(f"rank {self.rank}, {where}: {error}") from error
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"rank {self.rank}, {where}: {error}. A collective here gives up after timeout_s={self.timeout_s:g} s "
+                "when a rank of it does not take part: every rank must make the same dispatch/combine calls; after "
+                "this error every rank calls Buffer.reset()"
+            ) from error
+
+    def _agree(self, operation: str, **fields: int) -> None:
+        self._leg("the group's agreement check (every rank, before any data moves)",
+                  lambda: self.flat._agree(operation, **fields))
+
+    def _across_nodes(self, send: list[torch.Tensor], recv_counts: list[int]) -> list[torch.Tensor]:
+        """RDMA leg: ``send[m]`` [n_m, B] uint8 rows to this rank's proxy on node m -> the rows from
+        each node's rank on this rail (``recv_counts[n]`` of them)."""
+        L = self.topology.ranks_per_node
+        rail = ", ".join(str(r) for r in range(self.local, self.num_ranks, L))
+        where = f"RDMA leg of rail {self.local} (EP ranks {rail}, one per node)"
+        rows = torch.cat(send)
+        received = self._leg(where, self.rail._exchange_rows, rows, [s.size(0) for s in send], recv_counts)
         return list(received.split(recv_counts))
 
-    def _move_tokens(self, token_rows, is_token_in_rank, send_tokens, counts, moves=None):
-        """:meth:`ReferenceBackend._move_tokens` by node forwarding: the RDMA leg, then the NVLink leg
-        (which picks rows per node and rank from ``is_token_in_rank``: ``send_tokens`` is not needed).
-        A cached dispatch (``moves``: the :class:`ForwardingState` of the dispatch it repeats) reuses
-        its slots, slot counts and destination bits: no count gather, rows only on the RDMA leg."""
-        L, N, me = self.topology.ranks_per_node, self.topology.num_nodes, self.rank
-        home, local = divmod(me, L)
-        num_tokens, row_bytes = token_rows.shape
-        if moves is None:
-            slots = rdma_slots(is_token_in_rank, L, me)
-            rdma_rows = self._gather_rows((slots >= 0).sum(dim=0))  # notify: [R, N], every rank's
-        else:
-            slots, rdma_rows = moves.slots, moves.rdma_rows
-        bits = is_token_in_rank.reshape(num_tokens, N, L)
+    def _node_call(self, op, *args):
+        """One operation of the NVLink leg; its errors name this node."""
+        L = self.topology.ranks_per_node
+        return self._leg(f"NVLink leg of node {self.home} (EP ranks {self.home * L}..{self.home * L + L - 1})", op, *args)
 
-        # RDMA leg: the row (with its destination bits, unless the proxies kept them) once per
-        # (token, other node), to the proxy there.
-        empty = token_rows.new_empty((0, row_bytes + (L if moves is None else 0)))
-        send = [empty] * self.num_ranks
-        recv_counts = [0] * self.num_ranks
-        for m in range(N):
-            if m == home:
+    def _node_order(self, counts: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """[N_recv] int64: row i of the (source rank, source token)-ordered receive tensor is row
+        ``order[i]`` of what the NVLink leg delivered, which comes in (local source q, source node n)
+        blocks; ``counts`` [R, R] (source, destination) on the host."""
+        L, N = self.topology.ranks_per_node, self.topology.num_nodes
+        sizes = counts[:, self.rank].view(N, L)  # [n, q]: rows from source (n, q)
+        starts = (torch.cumsum(sizes.t().reshape(-1), 0) - sizes.t().reshape(-1)).view(L, N).t()  # delivered order q, n
+        sizes, starts = sizes.reshape(-1), starts.reshape(-1)  # final order: n, then q
+        first = torch.cumsum(sizes, 0) - sizes
+        total = int(sizes.sum())
+        within = torch.arange(total) - torch.repeat_interleave(first, sizes)
+        return (torch.repeat_interleave(starts, sizes) + within).to(device)
+
+    def _node_token_list(self, own: torch.Tensor, regions: list[torch.Tensor]) -> torch.Tensor:
+        """This rank's node token list: per node in order, its own rows or the rows from that node."""
+        return torch.cat([own if n == self.home else regions[n] for n in range(self.topology.num_nodes)])
+
+    # ------------------------------------------------------------------ normal path
+    def get_dispatch_layout(self, topk_idx, num_experts):
+        return self.flat.get_dispatch_layout(topk_idx, num_experts)
+
+    def dispatch(self, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
+                 expert_alignment, config: Config, cached_layout: Optional[DispatchLayout],
+                 num_worst_tokens: int = 0) -> DispatchOutput:
+        """See :class:`Backend`; exact sizes (the Buffer pads a ``num_worst_tokens`` dispatch)."""
+        payload = [x] if x_scales is None else [x, x_scales]
+        if cached_layout is not None:
+            return self._cached_dispatch(payload, cached_layout, config)
+        R, N, L = self.num_ranks, self.topology.num_nodes, self.topology.ranks_per_node
+        num_experts, num_channels, num_tokens = num_tokens_per_expert.numel(), config.num_channels, x.size(0)
+        self._agree("dispatch", topk=0 if topk_idx is None else topk_idx.size(1), experts=num_experts,
+                         channels=num_channels, **_row_fields(x, x_scales))
+        # notify: every rank's rows per destination rank and per node, per expert, per (rank, channel)
+        slots = rdma_slots(is_token_in_rank, L, self.rank)  # [T, N]
+        send_counts = is_token_in_rank.sum(dim=0)
+        per_rank_sent = num_tokens_per_rank.to(torch.int64).cpu()
+        per_expert_sent = num_tokens_per_expert.to(torch.int64).cpu()
+        problem = layout_problem(per_rank_sent, send_counts, per_expert_sent, topk_idx)
+        everyone = self._leg("notify (the counts gather of every rank)", self.flat._gather_rows, torch.cat([
+            per_rank_sent,
+            (slots >= 0).sum(dim=0).cpu(),
+            per_expert_sent,
+            channel_prefix_matrix(is_token_in_rank, num_channels).to(torch.int64).cpu().reshape(-1),
+            torch.tensor([int(bool(problem))]),
+        ]))
+        refuse_bad_layouts(problem, everyone[:, -1])
+        counts = everyone[:, :R]  # [source, destination]
+        rdma_rows = everyone[:, R:R + N]  # [source, node]: slots a source fills there
+        per_expert = received_per_expert(everyone[:, R + N:R + N + num_experts], self.rank, expert_alignment)
+        source_channels = everyone[:, R + N + num_experts:-1].view(R, R, num_channels)[:, self.rank]
+
+        # RDMA leg: [x, scales, token index, padding | top-k ids, weights, is_token_in_rank row]
+        carried = payload + [torch.arange(num_tokens, device=x.device)]
+        carried.append(_padding(num_tokens, _row_bytes(carried), x.device))
+        routing = [] if topk_idx is None else [topk_idx.to(torch.int64), topk_weights.to(torch.float32)]
+        routing.append(is_token_in_rank.to(torch.uint8))
+        rows = pack_rows(carried + routing)
+        regions = self._across_nodes(
+            [rows[slots[:, m] >= 0] if m != self.home else rows[:0] for m in range(N)],
+            [int(rdma_rows[n * L + self.local, self.home]) if n != self.home else 0 for n in range(N)],
+        )
+        node_rows = self._node_token_list(rows, regions)
+
+        # NVLink leg: the node token list to this node's ranks, routed by the rows' own routing columns
+        carried_bytes = _row_bytes(carried)
+        route = _columns_at(node_rows, carried_bytes, [_spec(t) for t in routing])
+        node_in_rank = route[-1][:, self.home * L:(self.home + 1) * L].bool()
+        node_topk = node_weights = None
+        node_experts = L * (num_experts // R)
+        node_per_expert = torch.zeros(node_experts, dtype=torch.int32, device=x.device)
+        if topk_idx is not None:
+            global_topk, node_weights = route[0], route[1]
+            first = self.home * node_experts
+            on_node = (global_topk >= first) & (global_topk < first + node_experts)
+            node_topk = torch.where(on_node, global_topk - first, torch.full_like(global_topk, -1))
+            node_per_expert = torch.bincount(node_topk[on_node], minlength=node_experts).to(torch.int32)
+        node_out = self._node_call(
+            self.node.dispatch, node_rows[:, :carried_bytes].contiguous(), None, node_topk, node_weights,
+            node_in_rank.sum(dim=0).to(torch.int32), node_in_rank, node_per_expert, 1, config, None,
+        )
+        order = self._node_order(counts, x.device)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        received = unpack_rows(node_out.recv_x[order], [_spec(t) for t in carried[:-1]])
+        rank_prefix, recv_channel_prefix = deepep_prefix_matrices(counts, source_channels, self.rank, x.device)
+        layout = DispatchLayout(
+            is_token_in_rank=is_token_in_rank,
+            num_tokens_per_rank=send_counts.to(torch.int32),
+            num_recv_tokens_per_rank=counts[:, self.rank].to(torch.int32),
+            recv_src_idx=received[-1].to(torch.int32),
+            num_recv_tokens_per_expert_list=per_expert,
+            private={"backend": "forwarding", "node_layout": node_out.layout, "slots": slots, "rdma_rows": rdma_rows,
+                     "order": order, "inverse": inverse},
+            num_channels=num_channels,
+            rank_prefix_matrix=rank_prefix,
+            recv_channel_prefix_matrix=recv_channel_prefix,
+        )
+        recv_topk_idx = recv_topk_weights = None
+        if topk_idx is not None:
+            recv_topk_idx, recv_topk_weights = node_out.recv_topk_idx[order], node_out.recv_topk_weights[order]
+        return DispatchOutput(received[0], received[1] if x_scales is not None else None, recv_topk_idx,
+                              recv_topk_weights, layout)
+
+    @staticmethod
+    def _private(layout: DispatchLayout) -> dict:
+        if layout.private.get("backend") != "forwarding":
+            raise ValueError("this handle was made by another backend's dispatch; pass the handle of this Buffer's dispatch")
+        return layout.private
+
+    def _cached_dispatch(self, payload: list[torch.Tensor], layout: DispatchLayout, config: Config) -> DispatchOutput:
+        """Repeat ``layout``'s dispatch for new rows: the same slots on the RDMA leg, the NVLink leg's
+        cached dispatch, the same reordering."""
+        private = self._private(layout)
+        x = payload[0]
+        self._agree("cached dispatch", channels=layout.num_channels, **_row_fields(*payload))
+        if layout.is_token_in_rank.size(0) != x.size(0):
+            raise ValueError(f"x has {x.size(0)} tokens but the cached layout was made for {layout.is_token_in_rank.size(0)}")
+        N, L = self.topology.num_nodes, self.topology.ranks_per_node
+        slots, rdma_rows = private["slots"], private["rdma_rows"]
+        carried = payload + [_padding(x.size(0), _row_bytes(payload), x.device)]
+        rows = pack_rows(carried)
+        regions = self._across_nodes(
+            [rows[slots[:, m] >= 0] if m != self.home else rows[:0] for m in range(N)],
+            [int(rdma_rows[n * L + self.local, self.home]) if n != self.home else 0 for n in range(N)],
+        )
+        node_out = self._node_call(self.node.dispatch, self._node_token_list(rows, regions), None, None, None, None, None,
+                                   None, 1, config, private["node_layout"])
+        received = unpack_rows(node_out.recv_x[private["order"]], [_spec(t) for t in payload])
+        return DispatchOutput(received[0], received[1] if len(payload) > 1 else None, None, None, layout)
+
+    def combine(self, x, topk_weights, layout: DispatchLayout, config: Config):
+        """``x`` [N_recv, H] (the dispatch's row order) -> [T, H] x.dtype, and the summed
+        ``topk_weights`` [T, K] fp32 or None: node partials from the NVLink leg, summed in node order."""
+        private = self._private(layout)
+        self._agree("combine", topk=0 if topk_weights is None else topk_weights.size(1), channels=layout.num_channels,
+                         **_row_fields(x, None))
+        N, L = self.topology.num_nodes, self.topology.ranks_per_node
+        slots, rdma_rows, inverse = private["slots"], private["rdma_rows"], private["inverse"]
+        weights = None if topk_weights is None else topk_weights.to(torch.float32)[inverse]
+        partial, partial_weights = self._node_call(self.node.combine, x[inverse], weights, private["node_layout"], config)
+        num_tokens = layout.is_token_in_rank.size(0)
+        sizes = [num_tokens if n == self.home else int(rdma_rows[n * L + self.local, self.home]) for n in range(N)]
+        columns = [partial] if partial_weights is None else [partial, partial_weights]
+        specs = [_spec(t) for t in columns]
+        by_node = [c.split(sizes) for c in columns]  # [column][node]
+        nothing = torch.empty(0, _row_bytes(columns), dtype=torch.uint8, device=x.device)
+        send = [pack_rows([c[n] for c in by_node]) if n != self.home else nothing for n in range(N)]
+        back = self._across_nodes(  # RDMA leg back: each forwarded token's node partial to its source
+            send, [int(rdma_rows[self.rank, m]) if m != self.home else 0 for m in range(N)])
+        sums = [torch.zeros(num_tokens, *shape, dtype=torch.float32, device=x.device) for _, shape in specs]
+        for m in range(N):  # node order, this rank's own node at its place
+            if m == self.home:
+                for total, rows in zip(sums, (c[m] for c in by_node)):
+                    total += rows.float()
                 continue
             sent = slots[:, m] >= 0
-            rows = token_rows[sent]
-            send[m * L + local] = rows if moves is not None else torch.cat([rows, bits[sent, m].to(torch.uint8)], dim=1)
-            recv_counts[m * L + local] = int(rdma_rows[m * L + local, home])
-        regions = self._all_to_all(send, recv_counts)
-        region_bits = [r[:, row_bytes:].bool() for r in regions] if moves is None else moves.region_bits
+            for total, rows in zip(sums, unpack_rows(back[m], specs)):
+                total[sent] += rows.float()
+        return sums[0].to(x.dtype), sums[1] if partial_weights is not None else None
 
-        # NVLink leg: to each rank of this node, by source node: own tokens, or region n's slots.
-        send = [token_rows.new_empty((0, row_bytes))] * self.num_ranks
-        for j in range(L):
-            dest = home * L + j
-            parts = []
-            for n in range(N):
-                if n == home:
-                    parts.append(token_rows[is_token_in_rank[:, dest]])
-                else:
-                    source = n * L + local
-                    parts.append(regions[source][region_bits[source][:, j], :row_bytes])
-            send[dest] = torch.cat(parts)
-        from_local = [self._by_source_node(counts, q, me) for q in range(L)]  # from rank (home, q)
-        got = self._all_to_all(send, self._node_spread([sum(lengths) for lengths in from_local]))
-        pieces = []
-        for s in range(self.num_ranks):  # (source rank, source token) order
-            n, q = divmod(s, L)
-            start = sum(from_local[q][:n])
-            pieces.append(got[home * L + q][start:start + from_local[q][n]])
-        return torch.cat(pieces), ForwardingState(slots, rdma_rows, region_bits)
+    # ------------------------------------------------------------------ low-latency path, lifecycle
+    def low_latency_dispatch(self, *args, **kwargs):
+        return self.flat.low_latency_dispatch(*args, **kwargs)
 
-    def _by_source_node(self, counts: torch.Tensor, source_local: int, receiver: int) -> list[int]:
-        """Rows ``receiver`` holds (or gets) of each source (n, ``source_local``), n in node order:
-        what one rank hands another of its node on the NVLink leg, grouped by source node."""
-        L = self.topology.ranks_per_node
-        return [int(counts[n * L + source_local, receiver]) for n in range(self.topology.num_nodes)]
+    def low_latency_combine(self, *args, **kwargs):
+        return self.flat.low_latency_combine(*args, **kwargs)
 
-    def _node_spread(self, per_local_rank: list[int]) -> list[int]:
-        """A count per rank of this node (by local index) -> a count per rank of the group (0 elsewhere)."""
-        spread = [0] * self.num_ranks
-        home = self.rank // self.topology.ranks_per_node
-        for q, count in enumerate(per_local_rank):
-            spread[home * self.topology.ranks_per_node + q] = count
-        return spread
+    def record_stream(self, tensor: torch.Tensor, stream: "torch.cuda.Stream") -> None:
+        tensor.record_stream(stream)  # every output is a fresh tensor (the reorder's gather)
 
-    def _combine_rows(self, columns: list[torch.Tensor], layout: DispatchLayout) -> list[torch.Tensor]:
-        """:meth:`ReferenceBackend._combine_rows` back along the dispatch's legs, the proxies summing
-        their node's rows (see the module docstring for the order)."""
-        state: ForwardingState = layout.private["moves"]
-        counts = layout.private["counts"]
-        is_token_in_rank = layout.is_token_in_rank
-        L, N, me = self.topology.ranks_per_node, self.topology.num_nodes, self.rank
-        home, local = divmod(me, L)
-        specs = [_spec(t) for t in columns]
-        packed = pack_rows(columns)
-        row_bytes = packed.size(1)
+    def synchronize(self) -> None:
+        """Wait for this rank's NVLink-leg kernels and raise an error they recorded (cuda node leg)."""
+        wait = getattr(self.node, "synchronize", None)
+        if wait is not None:
+            self._node_call(wait)
 
-        # NVLink leg back: to each rank q of this node, what came from it (sources (n, q), node order).
-        start = torch.cumsum(counts[:, me], 0) - counts[:, me]
-        send = [packed.new_empty((0, row_bytes))] * self.num_ranks
-        for q in range(L):
-            sources = [n * L + q for n in range(N)]
-            send[home * L + q] = torch.cat([packed[int(start[s]):int(start[s] + counts[s, me])] for s in sources])
-        # From each rank j of this node: my tokens' rows there (own node) and, per other node n, the
-        # rows of the slots this rank forwarded to j for source (n, local).
-        to_me = [self._by_source_node(counts, local, home * L + j) for j in range(L)]  # from rank (home, j)
-        back = self._all_to_all(send, self._node_spread([sum(lengths) for lengths in to_me]))
+    def reset(self) -> None:
+        """Collective: new groups for this backend's own collectives (one that timed out may hold
+        stale messages), then the NVLink leg's reset."""
+        self._open_collectives()
+        self.node.reset()
+        dist.barrier(group=self.control_group)
 
-        def part(j: int, n: int) -> list[torch.Tensor]:
-            begin = sum(to_me[j][:n])
-            return unpack_rows(back[home * L + j][begin:begin + to_me[j][n]], specs)
-
-        # The proxy's reduce, per region: fp32 in local rank order, one row per slot in the rows' dtype.
-        send = [packed.new_empty((0, row_bytes))] * self.num_ranks
-        recv_counts = [0] * self.num_ranks
-        for n in range(N):
-            if n == home:
-                continue
-            source = n * L + local
-            bits = state.region_bits[source]
-            partial = [torch.zeros(bits.size(0), *shape, dtype=torch.float32, device=packed.device) for _, shape in specs]
-            for j in range(L):
-                for total, rows in zip(partial, part(j, n)):
-                    total[bits[:, j]] += rows.float()
-            send[source] = pack_rows([p.to(dtype) for p, (dtype, _) in zip(partial, specs)])
-            recv_counts[source] = int(state.rdma_rows[me, n])
-        partials = self._all_to_all(send, recv_counts)  # RDMA leg back: from the proxy on each node
-
-        sums = [torch.zeros(is_token_in_rank.size(0), *shape, dtype=torch.float32, device=packed.device)
-                for _, shape in specs]
-        for m in range(N):  # node order; inside this node, rank order
-            if m == home:
-                for j in range(L):
-                    sel = is_token_in_rank[:, home * L + j]
-                    for total, rows in zip(sums, part(j, home)):
-                        total[sel] += rows.float()
-            else:
-                sel = state.slots[:, m] >= 0
-                for total, rows in zip(sums, unpack_rows(partials[m * L + local], specs)):
-                    total[sel] += rows.float()
-        return sums
+    def destroy(self) -> None:
+        self.node.destroy()
+        dist.barrier(group=self.control_group)
+        for group in (self.node_group, self.rail_group, self.control_group):
+            dist.destroy_process_group(group)
 
 
-__all__ = ["ForwardingBackend", "ForwardingState"]
+__all__ = ["ForwardingBackend", "NODE_LEGS", "NODE_ROW_ALIGN"]

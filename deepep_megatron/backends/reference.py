@@ -60,6 +60,54 @@ def _spec(t: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...]]:
     return t.dtype, tuple(t.shape[1:])
 
 
+def layout_problem(per_rank_sent: torch.Tensor, send_counts: torch.Tensor, per_expert_sent: torch.Tensor,
+                   topk_idx: Optional[torch.Tensor]) -> str:
+    """Why this rank's dispatch layout disagrees with its tokens ("" when it agrees): ``per_rank_sent``
+    [R] and ``per_expert_sent`` [E] int64 on the host (the caller's num_tokens_per_rank and
+    num_tokens_per_expert), ``send_counts`` [R] the tokens ``is_token_in_rank`` sends to each rank."""
+    if not torch.equal(per_rank_sent, send_counts.cpu()):
+        return (f"num_tokens_per_rank {per_rank_sent.tolist()} disagrees with is_token_in_rank, which sends "
+                f"{send_counts.tolist()} tokens to each rank")
+    if topk_idx is not None and not torch.equal(
+        per_expert_sent, torch.bincount(topk_idx[topk_idx >= 0].cpu(), minlength=per_expert_sent.numel())
+    ):
+        return "num_tokens_per_expert disagrees with topk_idx (tokens routed to each expert)"
+    return ""
+
+
+def refuse_bad_layouts(problem: str, bad_flags: torch.Tensor) -> None:
+    """After every rank gathered each rank's "my layout is bad" flag (``bad_flags`` [R]): raise on every
+    rank when any layout is bad, so that no rank waits for a dispatch the others refused."""
+    if problem:
+        raise ValueError(f"{problem}; pass both from the same get_dispatch_layout")
+    bad_ranks = bad_flags.nonzero().flatten().tolist()
+    if bad_ranks:
+        raise ValueError(
+            f"rank(s) {bad_ranks} passed a layout that disagrees with their tokens, so every rank of the group "
+            "refuses this dispatch"
+        )
+
+
+def received_per_expert(sent_per_expert: torch.Tensor, rank: int, expert_alignment: int) -> list[int]:
+    """Rows ``rank``'s local experts receive, each rounded up to ``expert_alignment``, from every
+    source rank's ``num_tokens_per_expert`` (``sent_per_expert`` [R, E] on the host, row = source)."""
+    num_local_experts = sent_per_expert.size(1) // sent_per_expert.size(0)
+    per_expert = sent_per_expert[:, rank * num_local_experts : (rank + 1) * num_local_experts].sum(0)
+    return [(c + expert_alignment - 1) // expert_alignment * expert_alignment for c in per_expert.tolist()]
+
+
+def deepep_prefix_matrices(counts: torch.Tensor, source_channels: torch.Tensor, rank: int,
+                           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepEP's ``rank_prefix_matrix`` [R, R] and ``recv_channel_prefix_matrix`` [R, C] (int32, on
+    ``device``) of ``rank``'s handle from ``counts`` [R, R] (source, destination) and
+    ``source_channels`` [R, C] (each source's channel prefix counts toward ``rank``), both on the host."""
+    num_ranks = counts.size(0)
+    source_start = torch.cumsum(counts[:, rank], 0) - counts[:, rank]
+    channel_start = torch.cat([torch.zeros(num_ranks, 1, dtype=torch.int64), source_channels[:, :-1]], dim=1)
+    return (torch.cumsum(counts, 0).to(torch.int32).to(device),
+            (source_start.unsqueeze(1) + channel_start).to(torch.int32).to(device))
+
+
 #: What a fingerprint names (index = code) and the fields it compares (-1 = not part of that operation).
 OPERATIONS = ("dispatch", "cached dispatch", "combine", "low-latency dispatch", "low-latency combine")
 FINGERPRINT_FIELDS = ("hidden", "row_bytes", "scales", "topk", "experts", "channels", "max_tokens")
@@ -216,14 +264,7 @@ class ReferenceBackend(Backend):
         # is consistent, so that a bad layout on one rank makes every rank refuse (none waits).
         per_rank_sent = num_tokens_per_rank.to(torch.int64).cpu()
         per_expert_sent = num_tokens_per_expert.to(torch.int64).cpu()
-        problem = ""
-        if not torch.equal(per_rank_sent, send_counts_t.cpu()):
-            problem = (f"num_tokens_per_rank {per_rank_sent.tolist()} disagrees with is_token_in_rank, which sends "
-                       f"{send_counts_t.tolist()} tokens to each rank")
-        elif topk_idx is not None and not torch.equal(
-            per_expert_sent, torch.bincount(topk_idx[topk_idx >= 0].cpu(), minlength=num_experts)
-        ):
-            problem = "num_tokens_per_expert disagrees with topk_idx (tokens routed to each expert)"
+        problem = layout_problem(per_rank_sent, send_counts_t, per_expert_sent, topk_idx)
         mine = torch.cat([
             per_rank_sent,
             per_expert_sent,
@@ -231,21 +272,12 @@ class ReferenceBackend(Backend):
             torch.tensor([int(bool(problem))]),
         ])
         everyone = self._gather_rows(mine)
-        bad_ranks = everyone[:, -1].nonzero().flatten().tolist()
-        if problem:
-            raise ValueError(f"{problem}; pass both from the same get_dispatch_layout")
-        if bad_ranks:
-            raise ValueError(
-                f"rank(s) {bad_ranks} passed a layout that disagrees with their tokens, so every rank of the group "
-                "refuses this dispatch"
-            )
+        refuse_bad_layouts(problem, everyone[:, -1])
         counts = everyone[:, :R]  # [source, destination]
         recv_counts = counts[:, self.rank].tolist()
-        per_expert = everyone[:, R + self.rank * num_local_experts : R + (self.rank + 1) * num_local_experts].sum(0)
-        per_expert = [(c + expert_alignment - 1) // expert_alignment * expert_alignment for c in per_expert.tolist()]
+        per_expert = received_per_expert(everyone[:, R : R + num_experts], self.rank, expert_alignment)
         source_channels = everyone[:, R + num_experts : -1].view(R, R, num_channels)[:, self.rank]  # [source, channel]
-        source_start = torch.cumsum(counts[:, self.rank], 0) - counts[:, self.rank]
-        channel_start = torch.cat([torch.zeros(R, 1, dtype=torch.int64), source_channels[:, :-1]], dim=1)
+        rank_prefix, recv_channel_prefix = deepep_prefix_matrices(counts, source_channels, self.rank, x.device)
 
         columns = list(payload)
         if topk_idx is not None:
@@ -272,8 +304,8 @@ class ReferenceBackend(Backend):
             num_recv_tokens_per_expert_list=per_expert,
             private={"send_tokens": send_tokens, "counts": counts, "moves": moves},
             num_channels=num_channels,
-            rank_prefix_matrix=torch.cumsum(counts, 0).to(torch.int32).to(x.device),
-            recv_channel_prefix_matrix=(source_start.unsqueeze(1) + channel_start).to(torch.int32).to(x.device),
+            rank_prefix_matrix=rank_prefix,
+            recv_channel_prefix_matrix=recv_channel_prefix,
         )
         return DispatchOutput(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, layout)
 

@@ -278,17 +278,6 @@ def check_supported(config: TransformerConfig, options: DeepEPOptions, pg_collec
         )
 
 
-def _check_one_node(buffer: Buffer) -> None:
-    """Padding to capacity dispatches with ``num_worst_tokens``, which DeepEP (and the Buffer) only
-    define within one node: refuse a group over several, naming the flag."""
-    if buffer.num_rdma_ranks > 1:
-        raise ValueError(
-            f"--moe-pad-expert-input-to-capacity with --moe-token-dispatcher deepep needs the EP group on one "
-            f"node (its static-shape dispatch, num_worst_tokens, is intranode only); this one spans "
-            f"{buffer.num_rdma_ranks} nodes: drop the flag (capacity dropping without padding works)"
-        )
-
-
 class DeepEPTokenDispatcher(MoETokenDispatcher):
     """megatron-core ``MoETokenDispatcher`` over ``deepep_megatron`` dispatch/combine.
 
@@ -379,7 +368,6 @@ class DeepEPTokenDispatcher(MoETokenDispatcher):
         with self.clock.measure("dispatch", device):
             if self.pad_to_capacity:
                 layout = self.capacity_layout
-                _check_one_node(buffer)
                 # received rows: the real ones first, then top-k -1 / weight 0 (their recv_x: zeros on
                 # the reference backend, left unwritten by the cuda kernels, as in DeepEP)
                 recv_x, recv_topk_idx, recv_weights, _, self.handle = deepep_autograd.dispatch(

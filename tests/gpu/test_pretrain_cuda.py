@@ -72,14 +72,34 @@ ARENA = {"DEEPEP_MEGATRON_RECV_ARENA_BYTES": str(64 << 20)}
 def test_cuda_training_equals_reference(world: int, extra: list[str], env: Optional[dict]) -> None:
     reference, cuda = _run(world, "reference", extra, env), _run(world, "cuda", extra, env)
     assert "Buffer backend cuda" in cuda[0]["buffers"] and "Buffer backend reference" in reference[0]["buffers"]
-    for rank in range(world):
-        got, want = torch.tensor(cuda[rank]["losses"]), torch.tensor(reference[rank]["losses"])
+    _assert_same_bits(cuda, reference)
+    assert reference[0]["losses"][-1] < reference[0]["losses"][0]
+
+
+def _assert_same_bits(got_runs: list[dict], want_runs: list[dict]) -> None:
+    """Every rank's losses and final parameters are bit-identical."""
+    for rank, (got_run, want_run) in enumerate(zip(got_runs, want_runs)):
+        got, want = torch.tensor(got_run["losses"]), torch.tensor(want_run["losses"])
         worst = float(((got - want).abs() / want.abs()).max())
         assert torch.equal(got, want), f"rank {rank}: losses differ (worst relative {worst:.2e}): {got.tolist()} vs {want.tolist()}"
-        for name, value in reference[rank]["params"].items():
-            diff = float(abs(cuda[rank]["params"][name] - value).max())
+        for name, value in want_run["params"].items():
+            diff = float(abs(got_run["params"][name] - value).max())
             assert diff == 0.0, f"rank {rank}: final {name} differs by up to {diff:.3e}"
-    assert reference[0]["losses"][-1] < reference[0]["losses"][0]
+
+
+@pytest.mark.parametrize("extra", [[], ["--moe-deepep-fp8-dispatch"]], ids=["bf16", "fp8"])
+def test_training_over_virtual_nodes(extra: list[str]) -> None:
+    """EP4 as 2 virtual nodes of 2: node forwarding with the kernels as its NVLink leg trains to the
+    bits of the same forwarding on the reference backend, and to the intranode kernels' losses within
+    the node partials' bf16 rounding (one rounding per node partial in each combine)."""
+    nodes = {"DEEPEP_MEGATRON_RANKS_PER_NODE": "2"}
+    forwarding, cuda = _run(4, "forwarding", extra, nodes), _run(4, "cuda", extra, nodes)
+    assert "Buffer backend cuda" in cuda[0]["buffers"] and "Buffer backend forwarding" in forwarding[0]["buffers"]
+    _assert_same_bits(cuda, forwarding)
+    intranode = _run(4, "cuda", extra)
+    for rank in range(4):
+        torch.testing.assert_close(torch.tensor(cuda[rank]["losses"]), torch.tensor(intranode[rank]["losses"]),
+                                   rtol=2e-2, atol=0, msg=lambda m: f"rank {rank}: losses vs intranode: {m}")
 
 
 _LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ .*\| lm loss: (\S+) \|")
