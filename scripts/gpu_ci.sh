@@ -75,7 +75,7 @@ if want bench && ((!BENCH_UNDER_MPS)); then
   step bench python3 scripts/bench_intranode.py $BENCH_ARGS --out "$OUT/bench_table.md"
 fi
 
-if want test || want soak || { want bench && ((BENCH_UNDER_MPS)); }; then
+if want test || want soak || want bench; then
   mps_start
   if want test; then
     step test_mps env DEEPEP_MEGATRON_GPU_TESTS_ONLY_MPS=1 python3 -m pytest -q -m gpu tests/gpu -rs --timeout 320 -p no:cacheprovider
@@ -88,6 +88,9 @@ if want test || want soak || { want bench && ((BENCH_UNDER_MPS)); }; then
   if want bench && ((BENCH_UNDER_MPS)); then
     step bench python3 scripts/bench_intranode.py $BENCH_ARGS --out "$OUT/bench_table.md"
   fi
+  if want bench; then  # node forwarding over 2 virtual nodes of 2 beside the intranode kernels at EP4
+    step bench_internode python3 scripts/bench_internode.py --ranks 4 --ranks-per-node 2 --out "$OUT/bench_internode.md"
+  fi
   mps_stop
 fi
 
@@ -98,4 +101,5 @@ grep -hE "passed|failed|skipped|error" "$OUT"/test_*.log 2>/dev/null | tail -n 4
 grep -hE "^(memcheck|racecheck):" "$OUT/sanitize.log" 2>/dev/null
 grep -h "rounds in" "$OUT/soak.md" 2>/dev/null
 if [[ -f "$OUT/bench_table.md" ]]; then cat "$OUT/bench_table.md"; fi
+if [[ -f "$OUT/bench_internode.md" ]]; then cat "$OUT/bench_internode.md"; fi
 exit "$FAILED"

@@ -22,6 +22,7 @@ pytestmark = GPU_MARKS
 TOPOLOGIES = [(2, 1), (2, 2), (4, 1), (2, 4), (4, 2)]
 
 
+@pytest.mark.timeout(900)  # the whole case list at up to 8 ranks on one GPU, the RDMA leg staged through the host
 @pytest.mark.parametrize("nodes,per_node", TOPOLOGIES, ids=[f"{n}x{l}" for n, l in TOPOLOGIES])
 def test_internode_matches_forwarding_on_the_reference(nodes: int, per_node: int) -> None:
     world_size = nodes * per_node
