@@ -9,6 +9,7 @@
 #ifdef DEEPEP_MEGATRON_WITH_NVSHMEM
 #include "low_latency_ops.h"
 #include "nvshmem_heap.h"
+#include "rail_ops.h"
 #endif
 
 namespace py = pybind11;
@@ -82,6 +83,28 @@ void bind_low_latency(py::module_& m) {
            py::arg("num_experts"), py::arg("half"),
            "The half's send region as bf16 [E_l, R * M, H] (a view of the heap: zero-copy combine).");
 }
+
+// The rail exchange of node forwarding (rail_ops.h) over an NvshmemHeap.
+void bind_rail(py::module_& m) {
+  m.attr("RAIL_MAX_BLOCKS") = kRailMaxBlocks;
+  m.attr("RAIL_MAX_NODES") = kRailMaxNodes;
+  m.def("rail_slab_bytes", [](int64_t num_bytes, int64_t num_nodes) { return rail_layout(num_bytes, num_nodes).slab_bytes; },
+        "rail_layout(...).slab_bytes of the layout header (Python's layout.rail_slab_bytes must agree).");
+  py::register_exception<RailError>(m, "RailError", PyExc_RuntimeError);
+  py::class_<RailRuntime>(m, "Rail")
+      .def(py::init<NvshmemHeap&, int, int, int, int, double>(), py::arg("heap"), py::arg("rank"), py::arg("num_ranks"),
+           py::arg("ranks_per_node"), py::arg("device"), py::arg("timeout_s"), py::keep_alive<1, 2>())
+      .def_property("timeout_s", &RailRuntime::timeout_s, &RailRuntime::set_timeout_s)
+      .def_property_readonly("slab_bytes", &RailRuntime::slab_bytes)
+      .def("has_error", &RailRuntime::has_error)
+      .def("diagnostic", &RailRuntime::diagnostic, "[flag, code, rank, peer, node, block, expected, seen]")
+      .def("send_slab", &RailRuntime::send_slab, py::arg("node"), py::arg("bytes"),
+           "Send slab `node` as uint8 [bytes] (a view of the heap).")
+      .def("exchange", &RailRuntime::exchange, py::arg("send_bytes"), py::arg("recv_bytes"), py::arg("num_blocks"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Put each send slab to its node's rank of the rail; -> the receive slabs as uint8 views.")
+      .def("clean", &RailRuntime::clean, py::call_guard<py::gil_scoped_release>());
+}
 #endif
 
 }  // namespace
@@ -127,6 +150,7 @@ PYBIND11_MODULE(_C, m) {
            "Every PE puts rank*1000+pe into slot [rank] of every PE; returns this PE's slots.")
       .def("destroy", &NvshmemHeap::destroy, py::call_guard<py::gil_scoped_release>());
   bind_low_latency(m);
+  bind_rail(m);
 #else
   m.attr("HAS_NVSHMEM") = false;
 #endif

@@ -42,10 +42,11 @@ NVCC_FLAGS = (
 
 CXX_FLAGS = ("-O3", "-std=c++17")
 
-#: The NVSHMEM room of the runtime and the low-latency kernels on it (issue 14): compiled with
-#: DEEPEP_MEGATRON_NVSHMEM=1 when the ``nvidia-nvshmem-cu13`` wheel is installed. Opt-in until it has
-#: run on a GPU (issues 14/15): the default build stays the tested one.
-NVSHMEM_SOURCES = ("csrc/runtime/nvshmem_heap.cu", "csrc/kernels/low_latency.cu", "csrc/runtime/low_latency_ops.cpp")
+#: The NVSHMEM room of the runtime, the low-latency kernels (issue 14) and the internode rail exchange
+#: (issue 15) on it: compiled with DEEPEP_MEGATRON_NVSHMEM=1 when the ``nvidia-nvshmem-cu13`` wheel is
+#: installed. Opt-in until it has run on a GPU (issues 14/15): the default build stays the tested one.
+NVSHMEM_SOURCES = ("csrc/runtime/nvshmem_heap.cu", "csrc/kernels/low_latency.cu", "csrc/runtime/low_latency_ops.cpp",
+                   "csrc/kernels/rail.cu", "csrc/runtime/rail_ops.cpp")
 NVSHMEM_ENV = "DEEPEP_MEGATRON_NVSHMEM"
 #: NVSHMEM's device headers use the half/bf16 operators that torch's extension build switches off
 #: (its COMMON_NVCC_FLAGS define __CUDA_NO_HALF_OPERATORS__ etc.; ours come after them on the line).

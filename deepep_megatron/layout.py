@@ -94,3 +94,24 @@ def low_latency_layout(max_tokens: int, hidden: int, num_ranks: int, num_experts
     return {"message_bytes": message, "off_flags": off_flags, "off_scratch": off_scratch, "signal_bytes": signal,
             "off_data": off_data, "send_bytes": send, "recv_bytes": recv, "half_bytes": half,
             "total_bytes": off_data + 2 * half}
+
+
+# The rail exchange's region (the RDMA leg of node forwarding over NVSHMEM): the header's rail_layout,
+# mirrored (the GPU tests compare slab sizes with _C.rail_slab_bytes).
+RAIL_CONTROL_BYTES = _constant("kRailControlBytes")
+RAIL_SLAB_ALIGN = _constant("kRailSlabAlign")
+RAIL_MAX_NODES = _constant("kRailMaxNodes")
+#: rows cross the rail in 16-byte vectors: each row is padded to this many bytes
+RAIL_ROW_ALIGN = 16
+
+
+def rail_slab_bytes(num_bytes: int, num_nodes: int) -> int:
+    """The header's ``rail_layout(num_bytes, num_nodes).slab_bytes``: one send or receive slab."""
+    return (num_bytes - RAIL_CONTROL_BYTES) // (2 * num_nodes) // RAIL_SLAB_ALIGN * RAIL_SLAB_ALIGN
+
+
+def rail_bytes_needed(num_nodes: int, max_tokens: int, row_bytes: int) -> int:
+    """NVSHMEM heap bytes the rail exchange needs for ``max_tokens`` tokens per rank of ``row_bytes``
+    each, whatever the routing (every token may go to every other node)."""
+    slab = _align(max_tokens * _align(row_bytes, RAIL_ROW_ALIGN), RAIL_SLAB_ALIGN)
+    return RAIL_CONTROL_BYTES + 2 * num_nodes * slab

@@ -136,7 +136,7 @@ def start_together(group: Any = None) -> Optional[int]:
     not (several nodes), this is a plain barrier. Returns the deadline (``time.monotonic_ns``), or
     None after a plain barrier."""
     dist.barrier(group=group)
-    if not _one_host(group):
+    if not ranks_share_a_host(group):
         return None
     deadline = [time.monotonic_ns() + START_MARGIN_NS]
     dist.broadcast_object_list(deadline, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
@@ -146,7 +146,7 @@ def start_together(group: Any = None) -> Optional[int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _one_host(group: Any) -> bool:
+def ranks_share_a_host(group: Any) -> bool:
     """Whether every rank of ``group`` (None: the world) runs on this host (asked once per group)."""
     import socket
 

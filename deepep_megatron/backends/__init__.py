@@ -99,7 +99,8 @@ def _internode_backend(name, group, num_nvl_bytes, num_rdma_bytes, low_latency_m
     (backends/forwarding.py) with the intranode kernels as its NVLink leg under ``"cuda"`` (and under
     ``"auto"`` when they are built, the buffer has NVLink bytes and a node holds 2, 4 or 8 ranks),
     the reference backend as its NVLink leg under ``"forwarding"``; ``"auto"`` otherwise gives the
-    plain reference backend (one all-to-all of the whole group)."""
+    plain reference backend (one all-to-all of the whole group). ``DEEPEP_MEGATRON_RDMA_LEG`` picks the
+    RDMA leg (backends/rail.py)."""
     if name == "reference":
         return ReferenceBackend(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank)
     kernels_fit = num_nvl_bytes > 0 and ranks_per_node in SUPPORTED_NVL_RANK_COUNTS
@@ -116,10 +117,11 @@ def _internode_backend(name, group, num_nvl_bytes, num_rdma_bytes, low_latency_m
                 "size num_nvl_bytes with Buffer.get_nvl_size_hint, or use backend='forwarding'"
             )
     from .forwarding import ForwardingBackend
+    from .rail import rdma_leg_choice
 
     return ForwardingBackend(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank,
                              ranks_per_node=ranks_per_node, node_leg="cuda" if name == "cuda" else "reference",
-                             timeout_s=timeout_s)
+                             timeout_s=timeout_s, rdma_leg=rdma_leg_choice())
 
 
 __all__ = [

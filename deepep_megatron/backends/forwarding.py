@@ -6,7 +6,9 @@ Ranks sit in nodes of L consecutive ranks; rank (n, l) = n * L + l.
 * **RDMA leg** (between nodes): rank (n, l) sends each of its tokens once to each other node m that
   holds a destination rank of it, to its proxy there, the rank (m, l) with the same local index.
   Only same-local-index ranks (a "rail") exchange here, so on a cluster this is the traffic that
-  crosses the network, deduplicated per node. It runs as one all-to-all of the rail's process group.
+  crosses the network, deduplicated per node. It runs as one all-to-all of the rail's process group,
+  or (``rdma_leg="nvshmem"``, env ``DEEPEP_MEGATRON_RDMA_LEG=nvshmem``) as NVSHMEM puts with signals
+  into the peers' receive slabs (backends/rail.py, csrc/kernels/rail.cu).
 * **NVLink leg** (inside a node): every rank dispatches its *node token list* to its node's ranks
   with a backend over the node's process group: the intranode CUDA kernels (``node_leg="cuda"``) or
   the reference backend. A rank's node token list is, in node order, the tokens it received from
@@ -39,6 +41,7 @@ from ..config import Config
 from ..forwarding import rdma_slots
 from ..topology import Topology
 from .base import Backend, DispatchLayout, DispatchOutput, channel_prefix_matrix
+from .rail import RDMA_LEGS, CollectiveRail, NvshmemRail
 from .reference import (
     ReferenceBackend,
     _row_fields,
@@ -87,14 +90,18 @@ class ForwardingBackend(Backend):
         ranks_per_node: L, ranks of one node (the group splits into consecutive nodes of L).
         node_leg: ``"cuda"`` (the intranode kernels; needs L in 2, 4, 8 and ``num_nvl_bytes`` > 0)
             or ``"reference"``. With L = 1 there is no NVLink peer and the reference moves the rows.
-        timeout_s: the cuda node leg's wait bound (None: its default).
+        timeout_s: the bound of every wait of both legs (None: env ``DEEPEP_MEGATRON_TIMEOUT_S`` or 100 s).
+        rdma_leg: ``"collective"`` (the rail's process-group all-to-all) or ``"nvshmem"`` (puts into
+            the NVSHMEM heap of ``num_rdma_bytes``; backends/rail.py).
     """
 
     def __init__(self, group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank, ranks_per_node: int,
-                 node_leg: str = "reference", timeout_s: Optional[float] = None) -> None:
+                 node_leg: str = "reference", timeout_s: Optional[float] = None, rdma_leg: str = "collective") -> None:
         super().__init__(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank)
         if node_leg not in NODE_LEGS:
             raise ValueError(f"node_leg must be one of {NODE_LEGS}, got {node_leg!r}")
+        if rdma_leg not in RDMA_LEGS:
+            raise ValueError(f"rdma_leg must be one of {RDMA_LEGS}, got {rdma_leg!r}")
         from .cuda import resolve_timeout  # importable without the extension
 
         self.topology = Topology(self.num_ranks, ranks_per_node)
@@ -110,6 +117,10 @@ class ForwardingBackend(Backend):
             self.node_group = _subgroup(self._node_members(), self.timeout_s)
             self.node: Backend = CudaBackend(self.node_group, num_nvl_bytes, 0, False, num_qps_per_rank, self.timeout_s)
         self._open_collectives()
+        #: the RDMA leg over NVSHMEM puts (kept across resets: its reset zeroes its signals), or None:
+        #: the rail group's collective
+        self._nvshmem_rail = (NvshmemRail(self.control_group, self.topology, num_rdma_bytes, self.timeout_s)
+                              if rdma_leg == "nvshmem" else None)
         self.needs_nvl_buffer = self.node.needs_nvl_buffer
 
     def _node_members(self) -> list[int]:
@@ -126,7 +137,7 @@ class ForwardingBackend(Backend):
         self.rail_group = _subgroup(self._members[self.local::L], self.timeout_s)
         self.flat = ReferenceBackend(self.control_group, self.num_nvl_bytes, self.num_rdma_bytes, self.low_latency_mode,
                                      self.num_qps_per_rank)
-        self.rail = ReferenceBackend(self.rail_group, 0, 0, False, self.num_qps_per_rank)
+        self._collective_rail = CollectiveRail(self.rail_group)
         if not self._kernels_inside:
             self.node_group = _subgroup(self._node_members(), self.timeout_s)
             self.node = ReferenceBackend(self.node_group, self.num_nvl_bytes, 0, False, self.num_qps_per_rank)
@@ -149,15 +160,18 @@ class ForwardingBackend(Backend):
         self._leg("the group's agreement check (every rank, before any data moves)",
                   lambda: self.flat._agree(operation, **fields))
 
-    def _across_nodes(self, send: list[torch.Tensor], recv_counts: list[int]) -> list[torch.Tensor]:
+    @property
+    def _rail(self):
+        return self._nvshmem_rail if self._nvshmem_rail is not None else self._collective_rail
+
+    def _across_nodes(self, send: list[torch.Tensor], recv_counts: list[int], num_sms: int) -> list[torch.Tensor]:
         """RDMA leg: ``send[m]`` [n_m, B] uint8 rows to this rank's proxy on node m -> the rows from
-        each node's rank on this rail (``recv_counts[n]`` of them)."""
+        each node's rank on this rail (``recv_counts[n]`` of them; the caller copies them before
+        the next exchange). ``num_sms``: the operation's SM count, the same on every rank."""
         L = self.topology.ranks_per_node
         rail = ", ".join(str(r) for r in range(self.local, self.num_ranks, L))
         where = f"RDMA leg of rail {self.local} (EP ranks {rail}, one per node)"
-        rows = torch.cat(send)
-        received = self._leg(where, self.rail._exchange_rows, rows, [s.size(0) for s in send], recv_counts)
-        return list(received.split(recv_counts))
+        return self._leg(where, self._rail.exchange, send, recv_counts, num_sms)
 
     def _node_call(self, op, *args):
         """One operation of the NVLink leg; its errors name this node."""
@@ -224,6 +238,7 @@ class ForwardingBackend(Backend):
         regions = self._across_nodes(
             [rows[slots[:, m] >= 0] if m != self.home else rows[:0] for m in range(N)],
             [int(rdma_rows[n * L + self.local, self.home]) if n != self.home else 0 for n in range(N)],
+            config.num_sms,
         )
         node_rows = self._node_token_list(rows, regions)
 
@@ -244,6 +259,7 @@ class ForwardingBackend(Backend):
             self.node.dispatch, node_rows[:, :carried_bytes].contiguous(), None, node_topk, node_weights,
             node_in_rank.sum(dim=0).to(torch.int32), node_in_rank, node_per_expert, 1, config, None,
         )
+        self._rail.check_errors()  # the NVLink leg's host wait came after the exchange on the stream
         order = self._node_order(counts, x.device)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
@@ -288,9 +304,11 @@ class ForwardingBackend(Backend):
         regions = self._across_nodes(
             [rows[slots[:, m] >= 0] if m != self.home else rows[:0] for m in range(N)],
             [int(rdma_rows[n * L + self.local, self.home]) if n != self.home else 0 for n in range(N)],
+            2 * layout.num_channels,
         )
         node_out = self._node_call(self.node.dispatch, self._node_token_list(rows, regions), None, None, None, None, None,
                                    None, 1, config, private["node_layout"])
+        self._rail.check_errors()  # the NVLink leg's host wait came after the exchange on the stream
         received = unpack_rows(node_out.recv_x[private["order"]], [_spec(t) for t in payload])
         return DispatchOutput(received[0], received[1] if len(payload) > 1 else None, None, None, layout)
 
@@ -312,7 +330,7 @@ class ForwardingBackend(Backend):
         nothing = torch.empty(0, _row_bytes(columns), dtype=torch.uint8, device=x.device)
         send = [pack_rows([c[n] for c in by_node]) if n != self.home else nothing for n in range(N)]
         back = self._across_nodes(  # RDMA leg back: each forwarded token's node partial to its source
-            send, [int(rdma_rows[self.rank, m]) if m != self.home else 0 for m in range(N)])
+            send, [int(rdma_rows[self.rank, m]) if m != self.home else 0 for m in range(N)], 2 * layout.num_channels)
         sums = [torch.zeros(num_tokens, *shape, dtype=torch.float32, device=x.device) for _, shape in specs]
         for m in range(N):  # node order, this rank's own node at its place
             if m == self.home:
@@ -322,6 +340,7 @@ class ForwardingBackend(Backend):
             sent = slots[:, m] >= 0
             for total, rows in zip(sums, unpack_rows(back[m], specs)):
                 total[sent] += rows.float()
+        self._rail.check_errors(wait=True)  # nothing else waits for the exchange: never return rows it missed
         return sums[0].to(x.dtype), sums[1] if partial_weights is not None else None
 
     # ------------------------------------------------------------------ low-latency path, lifecycle
@@ -342,13 +361,17 @@ class ForwardingBackend(Backend):
 
     def reset(self) -> None:
         """Collective: new groups for this backend's own collectives (one that timed out may hold
-        stale messages), then the NVLink leg's reset."""
+        stale messages), then the NVLink leg's and the NVSHMEM RDMA leg's resets."""
         self._open_collectives()
         self.node.reset()
+        if self._nvshmem_rail is not None:
+            self._nvshmem_rail.reset(self.control_group)
         dist.barrier(group=self.control_group)
 
     def destroy(self) -> None:
         self.node.destroy()
+        if self._nvshmem_rail is not None:
+            self._nvshmem_rail.destroy()
         dist.barrier(group=self.control_group)
         for group in (self.node_group, self.rail_group, self.control_group):
             dist.destroy_process_group(group)

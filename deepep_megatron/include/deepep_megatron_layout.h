@@ -288,6 +288,44 @@ constexpr LowLatencyLayout ll_layout(int64_t max_tokens, int64_t hidden, int64_t
   return l;
 }
 
+// ----------------------------------------------------------------------------- internode RDMA leg
+// The rail exchange of node forwarding (backends/rail.py, kernels/rail.cu): rank (n, l) exchanges one
+// block of packed rows per call with the ranks (m, l) of the other nodes, over NVSHMEM puts with
+// signals. This PE's symmetric region, from offset 0:
+//   control (kRailControlBytes): abort word u32 at kRailOffAbort; arrived u64 [N] at kRailOffArrived
+//     (arrived[n]: put-with-signal adds from node n's rank, one per sending block per
+//     call); consumed u64 [N] at kRailOffConsumed (consumed[m]: acks from node m's rank, one per block
+//     per call, for the rows of the call before: it took them out of its receive slab).
+//   send slabs [N][slab_bytes] at off_send: slab m holds this call's rows for node m
+//   recv slabs [N][slab_bytes] at off_recv: slab n holds the rows node n's rank sent this call
+// A call's signals are cumulative: call q (1-based) waits for arrived[n] >= q * blocks and, before
+// putting into node m's slab, for consumed[m] >= (q - 1) * blocks. Every wait is bounded and
+// reports a Diagnostic (kWaitRailAck / kWaitRailData, the peer = the EP rank waited for).
+constexpr int kRailMaxNodes = 128;
+constexpr int64_t kRailOffAbort = 0;
+constexpr int64_t kRailOffArrived = 64;
+constexpr int64_t kRailOffConsumed = kRailOffArrived + 8 * kRailMaxNodes;
+constexpr int64_t kRailControlBytes = 4096;
+constexpr int64_t kRailSlabAlign = 128;
+constexpr int kRailThreads = 256;          // threads of a rail exchange block
+constexpr int kRailMaxBlocks = 128;        // blocks of one exchange (each puts a slice to every node)
+static_assert(kRailOffConsumed + 8 * kRailMaxNodes <= kRailControlBytes, "rail control region overflows");
+
+struct RailLayout {
+  int64_t slab_bytes;   // one send or receive slab
+  int64_t off_send;     // send slab 0
+  int64_t off_recv;     // receive slab 0
+};
+
+// The slabs that `num_bytes` of heap hold for `num_nodes` nodes (slab_bytes <= 0: too small).
+constexpr RailLayout rail_layout(int64_t num_bytes, int64_t num_nodes) {
+  RailLayout l{};
+  l.slab_bytes = (num_bytes - kRailControlBytes) / (2 * num_nodes) / kRailSlabAlign * kRailSlabAlign;
+  l.off_send = kRailControlBytes;
+  l.off_recv = kRailControlBytes + num_nodes * l.slab_bytes;
+  return l;
+}
+
 // ----------------------------------------------------------------------------- host-mapped words
 // What a device-detected error reports (Diagnostic::code).
 enum ErrorCode : int32_t {
@@ -304,6 +342,8 @@ enum ErrorCode : int32_t {
   kLowLatencySlotOverflow = 11,  // low-latency dispatch: more than max_tokens pairs of one rank for one expert
   kLowLatencyBadExpertIds = 12,  // low-latency dispatch/combine: topk_idx outside [-1, num_experts)
   kReceiveBlockOverflow = 13,    // dispatch sender: a row past the rows of the peer's receive block
+  kWaitRailAck = 14,             // RDMA leg sender: waited for the node's rank to take the previous rows
+  kWaitRailData = 15,            // RDMA leg receiver: waited for the rows of a node's rank
 };
 
 // Filled by the first device-detected error of this rank (host-mapped memory).
