@@ -31,6 +31,9 @@ void bind_low_latency(py::module_& m) {
   m.attr("LL_SEND") = static_cast<int>(kLLSend);
   m.attr("LL_RECV") = static_cast<int>(kLLRecv);
   m.attr("LL_WARPS_PER_BLOCK") = kLLWarpsPerBlock;
+  // names of the stage timer's columns (LowLatencyStage, low_latency.h), in column order
+  m.attr("LL_STAGES") = py::make_tuple("start", "topk", "pairs", "stores", "signal", "recv_wait", "recv_copy", "end");
+  static_assert(kLLStageCount == 8, "LL_STAGES lists every LowLatencyStage");
   m.def("low_latency_layout_bytes", [](int64_t max_tokens, int64_t hidden, int64_t num_ranks, int64_t num_experts) {
     return ll_layout(max_tokens, hidden, num_ranks, num_experts).total_bytes;
   }, "ll_layout(...).total_bytes of the layout header (Python's layout.low_latency_layout must agree).");
@@ -43,6 +46,9 @@ void bind_low_latency(py::module_& m) {
       .def("has_error", &LowLatencyRuntime::has_error)
       .def("diagnostic", &LowLatencyRuntime::diagnostic, "[flag, code, rank, peer, expert, block, expected, seen]")
       .def("clean", &LowLatencyRuntime::clean, py::call_guard<py::gil_scoped_release>())
+      .def("stage_times", &LowLatencyRuntime::stage_times, py::call_guard<py::gil_scoped_release>(),
+           "With DEEPEP_MEGATRON_LL_STAGE_TIMES=1: the last dispatch launch's per-block rows (LL_STAGES), flat; "
+           "waits for the device.")
       .def(
           "dispatch",
           [](LowLatencyRuntime& rt, const at::Tensor& x, const at::Tensor& topk_idx, int max_tokens, int num_experts,

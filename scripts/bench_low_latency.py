@@ -17,7 +17,11 @@ scales) and bf16 combine. Times, from CUDA events, median over repeats, the slow
   * overlap: send, a bf16 matmul, hook -- against the matmul alone (work between send and hook runs
     while the data is in flight, nothing holds SMs);
   * the reference backend (torch.distributed) and the cuda backend's normal dispatch/combine of the
-    same tokens (24 SMs per rank, fewer where the ranks sharing a GPU would not fit: EP8 on one H200 gets 16).
+    same tokens (24 SMs per rank, fewer where the ranks sharing a GPU would not fit: EP8 on one H200 gets 16);
+  * with --stage-times (DEEPEP_MEGATRON_LL_STAGE_TIMES=1 in every rank, so every row carries the
+    timer's few reads of %globaltimer): where a dispatch's blocks spend their time, per stage
+    (LowLatencyStage, csrc/kernels/low_latency.h) the largest over blocks, and the span from the
+    first block's start to the last block's end; medians over 9 dispatches, rank 0.
 Prints a short table last; --out writes it (markdown) too.
 """
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import statistics
 import sys
 
 import torch
@@ -35,6 +40,8 @@ from deepep_megatron.launch import local_backend, run_ranks, tree_commit  # noqa
 
 #: SMs per rank of the normal (intranode) kernels measured beside the low-latency ones.
 NORMAL_SMS = 24
+#: Turns the low-latency dispatch's stage timer on (csrc/runtime/low_latency_ops.cpp).
+STAGE_TIMES_ENV = "DEEPEP_MEGATRON_LL_STAGE_TIMES"
 from deepep_megatron.profiling import seconds_per_call  # noqa: E402
 
 
@@ -55,6 +62,27 @@ def _gpu_time(fn, group, repeats: int, iters: int = 1, before=None, after=None, 
     ``after()`` last, untimed."""
     return seconds_per_call(fn, iters, repeats=repeats, warmup=0, group=group, sleep_cycles=SLEEP_CYCLES if sleep else 0,
                             before=before, after=after)
+
+
+def _stage_times(fast, dispatch, group, calls: int = 9) -> dict[str, float]:
+    """Per stage of the dispatch kernel, the largest time over blocks, and the blocks' span, in
+    seconds: medians over ``calls`` dispatches, each run alone after a barrier."""
+    from deepep_megatron import _C
+
+    kernels = fast.runtime._low_latency._ll  # the LowLatencyKernels of the LowLatencyBackend
+    names = list(_C.LL_STAGES)
+    per_call: dict[str, list[float]] = {}
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        dist.barrier(group=group)
+        dispatch()
+        rows = torch.tensor(kernels.stage_times(), dtype=torch.int64).view(-1, len(names))
+        span = float(rows[:, names.index("end")].max() - rows[:, names.index("start")].min())
+        per_call.setdefault("stage: span, first block start -> last block end", []).append(span)
+        for i, name in enumerate(names):
+            if name not in ("start", "end"):
+                per_call.setdefault(f"stage: {name} (max over blocks)", []).append(float(rows[:, i].max()))
+    return {what: statistics.median(values) * 1e-9 for what, values in per_call.items()}
 
 
 def _worker(rank: int, world: int, tokens: int, hidden: int, topk: int, experts: int, iters: int) -> list | None:
@@ -98,6 +126,8 @@ def _worker(rank: int, world: int, tokens: int, hidden: int, topk: int, experts:
     results["ll combine (per call)"] = slowest(_per_call(combine, group, 30))
     results["ll dispatch fp8 (back-to-back)"] = slowest(seconds_per_call(dispatch, iters, repeats=9, group=group))
     results["ll combine (back-to-back)"] = slowest(seconds_per_call(combine, iters, repeats=9, group=group))
+    if os.environ.get(STAGE_TIMES_ENV) == "1":
+        results.update(_stage_times(fast, dispatch, group))
 
     hooks = {}
 
@@ -192,15 +222,17 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--stage-times", action="store_true", help="time the dispatch kernel's stages too (see above)")
     args = parser.parse_args()
     backend, ranks_per_gpu = local_backend(args.ranks)
     rows = run_ranks(_worker, args.ranks, args.tokens, args.hidden, args.topk, args.experts, args.iters,
-                     backend=backend, timeout_s=400)[0]
+                     backend=backend, timeout_s=400, env={STAGE_TIMES_ENV: "1" if args.stage_times else "0"})[0]
     name = torch.cuda.get_device_name(0)
     lines = [
         f"# bench_low_latency: EP{args.ranks} ({ranks_per_gpu} rank(s) per GPU, {backend}), {args.tokens} tokens/rank, "
         f"hidden {args.hidden}, top-{args.topk} of {args.experts}, FP8 dispatch; {name}; "
-        f"{datetime.date.today()}; commit {tree_commit(os.path.dirname(os.path.abspath(__file__)))}",
+        f"{datetime.date.today()}; commit {tree_commit(os.path.dirname(os.path.abspath(__file__)))}"
+        + ("; stage timer on" if args.stage_times else ""),
         "",
         "| what | us (median, slowest rank) |",
         "|---|---|",

@@ -4,10 +4,15 @@
     python scripts/soak_intranode.py --ranks 2 --rounds 10000 --backend cuda --seed 1 --out soak.md \
         [--time-budget-s 400] [--stop-on-failure] [--only-round N]
     python scripts/soak_intranode.py --ranks 2,3 --rounds 30 --backend reference --max-tokens 48 --max-hidden 256
+    python scripts/soak_intranode.py --ranks 4,8 --ranks-per-node 2 --backend cuda [--rdma-leg nvshmem]
 
 Ranks: one per GPU over NCCL when there are enough GPUs, otherwise several on one GPU over gloo
 (start MPS first: ``source scripts/mps.sh && mps_start``); ``--backend reference`` runs on CPU over
-gloo. ``--ranks 2,4`` soaks each rank count in turn (one launch each).
+gloo. ``--ranks 2,4`` soaks each rank count in turn (one launch each). ``--ranks-per-node L`` groups
+the ranks into virtual nodes of L: the cuda backend then runs node forwarding with the kernels inside
+each node (``--backend forwarding``: the reference inside each node, on CPU), and the expected
+combine sums each node's ranks first, rounds that partial, then adds the nodes' partials in node
+order (backends/forwarding.py); ``--rdma-leg nvshmem`` moves the RDMA leg by NVSHMEM puts.
 
 Every round draws, from an RNG seeded by (seed, ranks, round) and so identical on every rank:
 hidden, tokens per rank (log-uniform, some ranks at 0, some large rounds), top-k, experts, x dtype
@@ -45,9 +50,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from deepep_megatron import Buffer, Config, per_token_cast_to_fp8  # noqa: E402 - after the path insert
 from deepep_megatron.config import FP8_BLOCK  # noqa: E402
+from deepep_megatron.layout import rail_bytes_needed  # noqa: E402
 from soak_harness import (POISON_BYTE, Checks, LoopOptions, Poisoner, describe, planted, repro_prefix,  # noqa: E402
                           run_rounds, run_soak, soak_device, soak_parser)
 from oracle import expert_transform, reference_cast_back  # noqa: E402 - tests/oracle.py: the stand-in expert
+from deepep_megatron.backends.rail import RDMA_LEG_ENV, RDMA_LEGS  # noqa: E402
+from deepep_megatron.topology import RANKS_PER_NODE_ENV  # noqa: E402
 
 # ---------------------------------------------------------------------------- the round distribution
 #: The model shapes (2048..7168); 256, the pretraining tests' tiny model (two FP8 scales a row); and
@@ -91,6 +99,17 @@ class SoakOptions:
     hiddens: tuple[int, ...]
     sms_choices: tuple[int, ...]
     plant_error: Optional[str]
+    ranks_per_node: int = 0  # 0: every rank on one node
+    rdma_leg: str = "collective"
+
+    def per_node(self, num_ranks: int) -> int:
+        """Ranks per node of a group of ``num_ranks``."""
+        return self.ranks_per_node or num_ranks
+
+    def combine_per_node(self, num_ranks: int) -> int:
+        """Ranks whose rows a combine sums before rounding: a node's under node forwarding, else all
+        (the flat reference backend sums every rank at once whatever the nodes)."""
+        return num_ranks if self.backend == "reference" else self.per_node(num_ranks)
 
 
 @dataclass(frozen=True)
@@ -257,7 +276,8 @@ def make_round_inputs(p: RoundParams, device: torch.device) -> RoundInputs:
 class Expected:
     """What one rank must get (N = rows it receives, T its tokens).
 
-    Layout: ``per_rank`` [R] int32, ``per_expert`` [E] int32, ``in_rank`` [T, R] bool. Dispatch:
+    Layout: ``per_rank`` [R] int32, ``per_rdma`` [nodes] int32 (None on one node), ``per_expert`` [E]
+    int32, ``in_rank`` [T, R] bool. Dispatch:
     ``recv_x`` [N, H] (or the FP8 pair), ``recv_topk_idx`` [N, K] int64 (local ids, -1 elsewhere),
     ``recv_topk_weights`` [N, K] fp32 (0 where -1), ``recv_src_idx`` [N] int32, ``per_expert_list``
     [E_local] int64 (aligned). Combine of ``combine_x`` [rows, H] (+ ``combine_weights`` [rows, K]
@@ -266,6 +286,7 @@ class Expected:
     """
 
     per_rank: torch.Tensor
+    per_rdma: Optional[torch.Tensor]
     per_expert: torch.Tensor
     in_rank: torch.Tensor
     recv_x: Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
@@ -292,10 +313,13 @@ def _nan_padded(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
     return padded
 
 
-def expected_for_rank(p: RoundParams, inputs: RoundInputs, rank: int) -> Expected:
+def expected_for_rank(p: RoundParams, inputs: RoundInputs, rank: int, per_node: int, combine_per_node: int) -> Expected:
     """Rank ``rank``'s expected layout, dispatch and combine for round ``p``, vectorized (loops over
     ranks only). Combine input on every rank d is ``expert_transform(rows d received, d)``, so the
-    expected sum for a token is ``sum_d expert_transform(its row, d)`` over the ranks d it went to."""
+    expected sum for a token is ``sum_d expert_transform(its row, d)`` over the ranks d it went to,
+    grouped in nodes of ``combine_per_node`` ranks (each node's fp32 sum rounded to the rows'
+    dtype, the partials added in node order, rounded once more). ``per_node``: ranks per node of
+    the group (the layout's ``num_tokens_per_rdma_rank``)."""
     R, L, E = p.num_ranks, p.num_local_experts, p.num_experts
     idx, weights = inputs.topk_idx, inputs.topk_weights
     valid = idx >= 0
@@ -328,18 +352,26 @@ def expected_for_rank(p: RoundParams, inputs: RoundInputs, rank: int) -> Expecte
     combine_x = _nan_padded(expert_transform(inputs.seen(sel), rank), rows)
     combine_weights = _nan_padded(recv_topk_weights, rows) if p.combine_weights else None
 
-    # Combine: fp32 sum over destination ranks 0..R-1 from zero, one rounding (adding 0.0 where a
-    # token did not go is exact: the sum starts at +0.0 and never becomes -0.0).
+    # Combine: fp32 sum over each node's destination ranks in rank order from zero, rounded (one
+    # node: the whole sum, one rounding), the partials added in node order (adding 0.0 where a token
+    # did not go is exact: the sum starts at +0.0 and never becomes -0.0).
     seen_mine = inputs.seen(mine)
     acc = torch.zeros(seen_mine.shape, dtype=torch.float32, device=seen_mine.device)
     acc_w = torch.zeros(my_idx.shape, dtype=torch.float32, device=seen_mine.device)
     my_weights = weights[mine]
-    for d in range(R):
-        went = in_rank[:, d : d + 1]
-        acc += torch.where(went, expert_transform(seen_mine, d).float(), 0.0)
-        acc_w += torch.where(went, torch.where(my_owner == d, my_weights, 0.0), 0.0)
+    for first in range(0, R, combine_per_node):
+        partial = torch.zeros_like(acc)
+        for d in range(first, first + combine_per_node):
+            went = in_rank[:, d : d + 1]
+            partial += torch.where(went, expert_transform(seen_mine, d).float(), 0.0)
+            acc_w += torch.where(went, torch.where(my_owner == d, my_weights, 0.0), 0.0)
+        acc += partial.to(seen_mine.dtype).float()
+    num_nodes = R // per_node
+    per_rdma = (in_rank.view(-1, num_nodes, per_node).any(dim=2).sum(dim=0).to(torch.int32) if num_nodes > 1
+                else None)
     return Expected(
         per_rank=in_rank.sum(dim=0).to(torch.int32),
+        per_rdma=per_rdma,
         per_expert=per_expert,
         in_rank=in_rank,
         recv_x=recv_x,
@@ -403,7 +435,7 @@ def run_round(buffer: Buffer, p: RoundParams, rank: int, device: torch.device, p
     Every output is kept alive until the round ends, so no later call reuses its memory."""
     R, H, K, E = p.num_ranks, p.hidden, p.num_topk, p.num_experts
     inputs = make_round_inputs(p, device)
-    exp = expected_for_rank(p, inputs, rank)
+    exp = expected_for_rank(p, inputs, rank, opts.per_node(p.num_ranks), opts.combine_per_node(p.num_ranks))
     T, N, W = p.tokens[rank], exp.num_recv, exp.num_worst_tokens
     rows = W or N
     mine = inputs.rows_of(rank)
@@ -420,15 +452,15 @@ def run_round(buffer: Buffer, p: RoundParams, rank: int, device: torch.device, p
     keep.append(layout)
     per_rank, per_rdma, per_expert, in_rank = layout[:4]
     checks.same("layout num_tokens_per_rank", planted(opts.plant_error, rank, "num_tokens_per_rank", per_rank), exp.per_rank)
-    checks.same("layout num_tokens_per_rdma_rank", per_rdma, None)
+    checks.same("layout num_tokens_per_rdma_rank", per_rdma, exp.per_rdma)
     checks.same("layout num_tokens_per_expert", per_expert, exp.per_expert)
     checks.same("layout is_token_in_rank", in_rank, exp.in_rank)
 
     row_sizes = sorted({N, rows})
     poison([n * b for n in row_sizes for b in (H * x_bytes, groups * 4, K * 8, K * 4, 4)])
-    out = buffer.dispatch(x_in, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                          topk_idx=topk_idx, topk_weights=topk_weights, expert_alignment=p.expert_alignment,
-                          num_worst_tokens=W, config=dispatch_config)
+    out = buffer.dispatch(x_in, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
+                          num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=topk_weights,
+                          expert_alignment=p.expert_alignment, num_worst_tokens=W, config=dispatch_config)
     keep.append(out)
     recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle = out[:5]
     recv_topk_idx = planted(opts.plant_error, rank, "recv_topk_idx", recv_topk_idx)
@@ -509,13 +541,24 @@ def _nvl_bytes(num_ranks: int, opts: SoakOptions) -> int:
                for default in (Buffer.get_dispatch_config(num_ranks), Buffer.get_combine_config(num_ranks)))
 
 
+def _rdma_bytes(num_ranks: int, opts: SoakOptions) -> int:
+    """NVSHMEM heap bytes for the largest round's RDMA leg (0 unless --rdma-leg nvshmem): fp32 rows of
+    the widest hidden with their FP8 scales, source index, top-k ids, weights and destination bits."""
+    if opts.rdma_leg != "nvshmem":
+        return 0
+    hidden = max(opts.hiddens)
+    row = hidden * DTYPES["fp32"].itemsize + hidden // FP8_BLOCK * 4 + 32 + MAX_DRAWN_TOPK * 12 + num_ranks
+    return rail_bytes_needed(num_ranks // opts.per_node(num_ranks), opts.max_tokens, row)
+
+
 def _worker(rank: int, world: int, opts: SoakOptions, loop: LoopOptions) -> dict[str, Any]:
     """One rank (run_ranks started its process group): run the rounds, return its records."""
     device = torch.device("cuda", torch.cuda.current_device()) if opts.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.init()  # the Buffer has a communication stream only once CUDA is initialized
     group = dist.group.WORLD
-    buffer = Buffer(group, num_nvl_bytes=_nvl_bytes(world, opts), explicitly_destroy=True, backend=opts.backend)
+    buffer = Buffer(group, num_nvl_bytes=_nvl_bytes(world, opts), num_rdma_bytes=_rdma_bytes(world, opts),
+                    explicitly_destroy=True, backend=opts.backend)
     streams = [torch.cuda.current_stream(device), buffer.get_comm_stream()] if device.type == "cuda" else []
     poison = Poisoner(device, streams)
     flag_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
@@ -555,11 +598,15 @@ def _repro_command(args: argparse.Namespace) -> str:
         parts.append("--ring-combine")
     if args.fused_notify:
         parts.append("--fused-notify")
+    if args.ranks_per_node:
+        parts.append(f"--ranks-per-node {args.ranks_per_node}")
+    if args.rdma_leg != "collective":
+        parts.append(f"--rdma-leg {args.rdma_leg}")
     return " ".join(parts)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = soak_parser(__doc__.split("\n")[0], PLANTABLE)
+    parser = soak_parser(__doc__.split("\n")[0], PLANTABLE, backends=("cuda", "reference", "forwarding"))
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="largest token count of a rank")
     parser.add_argument("--recv-arena-bytes", type=int, default=0,
                         help="cuda: a receive arena of this many bytes per rank (direct-write dispatch; its blocks are "
@@ -568,12 +615,24 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="with --recv-arena-bytes: combine through the rings, not direct (DEEPEP_MEGATRON_DIRECT_COMBINE=0)")
     parser.add_argument("--fused-notify", action="store_true",
                         help="cuda: notify in block 1 of the dispatch kernel, not its own launch (DEEPEP_MEGATRON_FUSED_NOTIFY=1)")
+    parser.add_argument("--ranks-per-node", type=int, default=0,
+                        help="virtual nodes of this many ranks (node forwarding: the cuda or forwarding backend); 0: one node")
+    parser.add_argument("--rdma-leg", choices=RDMA_LEGS, default="collective",
+                        help="over nodes: the RDMA leg as the rail's collective or as NVSHMEM puts (DEEPEP_MEGATRON_RDMA_LEG)")
     args = parser.parse_args(argv)
     if args.recv_arena_bytes < 0:
         parser.error("--recv-arena-bytes must be >= 0")
+    rank_counts = [int(r) for r in args.ranks.split(",")]
+    if args.ranks_per_node < 0 or any(args.ranks_per_node and r % args.ranks_per_node for r in rank_counts):
+        parser.error(f"--ranks-per-node {args.ranks_per_node} must divide every rank count of --ranks {args.ranks}")
+    if args.backend == "forwarding" and not any(args.ranks_per_node and r > args.ranks_per_node for r in rank_counts):
+        parser.error("--backend forwarding needs --ranks-per-node with at least two nodes")
     rank_env = {"DEEPEP_MEGATRON_RECV_ARENA_BYTES": str(args.recv_arena_bytes), "DEEPEP_MEGATRON_POISON_ARENA": "1",
                 "DEEPEP_MEGATRON_DIRECT_COMBINE": "0" if args.ring_combine else "1",
-                "DEEPEP_MEGATRON_FUSED_NOTIFY": "1" if args.fused_notify else "0"}
+                "DEEPEP_MEGATRON_FUSED_NOTIFY": "1" if args.fused_notify else "0",
+                RDMA_LEG_ENV: args.rdma_leg}
+    if args.ranks_per_node:
+        rank_env[RANKS_PER_NODE_ENV] = str(args.ranks_per_node)
     device = soak_device(args, "soak_intranode")
     try:
         hiddens = hidden_choices(args.max_hidden)
@@ -582,13 +641,15 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def options_for(num_ranks: int, ranks_per_gpu: int) -> tuple[SoakOptions, str]:
         opts = SoakOptions(backend=args.backend, device=device, seed=args.seed, max_tokens=args.max_tokens,
-                           hiddens=hiddens, sms_choices=_sms_cap(device, ranks_per_gpu), plant_error=args.plant_error)
+                           hiddens=hiddens, sms_choices=_sms_cap(device, ranks_per_gpu), plant_error=args.plant_error,
+                           ranks_per_node=args.ranks_per_node, rdma_leg=args.rdma_leg)
         return opts, f"sms {list(opts.sms_choices)}, hidden {list(hiddens)}, tokens <= {args.max_tokens}"
 
     header = (f"max tokens {args.max_tokens} · hidden {list(hiddens)}"
               + (f" · receive arena {args.recv_arena_bytes} bytes" if args.recv_arena_bytes else "")
               + ((" · ring combine" if args.ring_combine else " · direct combine") if args.recv_arena_bytes else "")
-              + (" · fused notify" if args.fused_notify else ""))
+              + (" · fused notify" if args.fused_notify else "")
+              + (f" · virtual nodes of {args.ranks_per_node} ranks, RDMA leg {args.rdma_leg}" if args.ranks_per_node else ""))
     return run_soak("soak_intranode", args, device, _repro_command(args), _worker, options_for, FEATURE_ROWS, header,
                     env=rank_env)
 

@@ -234,12 +234,13 @@ def format_report(summaries: list[Summary], header: str, feature_rows: Sequence[
 
 
 # ---------------------------------------------------------------------------- the command line
-def soak_parser(description: str, plantable: Sequence[str]) -> argparse.ArgumentParser:
+def soak_parser(description: str, plantable: Sequence[str],
+                backends: Sequence[str] = ("cuda", "reference")) -> argparse.ArgumentParser:
     """The options every soak takes; a soak adds its own (shapes, buffers) before parsing."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--ranks", default="2", help="rank count, or a comma list soaked one after the other")
     parser.add_argument("--rounds", type=int, default=10000, help="rounds per rank count")
-    parser.add_argument("--backend", choices=("cuda", "reference"), default="cuda")
+    parser.add_argument("--backend", choices=tuple(backends), default="cuda")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: cuda for --backend cuda, else cpu")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--only-round", type=int, default=None, help="run just this round (replay a failure)")

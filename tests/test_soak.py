@@ -34,6 +34,16 @@ def test_soak_reference_matches_oracle(ranks: int, rounds: int, tmp_path) -> Non
     assert run.stdout.rstrip().endswith(report.rstrip()), "the table must be printed last"
 
 
+def test_soak_over_virtual_nodes_matches_the_forwarding_oracle(tmp_path) -> None:
+    """4 ranks as 2 virtual nodes of 2 on the forwarding backend: the oracle's combine sums each node
+    first (one rounding per node partial) and the layout has per-node counts."""
+    args = ["--backend", "forwarding", "--ranks-per-node", "2", "--max-tokens", "48", "--max-hidden", "256"]
+    run = _soak("--ranks", "4", "--rounds", "16", "--seed", "5", *args)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "- EP4: 16 of 16 rounds in" in run.stdout and ", 0 failed" in run.stdout, run.stdout
+    assert "virtual nodes of 2 ranks" in run.stdout
+
+
 def test_soak_catches_planted_error_and_replays_it() -> None:
     run = _soak("--ranks", "2", "--rounds", "30", "--seed", "7", "--plant-error", "combined_x", "--stop-on-failure", *SMALL)
     assert run.returncode == 1, run.stdout + run.stderr

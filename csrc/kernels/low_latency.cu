@@ -185,6 +185,15 @@ __device__ __forceinline__ uint32_t fp8_e4m3(float v) {
   return static_cast<uint32_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
 }
 
+// The stage timer (LowLatencyStage): thread 0 of a block adds the ns since its last mark to `stage`
+// of the block's row. Every thread may call it (the others do nothing); off when `row` is null.
+__device__ __forceinline__ void stage_mark(int64_t* row, int stage, uint64_t& since) {
+  if (row == nullptr || threadIdx.x != 0) return;
+  const uint64_t now = global_timer_ns();
+  row[stage] += static_cast<int64_t>(now - since);
+  since = now;
+}
+
 // ------------------------------------------------------------------------------------- dispatch
 __global__ void __launch_bounds__(kThreads, 1)
     low_latency_dispatch_kernel(LowLatencyContext ctx, LowLatencyDispatchArgs args, int phases) {
@@ -203,6 +212,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* signals = half_signals(ctx, s);
   uint64_t* counts = reinterpret_cast<uint64_t*>(signals);                        // [E_l][R]
   int* scratch = reinterpret_cast<int*>(signals + s.layout.off_scratch);          // [E]
+  int64_t* stage_row = args.stage_ns != nullptr ? args.stage_ns + static_cast<int64_t>(blockIdx.x) * kLLStageCount : nullptr;
+  uint64_t stage_since = 0;
+  if (stage_row != nullptr && threadIdx.x == 0) {
+    stage_since = global_timer_ns();
+    for (int i = 0; i < kLLStageCount; ++i) stage_row[i] = 0;
+    stage_row[kLLStageStart] = static_cast<int64_t>(stage_since);
+  }
 
   if (phases & kLLSend) {
     for (int i = threadIdx.x; i < T * K; i += blockDim.x) {
@@ -212,6 +228,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if ((e < -1 || e >= E) && blockIdx.x == 0) ll_report(ctx, kLowLatencyBadExpertIds, ctx.rank, i / K, E, e);
     }
     __syncthreads();
+    stage_mark(stage_row, kLLStageTopk, stage_since);
     // The batch's (token, k) pairs: where each one's slot is (byte offset in the receive region, and
     // its address on the destination rank when that rank is load/store reachable), -1 / null: none.
     __shared__ uint8_t* pair_peer_s[kLLSendBatchPairs];
@@ -260,6 +277,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         need_put |= (offset >= 0 && peer == nullptr) ? 1 : 0;
       }
       const bool puts = __syncthreads_or(need_put) != 0;  // block-uniform: stage the batch's messages
+      stage_mark(stage_row, kLLStagePairs, stage_since);
       // 2. Every warp takes units of the batch's rows and stores each straight into every reachable
       //    slot of its token (no staging pass, no block barrier in between); the next unit's load is
       //    issued before this unit's stores (they may alias it as far as the compiler knows).
@@ -345,6 +363,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       __syncthreads();  // the pair tables are rewritten by the next batch
+      stage_mark(stage_row, kLLStageStores, stage_since);
     }
     if (last_block(ctx, s.half, kCounterDispatchSend, used_puts)) {
       for (int e = threadIdx.x; e < E; e += blockDim.x) {
@@ -352,6 +371,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         put_signal(counts + static_cast<int64_t>(e % El) * R + ctx.rank, static_cast<uint64_t>(n) + 1u, e / El);
       }
     }
+    stage_mark(stage_row, kLLStageSignal, stage_since);
   }
 
   if (phases & kLLRecv) {
@@ -373,6 +393,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       __syncthreads();
+      stage_mark(stage_row, kLLStageRecvWait, stage_since);
       if (threadIdx.x == 0) {
         int running = 0;
         for (int r = 0; r < R; ++r) {
@@ -417,11 +438,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       __syncthreads();  // count_s / offset_s are rewritten by the next item
+      stage_mark(stage_row, kLLStageRecvCopy, stage_since);
     }
     if (last_block(ctx, s.half, kCounterDispatchRecv, false)) {
       for (int i = threadIdx.x; i < El * R; i += blockDim.x) reinterpret_cast<volatile uint64_t*>(counts)[i] = 0;
     }
+    stage_mark(stage_row, kLLStageRecvCopy, stage_since);
   }
+  if (stage_row != nullptr && threadIdx.x == 0) stage_row[kLLStageEnd] = static_cast<int64_t>(global_timer_ns());
 }
 
 // ------------------------------------------------------------------------------------- combine

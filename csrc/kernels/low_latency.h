@@ -36,6 +36,23 @@ struct LowLatencyShape {
   LowLatencyLayout layout;
 };
 
+// Where a low-latency dispatch block spends its time (DEEPEP_MEGATRON_LL_STAGE_TIMES=1): one row of
+// kLLStageCount int64 per block. kLLStageStart / kLLStageEnd are %globaltimer readings (ns) at the
+// block's start and end; the others are the ns the block spent in that phase, summed over batches
+// or work items, read by thread 0 at block-uniform points (after a barrier of the block).
+enum LowLatencyStage : int {
+  kLLStageStart = 0,     // absolute: the block began
+  kLLStageTopk = 1,      // send: top-k ids into shared memory (and their range check)
+  kLLStagePairs = 2,     // send: each pair's slot and peer address (ballot counts, atomics)
+  kLLStageStores = 3,    // send: the rows' loads, FP8 cast and stores, headers, puts
+  kLLStageSignal = 4,    // send: the last-block election (fences) and the count signals
+  kLLStageRecvWait = 5,  // receive: waiting for the source ranks' counts, and the layout prefix
+  kLLStageRecvCopy = 6,  // receive: copying the rows out (and the last-block clear)
+  kLLStageEnd = 7,       // absolute: the block ended
+  kLLStageCount = 8,
+};
+constexpr int kMaxStageBlocks = 1024;  // blocks of one low-latency launch (the launchers' limit too)
+
 struct LowLatencyDispatchArgs {
   LowLatencyShape shape;
   bool use_fp8, round_scale, use_ue8m0;
@@ -51,6 +68,7 @@ struct LowLatencyDispatchArgs {
   int* recv_src_info;          // [E_l, S] source token index, -1 past recv_count
   int64_t* recv_layout_range;  // [E_l, R] (offset << 32) | count
   int64_t* wait_stats;         // [R] ns waited for each source rank (summed over receiving blocks) or null
+  int64_t* stage_ns;           // [gridDim][kLLStageCount] (LowLatencyStage) or null: off
 };
 
 struct LowLatencyCombineArgs {

@@ -9,6 +9,8 @@
 
 namespace deepep_megatron {
 
+bool env_switch(const char* name, bool default_on);  // kernels/barrier.cu
+
 namespace {
 
 [[noreturn]] void fail(const std::string& what) { throw std::invalid_argument("deepep_megatron._C (low latency): " + what); }
@@ -79,7 +81,7 @@ LowLatencyShape shape_for(const LowLatencyRuntime& rt, int num_tokens, int num_t
 
 void check_launch(int phases, int num_blocks) {
   if (phases < 1 || phases > (kLLSend | kLLRecv)) fail("phases must be 1 (send), 2 (receive) or 3");
-  if (num_blocks < 1 || num_blocks > 1024) fail("num_blocks must be in 1..1024");
+  if (num_blocks < 1 || num_blocks > kMaxStageBlocks) fail("num_blocks must be in 1.." + std::to_string(kMaxStageBlocks));
 }
 
 int64_t* stats_ptr(const std::optional<at::Tensor>& stats, const LowLatencyRuntime& rt) {
@@ -110,6 +112,28 @@ LowLatencyRuntime::LowLatencyRuntime(NvshmemHeap& heap, int rank, int num_ranks,
 
 LowLatencyRuntime::~LowLatencyRuntime() {
   if (host_diagnostic_ != nullptr) cudaFreeHost(host_diagnostic_);
+  if (stage_device_ != nullptr) cudaFree(stage_device_);
+}
+
+int64_t* LowLatencyRuntime::stage_rows(int num_blocks) {
+  static const bool on = env_switch("DEEPEP_MEGATRON_LL_STAGE_TIMES", false);
+  if (!on) return nullptr;
+  if (stage_device_ == nullptr) {
+    check_cuda_ll(cudaMalloc(reinterpret_cast<void**>(&stage_device_), sizeof(int64_t) * kMaxStageBlocks * kLLStageCount),
+                  "cudaMalloc of the low-latency stage timer");
+  }
+  stage_blocks_ = num_blocks;
+  return stage_device_;
+}
+
+std::vector<int64_t> LowLatencyRuntime::stage_times() const {
+  std::vector<int64_t> rows(static_cast<size_t>(stage_blocks_) * kLLStageCount);
+  if (stage_device_ == nullptr || rows.empty()) return {};
+  check_cuda_ll(cudaSetDevice(device_), "cudaSetDevice");
+  check_cuda_ll(cudaDeviceSynchronize(), "cudaDeviceSynchronize before reading the stage timer");
+  check_cuda_ll(cudaMemcpy(rows.data(), stage_device_, sizeof(int64_t) * rows.size(), cudaMemcpyDeviceToHost),
+                "cudaMemcpy of the stage timer");
+  return rows;
 }
 
 void LowLatencyRuntime::set_timeout_s(double timeout_s) {
@@ -205,6 +229,7 @@ LowLatencyDispatchResult low_latency_dispatch(LowLatencyRuntime& rt, const at::T
   args.recv_src_info = out.recv_src_info.data_ptr<int>();
   args.recv_layout_range = out.recv_layout_range.data_ptr<int64_t>();
   args.wait_stats = stats_ptr(wait_stats, rt);
+  args.stage_ns = rt.stage_rows(num_blocks);
   launch_low_latency_dispatch(rt.context(), args, phases, num_blocks, current_stream(rt));
   return out;
 }

@@ -38,6 +38,11 @@ class LowLatencyRuntime {
   void clean();
   LowLatencyContext context() const;
   uint8_t* base() const { return base_; }
+  // With DEEPEP_MEGATRON_LL_STAGE_TIMES=1: the device rows the next dispatch launch of `num_blocks`
+  // blocks fills (LowLatencyStage, low_latency.h); null otherwise (the kernel then times nothing).
+  int64_t* stage_rows(int num_blocks);
+  // The last timed launch's rows, [blocks * kLLStageCount] (waits for the device); empty when off.
+  std::vector<int64_t> stage_times() const;
 
  private:
   uint8_t* base_;
@@ -46,6 +51,8 @@ class LowLatencyRuntime {
   double timeout_s_ = 0;
   Diagnostic* host_diagnostic_ = nullptr;
   Diagnostic* device_diagnostic_ = nullptr;
+  int64_t* stage_device_ = nullptr;  // [kMaxStageBlocks][kLLStageCount], allocated on first timed launch
+  int stage_blocks_ = 0;             // blocks of the last timed launch
 };
 
 // Thrown when this PE's low-latency kernels recorded an error (Python reads diagnostic()).

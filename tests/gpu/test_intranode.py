@@ -101,6 +101,21 @@ def _same(a, b, what: str) -> None:
         raise AssertionError(f"{what}: {bad} elements differ (max abs diff {float(diff.nan_to_num(1e30).max()):g})")
 
 
+def _rdma_bytes(cases: list[tuple[Case, bool]], world_size: int) -> int:
+    """NVSHMEM heap bytes for node forwarding's RDMA leg over NVSHMEM (DEEPEP_MEGATRON_RDMA_LEG=nvshmem
+    and virtual nodes), else 0: the widest row of the cases with its FP8 scales, source index, top-k
+    ids and weights and destination bits, for the most tokens any rank has."""
+    from deepep_megatron.backends.rail import RDMA_LEG_ENV
+    from deepep_megatron.layout import MAX_TOPK, rail_bytes_needed
+    from deepep_megatron.topology import RANKS_PER_NODE_ENV
+
+    per_node = int(os.environ.get(RANKS_PER_NODE_ENV, world_size))
+    if os.environ.get(RDMA_LEG_ENV) != "nvshmem" or per_node == world_size:
+        return 0
+    row = max(c.hidden * c.dtype.itemsize + c.hidden // 32 for c, _ in cases) + 32 + MAX_TOPK * 12 + world_size
+    return rail_bytes_needed(world_size // per_node, max(max(c.tokens) for c, _ in cases), row)
+
+
 def _compare_cases(rank: int, world_size: int, ranks_per_gpu: int) -> int:
     import torch.distributed as dist
 
@@ -114,12 +129,16 @@ def _compare_cases(rank: int, world_size: int, ranks_per_gpu: int) -> int:
     cases = _cases(world_size)
     hidden_bytes = max(c.hidden * max(c.dtype.itemsize, 2) for c, _ in cases)
     num_nvl_bytes = max(Config(s, 6, 256).get_nvl_buffer_size_hint(hidden_bytes, world_size) for s in sms_choices)
-    fast = Buffer(group, num_nvl_bytes=num_nvl_bytes, explicitly_destroy=True, backend="cuda")
+    fast = Buffer(group, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=_rdma_bytes(cases, world_size), explicitly_destroy=True,
+                  backend="cuda")
     # Over virtual nodes with NVLink peers the kernels run node forwarding's NVLink leg: its oracle is
     # the same forwarding on the reference backend (bit-exact everywhere; its combine's node partials
     # differ from the flat reference's rank-order sum by their rounding). tests/gpu/test_internode.py.
     over_nodes = fast.num_rdma_ranks > 1
+    rdma_leg = os.environ.pop("DEEPEP_MEGATRON_RDMA_LEG", None)  # the oracle's RDMA leg is the collective
     ref = Buffer(group, backend="forwarding" if over_nodes and fast.num_nvl_ranks > 1 else "reference")
+    if rdma_leg is not None:
+        os.environ["DEEPEP_MEGATRON_RDMA_LEG"] = rdma_leg
     assert fast.backend_name == ("cuda" if fast.num_nvl_ranks > 1 else "forwarding")
     checked = 0
     for index, (case, use_fp8) in enumerate(cases):
