@@ -76,6 +76,12 @@ def _row_bytes(columns: list[torch.Tensor]) -> int:
     return sum(math.prod(c.shape[1:]) * c.element_size() for c in columns)
 
 
+def _as_node_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Packed byte rows [N, B] (B a multiple of 16) as the NVLink leg's x: int16 [N, B / 2], so the
+    cuda kernels size their ring slots for B bytes (they size one-byte rows as FP8, at twice that)."""
+    return rows.contiguous().view(torch.int16)
+
+
 def _columns_at(rows: torch.Tensor, offset: int, like: list[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
     """:func:`unpack_rows` of the columns that start ``offset`` bytes into each of ``rows`` [N, B]."""
     nbytes = sum(torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() for dtype, shape in like)
@@ -256,14 +262,14 @@ class ForwardingBackend(Backend):
             node_topk = torch.where(on_node, global_topk - first, torch.full_like(global_topk, -1))
             node_per_expert = torch.bincount(node_topk[on_node], minlength=node_experts).to(torch.int32)
         node_out = self._node_call(
-            self.node.dispatch, node_rows[:, :carried_bytes].contiguous(), None, node_topk, node_weights,
+            self.node.dispatch, _as_node_rows(node_rows[:, :carried_bytes]), None, node_topk, node_weights,
             node_in_rank.sum(dim=0).to(torch.int32), node_in_rank, node_per_expert, 1, config, None,
         )
         self._rail.check_errors()  # the NVLink leg's host wait came after the exchange on the stream
         order = self._node_order(counts, x.device)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        received = unpack_rows(node_out.recv_x[order], [_spec(t) for t in carried[:-1]])
+        received = unpack_rows(node_out.recv_x[order].view(torch.uint8), [_spec(t) for t in carried[:-1]])
         rank_prefix, recv_channel_prefix = deepep_prefix_matrices(counts, source_channels, self.rank, x.device)
         layout = DispatchLayout(
             is_token_in_rank=is_token_in_rank,
@@ -306,10 +312,10 @@ class ForwardingBackend(Backend):
             [int(rdma_rows[n * L + self.local, self.home]) if n != self.home else 0 for n in range(N)],
             2 * layout.num_channels,
         )
-        node_out = self._node_call(self.node.dispatch, self._node_token_list(rows, regions), None, None, None, None, None,
-                                   None, 1, config, private["node_layout"])
+        node_out = self._node_call(self.node.dispatch, _as_node_rows(self._node_token_list(rows, regions)), None, None,
+                                   None, None, None, None, 1, config, private["node_layout"])
         self._rail.check_errors()  # the NVLink leg's host wait came after the exchange on the stream
-        received = unpack_rows(node_out.recv_x[private["order"]], [_spec(t) for t in payload])
+        received = unpack_rows(node_out.recv_x[private["order"]].view(torch.uint8), [_spec(t) for t in payload])
         return DispatchOutput(received[0], received[1] if len(payload) > 1 else None, None, None, layout)
 
     def combine(self, x, topk_weights, layout: DispatchLayout, config: Config):

@@ -21,12 +21,16 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from ..layout import RAIL_CONTROL_BYTES, RAIL_ROW_ALIGN
+from ..layout import RAIL_CONTROL_BYTES, RAIL_ROW_ALIGN, rail_bytes_needed
 from ..topology import Topology
 from .reference import ReferenceBackend
 
 RDMA_LEG_ENV = "DEEPEP_MEGATRON_RDMA_LEG"
 RDMA_LEGS = ("collective", "nvshmem")
+#: Blocks of one NVSHMEM rail exchange per rank, at most: enough to keep a NIC's queues full (the
+#: puts are the NIC's work there), and few enough to be scheduled beside the NVLink leg's persistent
+#: kernels of other ranks when ranks share a GPU (virtual nodes), which spin until their peers arrive.
+RAIL_BLOCKS = 8
 #: What a rail exchange's wait codes (layout header: kWaitRailAck, kWaitRailData) waited for.
 _WAITS = {
     14: "for EP rank {peer} (node {node}) to take the previous rows out of its receive slab (it has not started this "
@@ -114,16 +118,25 @@ class NvshmemRail:
 
     def exchange(self, send: list[torch.Tensor], recv_counts: list[int], num_blocks: int) -> list[torch.Tensor]:
         """As :meth:`CollectiveRail.exchange`; the received rows view the receive slabs until the next
-        exchange (the caller copies them out first). Rows travel padded to 16 bytes."""
+        exchange (the caller copies them out first). Rows travel padded to 16 bytes; the kernel runs
+        min(``num_blocks``, :data:`RAIL_BLOCKS`) blocks (the same on every rank of the rail)."""
         self.check_errors()
         row_bytes = send[0].size(1)
         padded = -(-row_bytes // RAIL_ROW_ALIGN) * RAIL_ROW_ALIGN
+        most = max([rows.size(0) for rows in send] + list(recv_counts))
+        if most * padded > self._rail.slab_bytes:
+            raise RuntimeError(
+                f"the RDMA leg moves {most} rows of {padded} bytes between two nodes' ranks, more than the "
+                f"{self._rail.slab_bytes} bytes of a slab of num_rdma_bytes={self._heap.num_bytes}: create the Buffer "
+                f"with num_rdma_bytes >= {rail_bytes_needed(len(send), most, row_bytes)} "
+                "(deepep_megatron.layout.rail_bytes_needed)"
+            )
         for node, rows in enumerate(send):
             if rows.size(0):
                 self._rail.send_slab(node, rows.size(0) * padded).view(-1, padded)[:, :row_bytes].copy_(rows)
         try:
             views = self._rail.exchange([rows.size(0) * padded for rows in send], [c * padded for c in recv_counts],
-                                        min(num_blocks, self._C.RAIL_MAX_BLOCKS))
+                                        max(1, min(num_blocks, RAIL_BLOCKS)))
         except self._C.RailError:
             self.check_errors()
             raise

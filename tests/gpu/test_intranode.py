@@ -124,6 +124,8 @@ def _compare_cases(rank: int, world_size: int, ranks_per_gpu: int) -> int:
     device = torch.device("cuda", torch.cuda.current_device())  # rank % GPUs, set by run_ranks
     group = dist.group.WORLD
     max_sms = _max_sms(ranks_per_gpu)
+    if os.environ.get("DEEPEP_MEGATRON_RDMA_LEG") == "nvshmem" and ranks_per_gpu > 1:
+        max_sms -= 2  # leave SMs for the rail kernels beside the other ranks' spinning NVLink-leg kernels
     sms_choices = sorted({2, min(24, max_sms), max_sms})
     Buffer.set_num_sms(max(sms_choices))  # calls without a config use this many SMs
     cases = _cases(world_size)
