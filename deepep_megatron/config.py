@@ -89,9 +89,13 @@ class Config:
         return align_up(needed, BUFFER_ALIGN)
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int, ranks_per_node: int = RANKS_PER_NODE) -> int:
-        """Bytes of RDMA (NVSHMEM) buffer one rank needs for the internode normal kernels of a group of
-        ``num_ranks`` ranks in all (DeepEP's argument), ``ranks_per_node`` to a node: 0 when the group
-        fits in one node (the intranode kernels use no RDMA buffer)."""
+        """DeepEP's sizing of the RDMA (NVSHMEM) buffer for its chunked internode rings, for a group of
+        ``num_ranks`` ranks in all, ``ranks_per_node`` to a node (0 when the group fits in one node);
+        kept so that code written for DeepEP sizes its Buffer the same way. Node forwarding here needs
+        no RDMA buffer with its default RDMA leg (the rail's collective); its NVSHMEM leg
+        (``DEEPEP_MEGATRON_RDMA_LEG=nvshmem``) holds a whole call's rows per node and needs
+        ``deepep_megatron.layout.rail_bytes_needed(nodes, tokens, row bytes)``, which its error names
+        when the Buffer has less."""
         if num_ranks <= 0 or ranks_per_node <= 0:
             raise ValueError(f"num_ranks and ranks_per_node must be positive, got {num_ranks} and {ranks_per_node}")
         if num_ranks <= ranks_per_node:

@@ -3,6 +3,8 @@
 #   scripts/gpu_ci.sh                     build, sanitizer, GPU tests, soak, benchmark (sanitizer and
 #                                         soak also with the receive arena: the direct-write dispatch)
 #   STEPS=build,test scripts/gpu_ci.sh    a subset (build, sanitize, test, soak, bench)
+#   TESTS="tests/gpu/test_rail.py tests/gpu/test_internode.py" STEPS=build,test scripts/gpu_ci.sh
+#                                         only these GPU tests (pytest paths and options; default tests/gpu)
 #   BENCH_ARGS="--ranks 2 --sms 8,24" scripts/gpu_ci.sh
 #   BUDGET_S=540 scripts/gpu_ci.sh        within one device call's limit: each step is cut at the
 #                                         budget, and steps that no longer fit are listed as skipped
@@ -17,6 +19,7 @@ source scripts/mps.sh
 OUT=${OUT:-/tmp/gpu_ci}
 mkdir -p "$OUT"
 STEPS=${STEPS:-build,sanitize,test,soak,bench}
+TESTS=${TESTS:-tests/gpu}  # pytest's paths and selection, e.g. TESTS="tests/gpu/test_rail.py tests/gpu/test_internode.py"
 BUDGET_S=${BUDGET_S:-0}  # > 0: seconds for the whole run; a step gets what is left, none starts with < MIN_STEP_S
 MIN_STEP_S=${MIN_STEP_S:-30}
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
@@ -68,7 +71,7 @@ if want sanitize; then
 fi
 
 if want test; then
-  step test_no_mps python3 -m pytest -q -m gpu tests/gpu -rs --timeout 320 -p no:cacheprovider
+  step test_no_mps python3 -m pytest -q -m gpu $TESTS -rs --timeout 320 -p no:cacheprovider
 fi
 
 if want bench && ((!BENCH_UNDER_MPS)); then
@@ -78,7 +81,7 @@ fi
 if want test || want soak || want bench; then
   mps_start
   if want test; then
-    step test_mps env DEEPEP_MEGATRON_GPU_TESTS_ONLY_MPS=1 python3 -m pytest -q -m gpu tests/gpu -rs --timeout 320 -p no:cacheprovider
+    step test_mps env DEEPEP_MEGATRON_GPU_TESTS_ONLY_MPS=1 python3 -m pytest -q -m gpu $TESTS -rs --timeout 320 -p no:cacheprovider
   fi
   if want soak; then  # the randomized soak a kernel or runtime change must pass (10^4 rounds)
     step soak python3 scripts/soak_intranode.py --ranks 2 --rounds 10000 --backend cuda --out "$OUT/soak.md"
