@@ -263,3 +263,63 @@ def test_a_stalled_rank_times_out_and_the_buffer_recovers() -> None:
             continue
         assert f"rank {rank}, the group's agreement check" in message and "Buffer.reset()" in message, message
         assert STALL_TIMEOUT_S <= elapsed < STALL_TIMEOUT_S + 10, f"rank {rank} gave up after {elapsed:.1f} s"
+
+
+def _node_limited_round(rank: int, world_size: int, per_node: int, max_nodes: int) -> int:
+    """DeepSeek-V3-like node-limited routing (each token to at most ``max_nodes`` nodes): the
+    forwarding backend's dispatch equals the reference's, its combine the emulation's."""
+    import torch.distributed as dist
+
+    from deepep_megatron import Buffer
+
+    num_nodes, num_experts, num_topk, tokens, hidden = world_size // per_node, 8 * world_size, 6, 64, 64
+    g = torch.Generator().manual_seed(300 + rank)
+    topk_idx = node_limited_topk(torch.rand(tokens, num_experts, generator=g), num_topk, num_nodes, max_nodes)
+    x = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16)
+    weights = torch.rand(tokens, num_topk, generator=g)
+    outs = []
+    for name in ("forwarding", "reference"):
+        buf = Buffer(dist.group.WORLD, backend=name)
+        per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, num_experts)
+        assert int(per_rdma.gt(0).sum()) <= num_nodes
+        recv_x, recv_idx, _, counts, handle, _ = buf.dispatch(
+            x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=weights)
+        outs.append((recv_x, recv_idx, counts, buf.combine(expert_transform(recv_x, rank), handle)[0]))
+    (f_x, f_idx, f_counts, f_comb), (r_x, r_idx, r_counts, r_comb) = outs
+    assert torch.equal(f_x, r_x) and torch.equal(f_idx, r_idx) and f_counts == r_counts, f"rank {rank}: dispatch"
+    torch.testing.assert_close(f_comb.float(), r_comb.float(), rtol=2 ** -6, atol=2 ** -6)
+    reach = in_rank.view(tokens, num_nodes, per_node).any(dim=2).sum(dim=1)
+    return int(reach.max())
+
+
+@pytest.mark.parametrize("world_size,per_node,max_nodes", [(8, 2, 2), (8, 4, 1)], ids=["4x2-two-nodes", "2x4-one-node"])
+def test_node_limited_routing(world_size: int, per_node: int, max_nodes: int) -> None:
+    reached = run_ranks(_node_limited_round, world_size, per_node, max_nodes,
+                        env={"DEEPEP_MEGATRON_RANKS_PER_NODE": str(per_node)})
+    assert max(reached) <= max_nodes
+
+
+def _nvshmem_leg_without_the_build(rank: int, world_size: int) -> str:
+    import torch.distributed as dist
+
+    from deepep_megatron import Buffer
+
+    try:
+        Buffer(dist.group.WORLD, num_rdma_bytes=1 << 20, backend="forwarding")
+    except RuntimeError as error:
+        return str(error)
+    return "no error"
+
+
+def test_nvshmem_rdma_leg_asks_for_its_build() -> None:
+    """DEEPEP_MEGATRON_RDMA_LEG=nvshmem where the extension has no NVSHMEM: a RuntimeError that says
+    how to build it or how to keep the collective leg (and a bad value names the choices)."""
+    for message in run_ranks(_nvshmem_leg_without_the_build, 4,
+                             env={"DEEPEP_MEGATRON_RANKS_PER_NODE": "2", "DEEPEP_MEGATRON_RDMA_LEG": "nvshmem"}):
+        assert "DEEPEP_MEGATRON_RDMA_LEG=nvshmem needs deepep_megatron._C built with NVSHMEM" in message, message
+    from deepep_megatron.backends.rail import rdma_leg_choice
+
+    assert rdma_leg_choice({}) == "collective"
+    with pytest.raises(ValueError, match=r"DEEPEP_MEGATRON_RDMA_LEG='ib' must be one of \('collective', 'nvshmem'\)"):
+        rdma_leg_choice({"DEEPEP_MEGATRON_RDMA_LEG": "ib"})

@@ -75,9 +75,8 @@ class NvshmemRail:
     Collective to build (the whole EP ``group``: NVSHMEM's PEs are its ranks)."""
 
     def __init__(self, group: dist.ProcessGroup, topology: Topology, num_rdma_bytes: int, timeout_s: float) -> None:
-        from .. import _C  # type: ignore[attr-defined]
         from ..profiling import ranks_share_a_host
-        from .nvshmem import is_available, open_heap
+        from .nvshmem import _C, is_available, open_heap
 
         if not is_available():
             raise RuntimeError(
