@@ -51,6 +51,7 @@ from .reference import (
     pack_rows,
     received_per_expert,
     refuse_bad_layouts,
+    routed_per_expert,
     unpack_rows,
 )
 
@@ -74,6 +75,12 @@ def _padding(rows: int, row_bytes: int, device: torch.device) -> torch.Tensor:
 def _row_bytes(columns: list[torch.Tensor]) -> int:
     """Bytes of one row of ``columns`` (each [N, ...]) packed by :func:`pack_rows`."""
     return sum(math.prod(c.shape[1:]) * c.element_size() for c in columns)
+
+
+def _slot_tokens(slots: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """Per node m, the tokens (ascending) that cross to it: ``slots`` [T, N] (-1: not sent there),
+    ``counts[m]`` of them (known on the host from notify), found with no host sync."""
+    return [torch.argsort((slots[:, m] < 0).to(torch.int8), stable=True)[:count] for m, count in enumerate(counts)]
 
 
 def _as_node_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -216,18 +223,20 @@ class ForwardingBackend(Backend):
         num_experts, num_channels, num_tokens = num_tokens_per_expert.numel(), config.num_channels, x.size(0)
         self._agree("dispatch", topk=0 if topk_idx is None else topk_idx.size(1), experts=num_experts,
                          channels=num_channels, **_row_fields(x, x_scales))
-        # notify: every rank's rows per destination rank and per node, per expert, per (rank, channel)
+        # notify: every rank's rows per destination rank and per node, per expert, per (rank, channel);
+        # this rank's counts come to the host in one copy
         slots = rdma_slots(is_token_in_rank, L, self.rank)  # [T, N]
         send_counts = is_token_in_rank.sum(dim=0)
-        per_rank_sent = num_tokens_per_rank.to(torch.int64).cpu()
-        per_expert_sent = num_tokens_per_expert.to(torch.int64).cpu()
-        problem = layout_problem(per_rank_sent, send_counts, per_expert_sent, topk_idx)
+        mine = torch.cat([
+            num_tokens_per_rank.to(torch.int64), (slots >= 0).sum(dim=0), num_tokens_per_expert.to(torch.int64),
+            channel_prefix_matrix(is_token_in_rank, num_channels).to(torch.int64).reshape(-1), send_counts,
+            routed_per_expert(topk_idx, num_experts) if topk_idx is not None else send_counts[:0],
+        ]).cpu()
+        sizes = [R, N, num_experts, R * num_channels, R, num_experts if topk_idx is not None else 0]
+        per_rank_sent, slots_sent, per_expert_sent, channel_sent, sent, routed = mine.split(sizes)
+        problem = layout_problem(per_rank_sent, sent, per_expert_sent, routed if topk_idx is not None else None)
         everyone = self._leg("notify (the counts gather of every rank)", self.flat._gather_rows, torch.cat([
-            per_rank_sent,
-            (slots >= 0).sum(dim=0).cpu(),
-            per_expert_sent,
-            channel_prefix_matrix(is_token_in_rank, num_channels).to(torch.int64).cpu().reshape(-1),
-            torch.tensor([int(bool(problem))]),
+            per_rank_sent, slots_sent, per_expert_sent, channel_sent, torch.tensor([int(bool(problem))]),
         ]))
         refuse_bad_layouts(problem, everyone[:, -1])
         counts = everyone[:, :R]  # [source, destination]
@@ -241,8 +250,9 @@ class ForwardingBackend(Backend):
         routing = [] if topk_idx is None else [topk_idx.to(torch.int64), topk_weights.to(torch.float32)]
         routing.append(is_token_in_rank.to(torch.uint8))
         rows = pack_rows(carried + routing)
+        slot_tokens = _slot_tokens(slots, rdma_rows[self.rank].tolist())
         regions = self._across_nodes(
-            [rows[slots[:, m] >= 0] if m != self.home else rows[:0] for m in range(N)],
+            [rows.index_select(0, tokens) for tokens in slot_tokens],
             [int(rdma_rows[n * L + self.local, self.home]) if n != self.home else 0 for n in range(N)],
             config.num_sms,
         )
@@ -260,7 +270,7 @@ class ForwardingBackend(Backend):
             first = self.home * node_experts
             on_node = (global_topk >= first) & (global_topk < first + node_experts)
             node_topk = torch.where(on_node, global_topk - first, torch.full_like(global_topk, -1))
-            node_per_expert = torch.bincount(node_topk[on_node], minlength=node_experts).to(torch.int32)
+            node_per_expert = routed_per_expert(node_topk, node_experts).to(torch.int32)
         node_out = self._node_call(
             self.node.dispatch, _as_node_rows(node_rows[:, :carried_bytes]), None, node_topk, node_weights,
             node_in_rank.sum(dim=0).to(torch.int32), node_in_rank, node_per_expert, 1, config, None,
@@ -277,8 +287,8 @@ class ForwardingBackend(Backend):
             num_recv_tokens_per_rank=counts[:, self.rank].to(torch.int32),
             recv_src_idx=received[-1].to(torch.int32),
             num_recv_tokens_per_expert_list=per_expert,
-            private={"backend": "forwarding", "node_layout": node_out.layout, "slots": slots, "rdma_rows": rdma_rows,
-                     "order": order, "inverse": inverse},
+            private={"backend": "forwarding", "node_layout": node_out.layout, "slot_tokens": slot_tokens,
+                     "rdma_rows": rdma_rows, "order": order, "inverse": inverse},
             num_channels=num_channels,
             rank_prefix_matrix=rank_prefix,
             recv_channel_prefix_matrix=recv_channel_prefix,
@@ -304,11 +314,11 @@ class ForwardingBackend(Backend):
         if layout.is_token_in_rank.size(0) != x.size(0):
             raise ValueError(f"x has {x.size(0)} tokens but the cached layout was made for {layout.is_token_in_rank.size(0)}")
         N, L = self.topology.num_nodes, self.topology.ranks_per_node
-        slots, rdma_rows = private["slots"], private["rdma_rows"]
+        slot_tokens, rdma_rows = private["slot_tokens"], private["rdma_rows"]
         carried = payload + [_padding(x.size(0), _row_bytes(payload), x.device)]
         rows = pack_rows(carried)
         regions = self._across_nodes(
-            [rows[slots[:, m] >= 0] if m != self.home else rows[:0] for m in range(N)],
+            [rows.index_select(0, tokens) for tokens in slot_tokens],
             [int(rdma_rows[n * L + self.local, self.home]) if n != self.home else 0 for n in range(N)],
             2 * layout.num_channels,
         )
@@ -325,7 +335,7 @@ class ForwardingBackend(Backend):
         self._agree("combine", topk=0 if topk_weights is None else topk_weights.size(1), channels=layout.num_channels,
                          **_row_fields(x, None))
         N, L = self.topology.num_nodes, self.topology.ranks_per_node
-        slots, rdma_rows, inverse = private["slots"], private["rdma_rows"], private["inverse"]
+        slot_tokens, rdma_rows, inverse = private["slot_tokens"], private["rdma_rows"], private["inverse"]
         weights = None if topk_weights is None else topk_weights.to(torch.float32)[inverse]
         partial, partial_weights = self._node_call(self.node.combine, x[inverse], weights, private["node_layout"], config)
         num_tokens = layout.is_token_in_rank.size(0)
@@ -343,9 +353,8 @@ class ForwardingBackend(Backend):
                 for total, rows in zip(sums, (c[m] for c in by_node)):
                     total += rows.float()
                 continue
-            sent = slots[:, m] >= 0
             for total, rows in zip(sums, unpack_rows(back[m], specs)):
-                total[sent] += rows.float()
+                total.index_add_(0, slot_tokens[m], rows.float())  # one row per token: a single add each
         self._rail.check_errors(wait=True)  # nothing else waits for the exchange: never return rows it missed
         return sums[0].to(x.dtype), sums[1] if partial_weights is not None else None
 

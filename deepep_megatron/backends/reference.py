@@ -60,17 +60,25 @@ def _spec(t: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...]]:
     return t.dtype, tuple(t.shape[1:])
 
 
+def routed_per_expert(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64: the (token, k) slots of ``topk_idx`` [T, K] routed to each expert (-1 slots count
+    nowhere), on ``topk_idx``'s device with no host sync."""
+    valid = topk_idx >= 0
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=topk_idx.device)
+    counts.scatter_add_(0, torch.where(valid, topk_idx, num_experts).flatten(), valid.flatten().to(torch.int64))
+    return counts[:num_experts]
+
+
 def layout_problem(per_rank_sent: torch.Tensor, send_counts: torch.Tensor, per_expert_sent: torch.Tensor,
-                   topk_idx: Optional[torch.Tensor]) -> str:
-    """Why this rank's dispatch layout disagrees with its tokens ("" when it agrees): ``per_rank_sent``
-    [R] and ``per_expert_sent`` [E] int64 on the host (the caller's num_tokens_per_rank and
-    num_tokens_per_expert), ``send_counts`` [R] the tokens ``is_token_in_rank`` sends to each rank."""
-    if not torch.equal(per_rank_sent, send_counts.cpu()):
+                   per_expert_routed: Optional[torch.Tensor]) -> str:
+    """Why this rank's dispatch layout disagrees with its tokens ("" when it agrees), all on the host:
+    ``per_rank_sent`` [R] and ``per_expert_sent`` [E] (the caller's num_tokens_per_rank and
+    num_tokens_per_expert), ``send_counts`` [R] the tokens ``is_token_in_rank`` sends to each rank,
+    ``per_expert_routed`` [E] what ``topk_idx`` routes to each expert (None: no top-k given)."""
+    if not torch.equal(per_rank_sent, send_counts):
         return (f"num_tokens_per_rank {per_rank_sent.tolist()} disagrees with is_token_in_rank, which sends "
                 f"{send_counts.tolist()} tokens to each rank")
-    if topk_idx is not None and not torch.equal(
-        per_expert_sent, torch.bincount(topk_idx[topk_idx >= 0].cpu(), minlength=per_expert_sent.numel())
-    ):
+    if per_expert_routed is not None and not torch.equal(per_expert_sent, per_expert_routed):
         return "num_tokens_per_expert disagrees with topk_idx (tokens routed to each expert)"
     return ""
 
@@ -264,7 +272,8 @@ class ReferenceBackend(Backend):
         # is consistent, so that a bad layout on one rank makes every rank refuse (none waits).
         per_rank_sent = num_tokens_per_rank.to(torch.int64).cpu()
         per_expert_sent = num_tokens_per_expert.to(torch.int64).cpu()
-        problem = layout_problem(per_rank_sent, send_counts_t, per_expert_sent, topk_idx)
+        routed = None if topk_idx is None else routed_per_expert(topk_idx, num_experts).cpu()
+        problem = layout_problem(per_rank_sent, send_counts_t.cpu(), per_expert_sent, routed)
         mine = torch.cat([
             per_rank_sent,
             per_expert_sent,
