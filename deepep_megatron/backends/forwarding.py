@@ -24,9 +24,12 @@ Ranks sit in nodes of L consecutive ranks; rank (n, l) = n * L + l.
 
 The RDMA leg's rows are packed bytes: the token row, its FP8 scales, its index, 16-byte padding (the
 part the NVLink leg carries on), then its top-k ids and weights and its ``is_token_in_rank`` row,
-which the proxy reads to route it inside its node. Waits on the NVLink leg time out as the node
-backend's do (with the node named in the error); the RDMA leg's collective waits as long as the
-process group's timeout. The low-latency calls go to the reference backend over the whole group.
+which the proxy reads to route it inside its node. Every wait is bounded by ``timeout_s``: the
+backend's own collectives (the agreement check, notify, the rail's all-to-all, a reference node leg)
+run on groups it opens with that timeout, the cuda node leg's kernels and the NVSHMEM rail bound
+their waits themselves; an error names this rank and the leg (and, where the kernels know it, the
+rank waited for), and ``reset`` (collective) opens fresh groups. The low-latency calls go to the
+reference backend over the whole group.
 """
 from __future__ import annotations
 
