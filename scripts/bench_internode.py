@@ -3,13 +3,15 @@
 on the same ranks in the same run.
 
     python scripts/bench_internode.py [--ranks 4] [--ranks-per-node 2] [--sms 24] [--iters 20] [--out FILE]
+                                      [--rdma-leg collective|nvshmem]
 
 Ranks: one per GPU over NCCL when there are enough GPUs, otherwise all on one GPU over gloo (start
 MPS first). Two Buffers on the same ranks, made one after the other: one node of R ranks (the
 intranode kernels), and R / L virtual nodes of L ranks (``DEEPEP_MEGATRON_RANKS_PER_NODE``; node
 forwarding, backends/forwarding.py: the RDMA leg is the rail groups' collective, which gloo stages
-through host memory; the NVLink leg runs the intranode kernels). DeepSeek-V3 shape: 4096 tokens per
-rank, hidden 7168, top-8 of 256, uniform random routing.
+through host memory, or with ``--rdma-leg nvshmem`` NVSHMEM puts over its P2P transport; the NVLink
+leg runs the intranode kernels). DeepSeek-V3 shape: 4096 tokens per rank, hidden 7168, top-8 of 256,
+uniform random routing.
 
 Times full dispatch (bf16 and FP8), cached dispatch (bf16) and combine (bf16), slowest rank: back
 to back between two events, and one call at a time after :func:`start_together` (what a training
@@ -28,7 +30,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from deepep_megatron.launch import local_backend, run_ranks, tree_commit  # noqa: E402 - after the path insert
+from deepep_megatron.backends.rail import RDMA_LEG_ENV, RDMA_LEGS  # noqa: E402 - after the path insert
+from deepep_megatron.launch import local_backend, run_ranks, tree_commit  # noqa: E402
+from deepep_megatron.layout import rail_bytes_needed  # noqa: E402
 from deepep_megatron.profiling import one_call_seconds, seconds_per_call  # noqa: E402
 from deepep_megatron.topology import RANKS_PER_NODE_ENV  # noqa: E402
 from deepep_megatron.traffic import link_bytes  # noqa: E402
@@ -37,7 +41,7 @@ HIDDEN, TOKENS, TOPK, EXPERTS = 7168, 4096, 8, 256
 OPS = ("dispatch bf16", "dispatch fp8", "cached dispatch bf16", "combine bf16")
 
 
-def _worker(rank: int, world: int, per_node: int, sms: int, iters: int) -> dict | None:
+def _worker(rank: int, world: int, per_node: int, sms: int, iters: int, rdma_leg: str) -> dict | None:
     from deepep_megatron import Buffer, per_token_cast_to_fp8
     from deepep_megatron.config import default_combine_config, default_dispatch_config
 
@@ -57,9 +61,13 @@ def _worker(rank: int, world: int, per_node: int, sms: int, iters: int) -> dict 
         return max(values)
 
     times, delivered = {}, {}
+    # the RDMA leg's widest row: FP8 data and scales or bf16, the token index, top-k ids and weights, bits
+    rdma = rail_bytes_needed(world // per_node, TOKENS, HIDDEN * 2 + 32 + TOPK * 12 + world) if rdma_leg == "nvshmem" else 0
     for label, ranks_per_node in (("intranode", world), (f"{world // per_node}x{per_node} nodes", per_node)):
         os.environ[RANKS_PER_NODE_ENV] = str(ranks_per_node)
-        buffer = Buffer(group, num_nvl_bytes=nvl, explicitly_destroy=True, backend="cuda")
+        os.environ[RDMA_LEG_ENV] = rdma_leg
+        buffer = Buffer(group, num_nvl_bytes=nvl, num_rdma_bytes=rdma if ranks_per_node < world else 0,
+                        explicitly_destroy=True, backend="cuda")
         per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, EXPERTS)
         args = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
                     topk_idx=topk_idx, topk_weights=topk_weights, config=dispatch_config,
@@ -120,13 +128,15 @@ def main() -> None:
     parser.add_argument("--sms", type=int, default=24)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--out", help="also write the table (markdown) here")
+    parser.add_argument("--rdma-leg", choices=RDMA_LEGS, default="collective", help="node forwarding's RDMA leg")
     args = parser.parse_args()
     if args.ranks % args.ranks_per_node or args.ranks == args.ranks_per_node:
         parser.error("--ranks must be a multiple of --ranks-per-node, over at least two nodes")
     backend, ranks_per_gpu = local_backend(args.ranks)
-    results = run_ranks(_worker, args.ranks, args.ranks_per_node, args.sms, args.iters, backend=backend, timeout_s=1200)
+    results = run_ranks(_worker, args.ranks, args.ranks_per_node, args.sms, args.iters, args.rdma_leg, backend=backend,
+                        timeout_s=1200)
     header = (f"{datetime.date.today()} · {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()} · "
-              f"EP{args.ranks} over {backend} ({ranks_per_gpu} rank(s) per GPU) · {args.sms} SMs · "
+              f"EP{args.ranks} over {backend} ({ranks_per_gpu} rank(s) per GPU) · {args.sms} SMs · RDMA leg {args.rdma_leg} · "
               f"{TOKENS} tokens/rank, hidden {HIDDEN}, top-{TOPK} of {EXPERTS} · {args.iters} iters, slowest rank · "
               f"commit {tree_commit()}")
     table = header + "\n\n" + _table(results[0], args.ranks, args.ranks_per_node)

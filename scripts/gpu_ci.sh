@@ -87,6 +87,9 @@ if want test || want soak || want bench; then
     step soak python3 scripts/soak_intranode.py --ranks 2 --rounds 10000 --backend cuda --out "$OUT/soak.md"
     step soak_arena python3 scripts/soak_intranode.py --ranks 2 --rounds 10000 --backend cuda --seed 2 \
       --recv-arena-bytes 1073741824 --out "$OUT/soak_arena.md"
+    # node forwarding over 2 virtual nodes of 2, the NVLink leg on the kernels
+    step soak_internode python3 scripts/soak_intranode.py --ranks 4 --ranks-per-node 2 --rounds 10000 --backend cuda \
+      --seed 3 --out "$OUT/soak_internode.md"
   fi
   if want bench && ((BENCH_UNDER_MPS)); then
     step bench python3 scripts/bench_intranode.py $BENCH_ARGS --out "$OUT/bench_table.md"
@@ -102,7 +105,7 @@ echo "===== summary ($NUM_GPUS GPU(s): $(nvidia-smi --query-gpu=name --format=cs
 cat "$SUMMARY"
 grep -hE "passed|failed|skipped|error" "$OUT"/test_*.log 2>/dev/null | tail -n 4
 grep -hE "^(memcheck|racecheck):" "$OUT/sanitize.log" 2>/dev/null
-grep -h "rounds in" "$OUT/soak.md" 2>/dev/null
+grep -h "rounds in" "$OUT"/soak*.md 2>/dev/null
 if [[ -f "$OUT/bench_table.md" ]]; then cat "$OUT/bench_table.md"; fi
 if [[ -f "$OUT/bench_internode.md" ]]; then cat "$OUT/bench_internode.md"; fi
 exit "$FAILED"
