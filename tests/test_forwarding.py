@@ -323,3 +323,35 @@ def test_nvshmem_rdma_leg_asks_for_its_build() -> None:
     assert rdma_leg_choice({}) == "collective"
     with pytest.raises(ValueError, match=r"DEEPEP_MEGATRON_RDMA_LEG='ib' must be one of \('collective', 'nvshmem'\)"):
         rdma_leg_choice({"DEEPEP_MEGATRON_RDMA_LEG": "ib"})
+
+
+def _low_latency_over_nodes(rank: int, world_size: int) -> bool:
+    """A low-latency Buffer over 2 virtual nodes: the calls run (the reference here, the NVSHMEM
+    kernels where they are built) and equal the reference backend's."""
+    import warnings
+
+    import torch.distributed as dist
+
+    from deepep_megatron import Buffer
+
+    tokens, hidden, experts = 16, 128, 8
+    hint = Buffer.get_low_latency_rdma_size_hint(tokens, hidden, world_size, experts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "low-latency calls run on the reference backend"
+        fast = Buffer(dist.group.WORLD, 1 << 20, hint, low_latency_mode=True, backend="forwarding")
+    ref = Buffer(dist.group.WORLD, 0, hint, low_latency_mode=True, backend="reference")
+    g = torch.Generator().manual_seed(40 + rank)
+    x = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16)
+    topk_idx = torch.rand(tokens, experts, generator=g).topk(2, dim=1).indices
+    weights = torch.rand(tokens, 2, generator=g)
+    outs = []
+    for buf in (fast, ref):
+        recv_x, count, handle, _, _ = buf.low_latency_dispatch(x, topk_idx, tokens, experts, use_fp8=False)
+        combined, _, _ = buf.low_latency_combine(recv_x, topk_idx, weights, handle)
+        valid = torch.cat([recv_x[e, :n] for e, n in enumerate(count.tolist())])  # rows past count[e] are unset
+        outs.append((valid, count, combined))
+    return all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_low_latency_calls_over_virtual_nodes() -> None:
+    assert run_ranks(_low_latency_over_nodes, 4, env={"DEEPEP_MEGATRON_RANKS_PER_NODE": "2"}) == [True] * 4

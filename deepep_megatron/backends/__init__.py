@@ -52,8 +52,10 @@ def create_backend(
       backend inside each node; ``"auto"`` is ``"cuda"`` when those kernels fit (built, NVLink bytes,
       2, 4 or 8 ranks per node), else ``"reference"``.
     * A low-latency Buffer without NVLink bytes (DeepEP's ``Buffer(group, 0, num_rdma_bytes,
-      low_latency_mode=True)``) on one node gets the NVSHMEM low-latency kernels under ``"auto"`` and
-      ``"cuda"`` when they are built (backends/low_latency.py), the reference backend otherwise.
+      low_latency_mode=True)``), on one node or several, gets the NVSHMEM low-latency kernels under
+      ``"auto"`` and ``"cuda"`` when they are built (backends/low_latency.py), the reference backend
+      otherwise. Over several nodes the cuda and forwarding backends run the low-latency calls on
+      those kernels too when they are built.
 
     ``timeout_s`` bounds the cuda kernels' waits on peers (None: env or 100 s)."""
     if name not in BACKEND_NAMES:
@@ -62,7 +64,7 @@ def create_backend(
         from .cuda import resolve_timeout
 
         resolve_timeout(timeout_s)
-    if num_nvl_bytes == 0 and num_nodes == 1 and name in ("auto", "cuda") and _low_latency_kernels_fit(num_rdma_bytes, low_latency_mode):
+    if num_nvl_bytes == 0 and name in ("auto", "cuda") and _low_latency_kernels_fit(num_rdma_bytes, low_latency_mode):
         # DeepEP's low-latency Buffer (no NVLink buffer): the NVSHMEM kernels for the low-latency calls.
         from .cuda import resolve_timeout
         from .low_latency import LowLatencyBackend

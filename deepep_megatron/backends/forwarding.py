@@ -29,7 +29,8 @@ backend's own collectives (the agreement check, notify, the rail's all-to-all, a
 run on groups it opens with that timeout, the cuda node leg's kernels and the NVSHMEM rail bound
 their waits themselves; an error names this rank and the leg (and, where the kernels know it, the
 rank waited for), and ``reset`` (collective) opens fresh groups. The low-latency calls go to the
-reference backend over the whole group.
+NVSHMEM low-latency kernels over the whole group when they are built (their puts reach ranks of
+other nodes), else to the reference backend.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from ..config import Config
 from ..forwarding import rdma_slots
 from ..topology import Topology
 from .base import Backend, DispatchLayout, DispatchOutput, channel_prefix_matrix
+from .low_latency import LowLatencyDelegate, low_latency_engine
 from .rail import RDMA_LEGS, CollectiveRail, NvshmemRail
 from .reference import (
     ReferenceBackend,
@@ -98,7 +100,7 @@ def _columns_at(rows: torch.Tensor, offset: int, like: list[tuple[torch.dtype, t
     return unpack_rows(rows[:, offset:offset + nbytes], like)
 
 
-class ForwardingBackend(Backend):
+class ForwardingBackend(LowLatencyDelegate, Backend):
     """Dispatch/combine for an EP group over several nodes: an RDMA leg between same-local-index
     ranks, then an NVLink leg inside each node (see the module docstring).
 
@@ -137,6 +139,10 @@ class ForwardingBackend(Backend):
         #: the rail group's collective
         self._nvshmem_rail = (NvshmemRail(self.control_group, self.topology, num_rdma_bytes, self.timeout_s)
                               if rdma_leg == "nvshmem" else None)
+        # The low-latency calls: the NVSHMEM kernels when built (they reach every rank, NVLink or not;
+        # not while the rail holds the process's heap), else the reference backend over the group.
+        self._low_latency = low_latency_engine(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank,
+                                               self.timeout_s)
         self.needs_nvl_buffer = self.node.needs_nvl_buffer
 
     def _node_members(self) -> list[int]:
@@ -361,13 +367,7 @@ class ForwardingBackend(Backend):
         self._rail.check_errors(wait=True)  # nothing else waits for the exchange: never return rows it missed
         return sums[0].to(x.dtype), sums[1] if partial_weights is not None else None
 
-    # ------------------------------------------------------------------ low-latency path, lifecycle
-    def low_latency_dispatch(self, *args, **kwargs):
-        return self.flat.low_latency_dispatch(*args, **kwargs)
-
-    def low_latency_combine(self, *args, **kwargs):
-        return self.flat.low_latency_combine(*args, **kwargs)
-
+    # ------------------------------------------------------------------ lifecycle
     def record_stream(self, tensor: torch.Tensor, stream: "torch.cuda.Stream") -> None:
         tensor.record_stream(stream)  # every output is a fresh tensor (the reorder's gather)
 
@@ -388,6 +388,7 @@ class ForwardingBackend(Backend):
 
     def destroy(self) -> None:
         self.node.destroy()
+        self._low_latency.destroy()
         if self._nvshmem_rail is not None:
             self._nvshmem_rail.destroy()
         dist.barrier(group=self.control_group)

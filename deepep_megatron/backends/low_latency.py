@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..profiling import ranks_share_a_host
 from . import nvshmem
 from .base import LowLatencyDispatchOutput, LowLatencyLayout
 from .reference import ReferenceBackend
@@ -116,7 +117,8 @@ class LowLatencyKernels:
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         #: Blocks of every low-latency kernel: all ranks sharing a GPU must fit on it at once (the receive spins).
         self.num_blocks = low_latency_blocks(os.environ.get(SMS_ENV), sms, sharing)
-        self.heap = nvshmem.open_heap(group, num_rdma_bytes)
+        # Ranks on several hosts: NVSHMEM's remote transport stays as the environment sets it.
+        self.heap = nvshmem.open_heap(group, num_rdma_bytes, single_node=ranks_share_a_host(group))
         self._ll = _C.LowLatency(self.heap, self.rank, self.num_ranks, self.device.index, timeout_s)
         self._half = 0
         self._error: Optional[BaseException] = None
