@@ -188,6 +188,12 @@ def test_megatron_fused_a2a_runs_on_deep_ep_alias(alias_dir: str) -> None:
     assert run_ranks(_fused_a2a, 2, alias_dir) == [8, 8]
 
 
+@needs_megatron
+def test_megatron_fused_a2a_over_virtual_nodes(alias_dir: str) -> None:
+    """EP4 as 2 nodes of 2: megatron-core's fused_a2a passes DeepEP's per-node counts through."""
+    assert run_ranks(_fused_a2a, 4, alias_dir, env={"DEEPEP_MEGATRON_RANKS_PER_NODE": "2"}) == [8] * 4
+
+
 def _flex_dispatcher(rank: int, world_size: int, target: str) -> int:
     _with_alias(target)
     from deepep_megatron.megatron import cpu_compat

@@ -165,9 +165,9 @@ def _compare(rank: int, world_size: int) -> dict:
     return stats
 
 
-def _matches_reference(world_size: int) -> None:
+def _matches_reference(world_size: int, env: dict | None = None) -> None:
     backend = _launch(world_size)
-    results = run_ranks(_compare, world_size, backend=backend, timeout_s=150)
+    results = run_ranks(_compare, world_size, backend=backend, timeout_s=150, env=env)
     total = {k: sum(r[k] for r in results) for k in results[0]}
     print(f"EP{world_size}: {total}")
     assert total["checks"] > 0
@@ -176,6 +176,11 @@ def _matches_reference(world_size: int) -> None:
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_low_latency_matches_reference(world_size: int) -> None:
     _matches_reference(world_size)
+
+
+def test_low_latency_over_virtual_nodes() -> None:
+    """EP4 as 2 nodes of 2: a low-latency Buffer over several nodes runs the same NVSHMEM kernels."""
+    _matches_reference(4, env={"DEEPEP_MEGATRON_RANKS_PER_NODE": "2"})
 
 
 def _graph(rank: int, world_size: int) -> int:
