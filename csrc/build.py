@@ -7,7 +7,8 @@ Rooms (what each may include):
   deepep_megatron/include/deepep_megatron_layout.h   the buffer layout and limits (also parsed by Python)
   csrc/core/      PTX helpers, bounded waits, the barrier, the kernels' context (no torch)
   csrc/kernels/   one file per kernel family + launch.h, their interface (no torch)
-  csrc/runtime/   IPC buffers (runtime.*) and the operations over tensors (intranode_ops.*, torch)
+  csrc/runtime/   IPC buffers (runtime.*), the NVSHMEM heap (nvshmem_heap.*) and the operations over
+                  tensors (intranode_ops.*, low_latency_ops.*, rail_ops.*; torch)
   csrc/binding.cpp  the pybind11 module
 """
 from __future__ import annotations
