@@ -96,6 +96,7 @@ class NvshmemRail:
         self._rail = _C.Rail(self._heap, dist.get_rank(group), topology.num_ranks, topology.ranks_per_node,
                              self.device.index, timeout_s)
         self._error: Optional[BaseException] = None
+        self._last_stream: Optional[torch.cuda.Stream] = None  # where the previous exchange ran
 
     def _device_error(self) -> BaseException:
         _, code, rank, peer, node, block, expected, seen = self._rail.diagnostic()
@@ -130,6 +131,12 @@ class NvshmemRail:
                 f"with num_rdma_bytes >= {rail_bytes_needed(len(send), most, row_bytes)} "
                 "(deepep_megatron.layout.rail_bytes_needed)"
             )
+        # The kernel acks the previous exchange's rows at its start, so it must follow their copy-out,
+        # which ran on the previous exchange's stream (an async Buffer call runs on the comm stream).
+        stream = torch.cuda.current_stream(self.device)
+        if self._last_stream is not None and self._last_stream != stream:
+            stream.wait_stream(self._last_stream)
+        self._last_stream = stream
         for node, rows in enumerate(send):
             if rows.size(0):
                 self._rail.send_slab(node, rows.size(0) * padded).view(-1, padded)[:, :row_bytes].copy_(rows)
