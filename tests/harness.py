@@ -58,3 +58,18 @@ def gloo_threads_left(wait_s: float = GLOO_THREAD_EXIT_WAIT_S) -> list[str]:
     while gloo_threads() and time.monotonic() < deadline:
         time.sleep(0.05)
     return gloo_threads()
+
+
+def nvshmem_launch(world_size: int) -> str:
+    """The process-group backend for ``world_size`` NVSHMEM PEs on this machine's GPUs, or skip the
+    test: without an NVSHMEM build, or with PEs sharing a GPU and no MPS."""
+    import torch
+
+    from deepep_megatron.backends import nvshmem
+
+    if not nvshmem.is_available():
+        pytest.skip("deepep_megatron._C was built without NVSHMEM")
+    backend, ranks_per_gpu = local_backend(world_size)
+    if ranks_per_gpu > 1 and not mps_running():
+        pytest.skip(f"{world_size} PEs on {torch.cuda.device_count()} GPU(s) need MPS")
+    return backend

@@ -14,21 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import GPU_MARKS, local_backend, mps_running, run_ranks
+from harness import GPU_MARKS, nvshmem_launch, run_ranks
 from oracle import Case, beyond_bf16_rounding, beyond_one_e4m3_step, low_latency_expert, make_inputs
 
 pytestmark = GPU_MARKS
-
-
-def _launch(world_size: int) -> str:
-    from deepep_megatron.backends import nvshmem
-
-    if not nvshmem.is_available():
-        pytest.skip("deepep_megatron._C was built without NVSHMEM")
-    backend, ranks_per_gpu = local_backend(world_size)
-    if ranks_per_gpu > 1 and not mps_running():
-        pytest.skip(f"{world_size} ranks on {torch.cuda.device_count()} GPU(s) need MPS")
-    return backend
 
 
 def _cases(w: int) -> list[tuple[int, Case]]:
@@ -166,7 +155,7 @@ def _compare(rank: int, world_size: int) -> dict:
 
 
 def _matches_reference(world_size: int, env: dict | None = None) -> None:
-    backend = _launch(world_size)
+    backend = nvshmem_launch(world_size)
     results = run_ranks(_compare, world_size, backend=backend, timeout_s=150, env=env)
     total = {k: sum(r[k] for r in results) for k in results[0]}
     print(f"EP{world_size}: {total}")
@@ -237,7 +226,7 @@ def _graph(rank: int, world_size: int) -> int:
 
 
 def test_low_latency_cuda_graph_replay() -> None:
-    backend = _launch(2)
+    backend = nvshmem_launch(2)
     assert run_ranks(_graph, 2, backend=backend, timeout_s=120) == [3, 3]
 
 
@@ -294,13 +283,13 @@ def _bad_ids(rank: int, world_size: int) -> str:
 
 
 def test_low_latency_bad_expert_ids_raise_at_the_next_call() -> None:
-    backend = _launch(2)
+    backend = nvshmem_launch(2)
     messages = run_ranks(_bad_ids, 2, backend=backend, timeout_s=90)
     assert all("token 3" in m for m in messages), messages
 
 
 def test_low_latency_timeout_reports_the_peer() -> None:
-    backend = _launch(2)
+    backend = nvshmem_launch(2)
     messages = run_ranks(_timeout, 2, backend=backend, timeout_s=90)
     assert "low-latency dispatch" in messages[0], messages[0]
 
@@ -325,7 +314,7 @@ def _stage_rows(rank: int, world_size: int) -> dict:
 def test_low_latency_stage_timer() -> None:
     """DEEPEP_MEGATRON_LL_STAGE_TIMES=1: one row per block, each block ends after it starts, every phase
     time is non-negative and within the block's span, and the dispatch still moves every pair."""
-    backend = _launch(2)
+    backend = nvshmem_launch(2)
     for result in run_ranks(_stage_rows, 2, backend=backend, timeout_s=90, env={"DEEPEP_MEGATRON_LL_STAGE_TIMES": "1"}):
         rows, names = result["rows"], result["names"]
         assert result["received"] == 8 and rows.size(0) == result["blocks"], (result["received"], rows.shape)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import GPU_MARKS, local_backend, mps_running, run_ranks
+from harness import GPU_MARKS, nvshmem_launch, run_ranks
 
 pytestmark = GPU_MARKS
 
@@ -28,14 +28,7 @@ def _probe(rank: int, world_size: int) -> list[int]:
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_every_pe_reaches_every_pe(world_size: int) -> None:
-    from deepep_megatron.backends import nvshmem
-
-    if not nvshmem.is_available():
-        pytest.skip("deepep_megatron._C was built without NVSHMEM")
-    backend, ranks_per_gpu = local_backend(world_size)
-    if ranks_per_gpu > 1 and not mps_running():
-        pytest.skip(f"{world_size} PEs on {torch.cuda.device_count()} GPU(s) need MPS")
-    results = run_ranks(_probe, world_size, backend=backend, timeout_s=180)
+    results = run_ranks(_probe, world_size, backend=nvshmem_launch(world_size), timeout_s=180)
     for pe, seen in enumerate(results):
         # slot [r] of PE pe holds what rank r put there: r * 1000 + pe
         assert seen == [r * 1000 + pe for r in range(world_size)], f"PE {pe} holds {seen}"

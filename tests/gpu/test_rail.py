@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from harness import GPU_MARKS, local_backend, mps_running, run_ranks
+from harness import GPU_MARKS, nvshmem_launch, run_ranks
 
 pytestmark = GPU_MARKS
 
@@ -27,17 +27,6 @@ HEAP_BYTES = 64 << 20
 STALL_TIMEOUT_S = 2.0
 #: (rows per destination node, row bytes) of consecutive exchanges; 0 rows: a rank that sends nothing
 EXCHANGES = [(37, 96), (0, 96), (300, 14 * 16 + 8), (5, 16)]
-
-
-def _skip_unless_ready() -> str:
-    from deepep_megatron.backends import nvshmem
-
-    if not nvshmem.is_available():
-        pytest.skip("deepep_megatron._C was built without NVSHMEM")
-    backend, ranks_per_gpu = local_backend(WORLD)
-    if ranks_per_gpu > 1 and not mps_running():
-        pytest.skip(f"{WORLD} PEs on {torch.cuda.device_count()} GPU(s) need MPS")
-    return backend
 
 
 def _rows(source: int, call: int, count: int, row_bytes: int, device) -> torch.Tensor:
@@ -106,7 +95,7 @@ def _rail_round(rank: int, world_size: int) -> dict:
 
 
 def test_rail_exchange_delivers_times_out_and_recovers() -> None:
-    backend = _skip_unless_ready()
+    backend = nvshmem_launch(WORLD)
     results = run_ranks(_rail_round, WORLD, backend=backend, timeout_s=180)
     for rank, result in enumerate(results):
         assert not result["problems"], result["problems"]
