@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .layout import CONTROL_BYTES, FP8_BLOCK, MAX_TOPK, ll_message_bytes, low_latency_layout, token_slot_bytes  # noqa: F401 - re-exported
+from .layout import CONTROL_BYTES, FP8_BLOCK, MAX_TOPK, align_up, ll_message_bytes, low_latency_layout, token_slot_bytes  # noqa: F401 - re-exported
 
 # FP8_BLOCK, MAX_TOPK and token_slot_bytes are re-exported: callers import them from here.
 #: Rank counts the intranode kernels accept (ranks of one NVLink domain).
@@ -22,11 +22,6 @@ RANKS_PER_NODE = 8
 BUFFER_ALIGN = 128
 #: Bytes of the control region at the start of every NVLink buffer (the layout header's kControlBytes).
 NVL_CONTROL_BYTES = CONTROL_BYTES
-
-
-def align_up(value: int, alignment: int) -> int:
-    """Smallest multiple of ``alignment`` that is >= ``value``."""
-    return (value + alignment - 1) // alignment * alignment
 
 
 def nvl_buffer_bytes(num_channels: int, num_ranks: int, num_slots: int, hidden_bytes: int) -> int:

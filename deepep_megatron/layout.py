@@ -47,8 +47,13 @@ SOURCE_INDEX_BYTES = _constant("kSourceIndexBytes")
 CONTROL_BYTES = _constant("kControlBytes")
 
 
+def align_up(value: int, alignment: int) -> int:
+    """Smallest multiple of ``alignment`` that is >= ``value``."""
+    return (value + alignment - 1) // alignment * alignment
+
+
 def _align_slot(size: int) -> int:
-    return (size + SLOT_ALIGN - 1) // SLOT_ALIGN * SLOT_ALIGN
+    return align_up(size, SLOT_ALIGN)
 
 
 def token_slot_bytes(hidden_bytes: int) -> int:
@@ -71,25 +76,21 @@ LL_MAX_RANKS = _constant("kLLMaxRanks")
 LL_MAX_SMEM_TOPK_ENTRIES = _constant("kLLMaxSmemTopkEntries")
 
 
-def _align(value: int, alignment: int) -> int:
-    return (value + alignment - 1) // alignment * alignment
-
-
 def ll_message_bytes(hidden: int, fp8: bool) -> int:
     """Bytes of one low-latency message: the header, the row (e4m3 + fp32 scales, or bf16), 16-aligned."""
-    return _align(LL_HEADER_BYTES + (hidden + hidden // FP8_BLOCK * 4 if fp8 else hidden * 2), 16)
+    return align_up(LL_HEADER_BYTES + (hidden + hidden // FP8_BLOCK * 4 if fp8 else hidden * 2), 16)
 
 
 def low_latency_layout(max_tokens: int, hidden: int, num_ranks: int, num_experts: int) -> dict[str, int]:
     """The header's ``ll_layout``: byte sizes and offsets of one PE's low-latency region."""
     message = ll_message_bytes(hidden, False)
     off_flags = num_experts * 8
-    off_scratch = off_flags + _align(num_ranks * 8, 16)
+    off_scratch = off_flags + align_up(num_ranks * 8, 16)
     signal = off_scratch + num_experts * 4
     off_data = LL_CONTROL_BYTES + 2 * LL_SIGNAL_BYTES
     combine_rows = num_experts * max_tokens * hidden * 2
-    send = _align(max(max_tokens * message, combine_rows), LL_REGION_ALIGN)
-    recv = _align(max(num_experts * max_tokens * message, combine_rows), LL_REGION_ALIGN)
+    send = align_up(max(max_tokens * message, combine_rows), LL_REGION_ALIGN)
+    recv = align_up(max(num_experts * max_tokens * message, combine_rows), LL_REGION_ALIGN)
     half = send + recv
     return {"message_bytes": message, "off_flags": off_flags, "off_scratch": off_scratch, "signal_bytes": signal,
             "off_data": off_data, "send_bytes": send, "recv_bytes": recv, "half_bytes": half,
@@ -113,5 +114,5 @@ def rail_slab_bytes(num_bytes: int, num_nodes: int) -> int:
 def rail_bytes_needed(num_nodes: int, max_tokens: int, row_bytes: int) -> int:
     """NVSHMEM heap bytes the rail exchange needs for ``max_tokens`` tokens per rank of ``row_bytes``
     each, whatever the routing (every token may go to every other node)."""
-    slab = _align(max_tokens * _align(row_bytes, RAIL_ROW_ALIGN), RAIL_SLAB_ALIGN)
+    slab = align_up(max_tokens * align_up(row_bytes, RAIL_ROW_ALIGN), RAIL_SLAB_ALIGN)
     return RAIL_CONTROL_BYTES + 2 * num_nodes * slab

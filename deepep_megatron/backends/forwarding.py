@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from ..config import Config
 from ..forwarding import rdma_slots
+from ..layout import align_up
 from ..topology import Topology
 from .base import Backend, DispatchLayout, DispatchOutput, channel_prefix_matrix
 from .low_latency import LowLatencyDelegate, low_latency_engine
@@ -74,7 +75,7 @@ def _subgroup(ranks: list[int], timeout_s: float) -> dist.ProcessGroup:
 
 def _padding(rows: int, row_bytes: int, device: torch.device) -> torch.Tensor:
     """[rows, P] uint8 zeros that round ``row_bytes`` up to a multiple of :data:`NODE_ROW_ALIGN`."""
-    return torch.zeros(rows, -row_bytes % NODE_ROW_ALIGN, dtype=torch.uint8, device=device)
+    return torch.zeros(rows, align_up(row_bytes, NODE_ROW_ALIGN) - row_bytes, dtype=torch.uint8, device=device)
 
 
 def _row_bytes(columns: list[torch.Tensor]) -> int:

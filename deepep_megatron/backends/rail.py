@@ -21,7 +21,7 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from ..layout import RAIL_CONTROL_BYTES, RAIL_ROW_ALIGN, rail_bytes_needed
+from ..layout import RAIL_CONTROL_BYTES, RAIL_ROW_ALIGN, align_up, rail_bytes_needed
 from ..topology import Topology
 from .reference import ReferenceBackend
 
@@ -122,7 +122,7 @@ class NvshmemRail:
         min(``num_blocks``, :data:`RAIL_BLOCKS`) blocks (the same on every rank of the rail)."""
         self.check_errors()
         row_bytes = send[0].size(1)
-        padded = -(-row_bytes // RAIL_ROW_ALIGN) * RAIL_ROW_ALIGN
+        padded = align_up(row_bytes, RAIL_ROW_ALIGN)
         most = max([rows.size(0) for rows in send] + list(recv_counts))
         if most * padded > self._rail.slab_bytes:
             raise RuntimeError(
