@@ -129,6 +129,8 @@ class ForwardingBackend(LowLatencyDelegate, Backend):
         self.home, self.local = divmod(self.rank, L)
         self._members = dist.get_process_group_ranks(group)
         self._kernels_inside = node_leg == "cuda" and L > 1
+        self._rdma_leg = rdma_leg
+        self.rail_group: Optional[dist.ProcessGroup] = None  # the collective RDMA leg's group
         self.name = "cuda" if self._kernels_inside else "forwarding"
         if self._kernels_inside:  # the kernels bound their own waits; their group only starts and stops them
             from .cuda import CudaBackend
@@ -136,10 +138,8 @@ class ForwardingBackend(LowLatencyDelegate, Backend):
             self.node_group = _subgroup(self._node_members(), self.timeout_s)
             self.node: Backend = CudaBackend(self.node_group, num_nvl_bytes, 0, False, num_qps_per_rank, self.timeout_s)
         self._open_collectives()
-        #: the RDMA leg over NVSHMEM puts (kept across resets: its reset zeroes its signals), or None:
-        #: the rail group's collective
-        self._nvshmem_rail = (NvshmemRail(self.control_group, self.topology, num_rdma_bytes, self.timeout_s)
-                              if rdma_leg == "nvshmem" else None)
+        if rdma_leg == "nvshmem":  # kept across resets: its own reset zeroes its signals
+            self._rail = NvshmemRail(self.control_group, self.topology, num_rdma_bytes, self.timeout_s)
         # The low-latency calls: the NVSHMEM kernels when built (they reach every rank, NVLink or not;
         # not while the rail holds the process's heap), else the reference backend over the group.
         self._low_latency = low_latency_engine(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank,
@@ -153,14 +153,15 @@ class ForwardingBackend(LowLatencyDelegate, Backend):
     def _open_collectives(self) -> None:
         """The groups whose collectives this backend runs itself, each bounded by ``timeout_s``: the
         whole group (agreement checks, the counts gather, the low-latency calls), this rank's rail
-        (the RDMA leg; rail rank n = node n) and, with the reference inside nodes, this node. A
-        collective that timed out may leave messages behind, so :meth:`reset` opens new ones."""
+        (the collective RDMA leg; rail rank n = node n) and, with the reference inside nodes, this
+        node. A collective that timed out may leave messages behind, so :meth:`reset` opens new ones."""
         L = self.topology.ranks_per_node
         self.control_group = _subgroup(self._members, self.timeout_s)
-        self.rail_group = _subgroup(self._members[self.local::L], self.timeout_s)
         self.flat = ReferenceBackend(self.control_group, self.num_nvl_bytes, self.num_rdma_bytes, self.low_latency_mode,
                                      self.num_qps_per_rank)
-        self._collective_rail = CollectiveRail(self.rail_group)
+        if self._rdma_leg == "collective":
+            self.rail_group = _subgroup(self._members[self.local::L], self.timeout_s)
+            self._rail: CollectiveRail | NvshmemRail = CollectiveRail(self.rail_group)
         if not self._kernels_inside:
             self.node_group = _subgroup(self._node_members(), self.timeout_s)
             self.node = ReferenceBackend(self.node_group, self.num_nvl_bytes, 0, False, self.num_qps_per_rank)
@@ -183,9 +184,10 @@ class ForwardingBackend(LowLatencyDelegate, Backend):
         self._leg("the group's agreement check (every rank, before any data moves)",
                   lambda: self.flat._agree(operation, **fields))
 
-    @property
-    def _rail(self):
-        return self._nvshmem_rail if self._nvshmem_rail is not None else self._collective_rail
+    def _from_nodes(self, rdma_rows: torch.Tensor) -> list[int]:
+        """Rows node n's rank of this rail puts here, per node n (0 for this node), from notify's
+        [source, node] slot counts."""
+        return rdma_rows[self.local::self.topology.ranks_per_node, self.home].tolist()
 
     def _across_nodes(self, send: list[torch.Tensor], recv_counts: list[int], num_sms: int) -> list[torch.Tensor]:
         """RDMA leg: ``send[m]`` [n_m, B] uint8 rows to this rank's proxy on node m -> the rows from
@@ -261,11 +263,8 @@ class ForwardingBackend(LowLatencyDelegate, Backend):
         routing.append(is_token_in_rank.to(torch.uint8))
         rows = pack_rows(carried + routing)
         slot_tokens = _slot_tokens(slots, rdma_rows[self.rank].tolist())
-        regions = self._across_nodes(
-            [rows.index_select(0, tokens) for tokens in slot_tokens],
-            [int(rdma_rows[n * L + self.local, self.home]) if n != self.home else 0 for n in range(N)],
-            config.num_sms,
-        )
+        regions = self._across_nodes([rows.index_select(0, tokens) for tokens in slot_tokens],
+                                     self._from_nodes(rdma_rows), config.num_sms)
         node_rows = self._node_token_list(rows, regions)
 
         # NVLink leg: the node token list to this node's ranks, routed by the rows' own routing columns
@@ -323,15 +322,11 @@ class ForwardingBackend(LowLatencyDelegate, Backend):
         self._agree("cached dispatch", channels=layout.num_channels, **_row_fields(*payload))
         if layout.is_token_in_rank.size(0) != x.size(0):
             raise ValueError(f"x has {x.size(0)} tokens but the cached layout was made for {layout.is_token_in_rank.size(0)}")
-        N, L = self.topology.num_nodes, self.topology.ranks_per_node
         slot_tokens, rdma_rows = private["slot_tokens"], private["rdma_rows"]
         carried = payload + [_padding(x.size(0), _row_bytes(payload), x.device)]
         rows = pack_rows(carried)
-        regions = self._across_nodes(
-            [rows.index_select(0, tokens) for tokens in slot_tokens],
-            [int(rdma_rows[n * L + self.local, self.home]) if n != self.home else 0 for n in range(N)],
-            2 * layout.num_channels,
-        )
+        regions = self._across_nodes([rows.index_select(0, tokens) for tokens in slot_tokens],
+                                     self._from_nodes(rdma_rows), 2 * layout.num_channels)
         node_out = self._node_call(self.node.dispatch, _as_node_rows(self._node_token_list(rows, regions)), None, None,
                                    None, None, None, None, 1, config, private["node_layout"])
         self._rail.check_errors()  # the NVLink leg's host wait came after the exchange on the stream
@@ -344,19 +339,20 @@ class ForwardingBackend(LowLatencyDelegate, Backend):
         private = self._private(layout)
         self._agree("combine", topk=0 if topk_weights is None else topk_weights.size(1), channels=layout.num_channels,
                          **_row_fields(x, None))
-        N, L = self.topology.num_nodes, self.topology.ranks_per_node
+        N = self.topology.num_nodes
         slot_tokens, rdma_rows, inverse = private["slot_tokens"], private["rdma_rows"], private["inverse"]
         weights = None if topk_weights is None else topk_weights.to(torch.float32)[inverse]
         partial, partial_weights = self._node_call(self.node.combine, x[inverse], weights, private["node_layout"], config)
         num_tokens = layout.is_token_in_rank.size(0)
-        sizes = [num_tokens if n == self.home else int(rdma_rows[n * L + self.local, self.home]) for n in range(N)]
+        sizes = self._from_nodes(rdma_rows)
+        sizes[self.home] = num_tokens
         columns = [partial] if partial_weights is None else [partial, partial_weights]
         specs = [_spec(t) for t in columns]
         by_node = [c.split(sizes) for c in columns]  # [column][node]
         nothing = torch.empty(0, _row_bytes(columns), dtype=torch.uint8, device=x.device)
         send = [pack_rows([c[n] for c in by_node]) if n != self.home else nothing for n in range(N)]
         back = self._across_nodes(  # RDMA leg back: each forwarded token's node partial to its source
-            send, [int(rdma_rows[self.rank, m]) if m != self.home else 0 for m in range(N)], 2 * layout.num_channels)
+            send, rdma_rows[self.rank].tolist(), 2 * layout.num_channels)
         sums = [torch.zeros(num_tokens, *shape, dtype=torch.float32, device=x.device) for _, shape in specs]
         for m in range(N):  # node order, this rank's own node at its place
             if m == self.home:
@@ -369,9 +365,6 @@ class ForwardingBackend(LowLatencyDelegate, Backend):
         return sums[0].to(x.dtype), sums[1] if partial_weights is not None else None
 
     # ------------------------------------------------------------------ lifecycle
-    def record_stream(self, tensor: torch.Tensor, stream: "torch.cuda.Stream") -> None:
-        tensor.record_stream(stream)  # every output is a fresh tensor (the reorder's gather)
-
     def synchronize(self) -> None:
         """Wait for this rank's NVLink-leg kernels and raise an error they recorded (cuda node leg)."""
         wait = getattr(self.node, "synchronize", None)
@@ -383,18 +376,17 @@ class ForwardingBackend(LowLatencyDelegate, Backend):
         stale messages), then the NVLink leg's and the NVSHMEM RDMA leg's resets."""
         self._open_collectives()
         self.node.reset()
-        if self._nvshmem_rail is not None:
-            self._nvshmem_rail.reset(self.control_group)
+        self._rail.reset(self.control_group)
         dist.barrier(group=self.control_group)
 
     def destroy(self) -> None:
         self.node.destroy()
         self._low_latency.destroy()
-        if self._nvshmem_rail is not None:
-            self._nvshmem_rail.destroy()
+        self._rail.destroy()
         dist.barrier(group=self.control_group)
         for group in (self.node_group, self.rail_group, self.control_group):
-            dist.destroy_process_group(group)
+            if group is not None:
+                dist.destroy_process_group(group)
 
 
 __all__ = ["ForwardingBackend", "NODE_LEGS", "NODE_ROW_ALIGN"]
