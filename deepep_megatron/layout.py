@@ -111,6 +111,14 @@ def rail_slab_bytes(num_bytes: int, num_nodes: int) -> int:
     return (num_bytes - RAIL_CONTROL_BYTES) // (2 * num_nodes) // RAIL_SLAB_ALIGN * RAIL_SLAB_ALIGN
 
 
+def rail_row_bytes(row_bytes: int, num_scales: int, num_topk: int, num_ranks: int) -> int:
+    """Bytes of one row that node forwarding (backends/forwarding.py) puts on the RDMA leg: the
+    token's ``row_bytes``, its ``num_scales`` fp32 FP8 scales and its int64 index, padded to 16 bytes
+    (the part the NVLink leg carries on), then its ``num_topk`` int64 expert ids and fp32 weights and
+    its ``num_ranks`` destination bytes."""
+    return align_up(row_bytes + num_scales * 4 + 8, 16) + num_topk * 12 + num_ranks
+
+
 def rail_bytes_needed(num_nodes: int, max_tokens: int, row_bytes: int) -> int:
     """NVSHMEM heap bytes the rail exchange needs for ``max_tokens`` tokens per rank of ``row_bytes``
     each, whatever the routing (every token may go to every other node)."""

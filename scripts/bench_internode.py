@@ -32,7 +32,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from deepep_megatron.backends.rail import RDMA_LEG_ENV, RDMA_LEGS  # noqa: E402 - after the path insert
 from deepep_megatron.launch import local_backend, run_ranks, tree_commit  # noqa: E402
-from deepep_megatron.layout import rail_bytes_needed  # noqa: E402
+from deepep_megatron.layout import rail_bytes_needed, rail_row_bytes  # noqa: E402
 from deepep_megatron.profiling import one_call_seconds, seconds_per_call  # noqa: E402
 from deepep_megatron.topology import RANKS_PER_NODE_ENV  # noqa: E402
 from deepep_megatron.traffic import link_bytes  # noqa: E402
@@ -61,8 +61,9 @@ def _worker(rank: int, world: int, per_node: int, sms: int, iters: int, rdma_leg
         return max(values)
 
     times, delivered = {}, {}
-    # the RDMA leg's widest row: FP8 data and scales or bf16, the token index, top-k ids and weights, bits
-    rdma = rail_bytes_needed(world // per_node, TOKENS, HIDDEN * 2 + 32 + TOPK * 12 + world) if rdma_leg == "nvshmem" else 0
+    # the RDMA leg's widest row: bf16 (wider than the FP8 rows with their scales)
+    row = rail_row_bytes(HIDDEN * 2, 0, TOPK, world)
+    rdma = rail_bytes_needed(world // per_node, TOKENS, row) if rdma_leg == "nvshmem" else 0
     for label, ranks_per_node in (("intranode", world), (f"{world // per_node}x{per_node} nodes", per_node)):
         os.environ[RANKS_PER_NODE_ENV] = str(ranks_per_node)
         os.environ[RDMA_LEG_ENV] = rdma_leg

@@ -50,7 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from deepep_megatron import Buffer, Config, per_token_cast_to_fp8  # noqa: E402 - after the path insert
 from deepep_megatron.config import FP8_BLOCK  # noqa: E402
-from deepep_megatron.layout import rail_bytes_needed  # noqa: E402
+from deepep_megatron.layout import rail_bytes_needed, rail_row_bytes  # noqa: E402
 from soak_harness import (POISON_BYTE, Checks, LoopOptions, Poisoner, describe, planted, repro_prefix,  # noqa: E402
                           run_rounds, run_soak, soak_device, soak_parser)
 from oracle import expert_transform, reference_cast_back  # noqa: E402 - tests/oracle.py: the stand-in expert
@@ -543,11 +543,10 @@ def _nvl_bytes(num_ranks: int, opts: SoakOptions) -> int:
 
 def _rdma_bytes(num_ranks: int, opts: SoakOptions) -> int:
     """NVSHMEM heap bytes for the largest round's RDMA leg (0 unless --rdma-leg nvshmem): fp32 rows of
-    the widest hidden with their FP8 scales, source index, top-k ids, weights and destination bits."""
+    the widest hidden (wider than its FP8 rows with their scales) at the largest top-k."""
     if opts.rdma_leg != "nvshmem":
         return 0
-    hidden = max(opts.hiddens)
-    row = hidden * DTYPES["fp32"].itemsize + hidden // FP8_BLOCK * 4 + 32 + MAX_DRAWN_TOPK * 12 + num_ranks
+    row = rail_row_bytes(max(opts.hiddens) * DTYPES["fp32"].itemsize, 0, MAX_DRAWN_TOPK, num_ranks)
     return rail_bytes_needed(num_ranks // opts.per_node(num_ranks), opts.max_tokens, row)
 
 

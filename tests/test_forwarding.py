@@ -355,3 +355,39 @@ def _low_latency_over_nodes(rank: int, world_size: int) -> bool:
 
 def test_low_latency_calls_over_virtual_nodes() -> None:
     assert run_ranks(_low_latency_over_nodes, 4, env={"DEEPEP_MEGATRON_RANKS_PER_NODE": "2"}) == [True] * 4
+
+
+def _rdma_row_widths(rank: int, world_size: int) -> list[tuple[int, int]]:
+    """(packed RDMA-leg row width of a dispatch, layout.rail_row_bytes of its shape) for bf16, fp32 and FP8 rows."""
+    import torch.distributed as dist
+
+    from deepep_megatron import Buffer, per_token_cast_to_fp8
+    from deepep_megatron.backends.forwarding import ForwardingBackend
+    from deepep_megatron.layout import FP8_BLOCK, rail_row_bytes
+
+    widths: list[int] = []
+    across = ForwardingBackend._across_nodes
+
+    def recording(self, send, recv_counts, num_sms):
+        widths.append(send[0].size(1))
+        return across(self, send, recv_counts, num_sms)
+
+    ForwardingBackend._across_nodes = recording
+    buf = Buffer(dist.group.WORLD, backend="forwarding")
+    case = _case(world_size, 97)
+    x, topk_idx, topk_weights = make_inputs(case, rank)
+    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, case.num_experts)
+    layout = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
+                  num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=topk_weights)
+    pairs = []
+    for rows, row_bytes, scales in ((x, case.hidden * 2, 0), (x.float(), case.hidden * 4, 0),
+                                    (per_token_cast_to_fp8(x), case.hidden, case.hidden // FP8_BLOCK)):
+        buf.dispatch(rows, **layout)
+        pairs.append((widths[-1], rail_row_bytes(row_bytes, scales, case.num_topk, world_size)))
+    return pairs
+
+
+def test_rail_row_bytes_is_the_packed_row() -> None:
+    """layout.rail_row_bytes (what NVSHMEM heaps are sized with) is the row the RDMA leg packs."""
+    for pairs in run_ranks(_rdma_row_widths, 4, env={"DEEPEP_MEGATRON_RANKS_PER_NODE": "2"}):
+        assert all(packed == formula for packed, formula in pairs), pairs

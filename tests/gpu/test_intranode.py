@@ -106,13 +106,14 @@ def _rdma_bytes(cases: list[tuple[Case, bool]], world_size: int) -> int:
     and virtual nodes), else 0: the widest row of the cases with its FP8 scales, source index, top-k
     ids and weights and destination bits, for the most tokens any rank has."""
     from deepep_megatron.backends.rail import RDMA_LEG_ENV
-    from deepep_megatron.layout import MAX_TOPK, rail_bytes_needed
+    from deepep_megatron.layout import FP8_BLOCK, rail_bytes_needed, rail_row_bytes
     from deepep_megatron.topology import RANKS_PER_NODE_ENV
 
     per_node = int(os.environ.get(RANKS_PER_NODE_ENV, world_size))
     if os.environ.get(RDMA_LEG_ENV) != "nvshmem" or per_node == world_size:
         return 0
-    row = max(c.hidden * c.dtype.itemsize + c.hidden // 32 for c, _ in cases) + 32 + MAX_TOPK * 12 + world_size
+    row = max(max(rail_row_bytes(c.hidden * c.dtype.itemsize, 0, c.num_topk, world_size),
+                  rail_row_bytes(c.hidden, c.hidden // FP8_BLOCK, c.num_topk, world_size)) for c, _ in cases)
     return rail_bytes_needed(world_size // per_node, max(max(c.tokens) for c, _ in cases), row)
 
 
