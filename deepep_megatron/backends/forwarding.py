@@ -95,12 +95,6 @@ def _as_node_rows(rows: torch.Tensor) -> torch.Tensor:
     return rows.contiguous().view(torch.int16)
 
 
-def _columns_at(rows: torch.Tensor, offset: int, like: list[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
-    """:func:`unpack_rows` of the columns that start ``offset`` bytes into each of ``rows`` [N, B]."""
-    nbytes = sum(torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() for dtype, shape in like)
-    return unpack_rows(rows[:, offset:offset + nbytes], like)
-
-
 class ForwardingBackend(LowLatencyDelegate, Backend):
     """Dispatch/combine for an EP group over several nodes: an RDMA leg between same-local-index
     ranks, then an NVLink leg inside each node (see the module docstring).
@@ -269,7 +263,7 @@ class ForwardingBackend(LowLatencyDelegate, Backend):
 
         # NVLink leg: the node token list to this node's ranks, routed by the rows' own routing columns
         carried_bytes = _row_bytes(carried)
-        route = _columns_at(node_rows, carried_bytes, [_spec(t) for t in routing])
+        route = unpack_rows(node_rows[:, carried_bytes:], [_spec(t) for t in routing])
         node_in_rank = route[-1][:, self.home * L:(self.home + 1) * L].bool()
         node_topk = node_weights = None
         node_experts = L * (num_experts // R)
