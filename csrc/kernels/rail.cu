@@ -25,6 +25,7 @@
 #include <string>
 
 #include "diagnostic.cuh"
+#include "launch.h"  // check_cuda
 #include "ptx.cuh"
 #include "rail.h"
 
@@ -119,8 +120,7 @@ void launch_rail_exchange(const RailContext& ctx, const RailExchangeArgs& args, 
     throw std::invalid_argument("rail exchange: num_blocks must be in 1.." + std::to_string(kRailMaxBlocks));
   }
   rail_exchange_kernel<<<args.num_blocks, kRailThreads, 0, stream>>>(ctx, args);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string("rail exchange launch: ") + cudaGetErrorString(err));
+  check_cuda(cudaGetLastError(), "rail exchange launch");
 }
 
 }  // namespace deepep_megatron

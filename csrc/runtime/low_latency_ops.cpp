@@ -3,21 +3,17 @@
 
 #include <c10/cuda/CUDAStream.h>
 
+#include "launch.h"  // check_cuda, env_switch
+
 #include <cstring>
 #include <stdexcept>
 #include <string>
 
 namespace deepep_megatron {
 
-bool env_switch(const char* name, bool default_on);  // kernels/barrier.cu
-
 namespace {
 
 [[noreturn]] void fail(const std::string& what) { throw std::invalid_argument("deepep_megatron._C (low latency): " + what); }
-
-void check_cuda_ll(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string("deepep_megatron._C: ") + what + ": " + cudaGetErrorString(err));
-}
 
 std::string shape_of(const at::Tensor& t) {
   std::string s = "[";
@@ -102,11 +98,11 @@ LowLatencyRuntime::LowLatencyRuntime(NvshmemHeap& heap, int rank, int num_ranks,
   if (heap.my_pe() != rank || heap.n_pes() != num_ranks) fail("the heap's PE numbering differs from the group's");
   if (num_bytes_ < kLLControlBytes) fail("the NVSHMEM heap is smaller than the low-latency control block");
   set_timeout_s(timeout_s);
-  check_cuda_ll(cudaSetDevice(device), "cudaSetDevice");
-  check_cuda_ll(cudaHostAlloc(reinterpret_cast<void**>(&host_diagnostic_), sizeof(Diagnostic), cudaHostAllocMapped),
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&host_diagnostic_), sizeof(Diagnostic), cudaHostAllocMapped),
                 "cudaHostAlloc of the low-latency diagnostic");
   std::memset(host_diagnostic_, 0, sizeof(Diagnostic));
-  check_cuda_ll(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_diagnostic_), host_diagnostic_, 0),
+  check_cuda(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_diagnostic_), host_diagnostic_, 0),
                 "cudaHostGetDevicePointer of the low-latency diagnostic");
 }
 
@@ -119,7 +115,7 @@ int64_t* LowLatencyRuntime::stage_rows(int num_blocks) {
   static const bool on = env_switch("DEEPEP_MEGATRON_LL_STAGE_TIMES", false);
   if (!on) return nullptr;
   if (stage_device_ == nullptr) {
-    check_cuda_ll(cudaMalloc(reinterpret_cast<void**>(&stage_device_), sizeof(int64_t) * kMaxStageBlocks * kLLStageCount),
+    check_cuda(cudaMalloc(reinterpret_cast<void**>(&stage_device_), sizeof(int64_t) * kMaxStageBlocks * kLLStageCount),
                   "cudaMalloc of the low-latency stage timer");
   }
   stage_blocks_ = num_blocks;
@@ -129,9 +125,9 @@ int64_t* LowLatencyRuntime::stage_rows(int num_blocks) {
 std::vector<int64_t> LowLatencyRuntime::stage_times() const {
   std::vector<int64_t> rows(static_cast<size_t>(stage_blocks_) * kLLStageCount);
   if (stage_device_ == nullptr || rows.empty()) return {};
-  check_cuda_ll(cudaSetDevice(device_), "cudaSetDevice");
-  check_cuda_ll(cudaDeviceSynchronize(), "cudaDeviceSynchronize before reading the stage timer");
-  check_cuda_ll(cudaMemcpy(rows.data(), stage_device_, sizeof(int64_t) * rows.size(), cudaMemcpyDeviceToHost),
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize before reading the stage timer");
+  check_cuda(cudaMemcpy(rows.data(), stage_device_, sizeof(int64_t) * rows.size(), cudaMemcpyDeviceToHost),
                 "cudaMemcpy of the stage timer");
   return rows;
 }
@@ -147,10 +143,10 @@ std::vector<int64_t> LowLatencyRuntime::diagnostic() const {
 }
 
 void LowLatencyRuntime::clean() {
-  check_cuda_ll(cudaSetDevice(device_), "cudaSetDevice");
-  check_cuda_ll(cudaDeviceSynchronize(), "cudaDeviceSynchronize before clean_low_latency_buffer");
-  check_cuda_ll(cudaMemset(base_, 0, static_cast<size_t>(num_bytes_)), "cudaMemset of the low-latency region");
-  check_cuda_ll(cudaDeviceSynchronize(), "cudaDeviceSynchronize after clean_low_latency_buffer");
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize before clean_low_latency_buffer");
+  check_cuda(cudaMemset(base_, 0, static_cast<size_t>(num_bytes_)), "cudaMemset of the low-latency region");
+  check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize after clean_low_latency_buffer");
   std::memset(host_diagnostic_, 0, sizeof(Diagnostic));
 }
 

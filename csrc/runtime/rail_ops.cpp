@@ -3,6 +3,8 @@
 
 #include <c10/cuda/CUDAStream.h>
 
+#include "launch.h"  // check_cuda
+
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -12,10 +14,6 @@ namespace deepep_megatron {
 namespace {
 
 [[noreturn]] void fail(const std::string& what) { throw std::invalid_argument("deepep_megatron._C (rail): " + what); }
-
-void check_cuda_rail(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string("deepep_megatron._C: ") + what + ": " + cudaGetErrorString(err));
-}
 
 }  // namespace
 
@@ -35,11 +33,11 @@ RailRuntime::RailRuntime(NvshmemHeap& heap, int rank, int num_ranks, int ranks_p
   ctx_.layout = rail_layout(num_bytes_, num_nodes);
   if (ctx_.layout.slab_bytes <= 0) fail("the NVSHMEM heap (num_rdma_bytes) is too small for the rail's control region");
   set_timeout_s(timeout_s);
-  check_cuda_rail(cudaSetDevice(device), "cudaSetDevice");
-  check_cuda_rail(cudaHostAlloc(reinterpret_cast<void**>(&host_diagnostic_), sizeof(Diagnostic), cudaHostAllocMapped),
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&host_diagnostic_), sizeof(Diagnostic), cudaHostAllocMapped),
                   "cudaHostAlloc of the rail diagnostic");
   std::memset(host_diagnostic_, 0, sizeof(Diagnostic));
-  check_cuda_rail(cudaHostGetDevicePointer(reinterpret_cast<void**>(&ctx_.diagnostic), host_diagnostic_, 0),
+  check_cuda(cudaHostGetDevicePointer(reinterpret_cast<void**>(&ctx_.diagnostic), host_diagnostic_, 0),
                   "cudaHostGetDevicePointer of the rail diagnostic");
 }
 
@@ -93,7 +91,7 @@ std::vector<at::Tensor> RailRuntime::exchange(const std::vector<int64_t>& send_b
   }
   args.call = ++calls_;
   args.num_blocks = num_blocks;
-  check_cuda_rail(cudaSetDevice(device_), "cudaSetDevice");
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
   launch_rail_exchange(ctx_, args, c10::cuda::getCurrentCUDAStream(device_).stream());
   std::vector<at::Tensor> received;
   for (int n = 0; n < N; ++n) received.push_back(view(ctx_.layout.off_recv + ctx_.layout.slab_bytes * n, recv_bytes[n]));
@@ -101,10 +99,10 @@ std::vector<at::Tensor> RailRuntime::exchange(const std::vector<int64_t>& send_b
 }
 
 void RailRuntime::clean() {
-  check_cuda_rail(cudaSetDevice(device_), "cudaSetDevice");
-  check_cuda_rail(cudaDeviceSynchronize(), "cudaDeviceSynchronize before the rail reset");
-  check_cuda_rail(cudaMemset(ctx_.heap, 0, kRailControlBytes), "cudaMemset of the rail control region");
-  check_cuda_rail(cudaDeviceSynchronize(), "cudaDeviceSynchronize after the rail reset");
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize before the rail reset");
+  check_cuda(cudaMemset(ctx_.heap, 0, kRailControlBytes), "cudaMemset of the rail control region");
+  check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize after the rail reset");
   std::memset(host_diagnostic_, 0, sizeof(Diagnostic));
   calls_ = 0;
 }
