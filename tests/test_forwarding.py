@@ -36,6 +36,17 @@ def _plan(case: Case, ranks_per_node: int):
     return plan_forwarding(masks, ranks_per_node), inputs
 
 
+def _dispatch_args(buf, topk_idx: torch.Tensor, num_experts: int, topk_weights=None) -> dict:
+    """``buf.dispatch``'s layout keywords from ``buf.get_dispatch_layout`` (per-node counts included),
+    and the top-k when ``topk_weights`` is given."""
+    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, num_experts)
+    args = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert)
+    if topk_weights is not None:
+        args.update(topk_idx=topk_idx, topk_weights=topk_weights)
+    return args
+
+
 @pytest.mark.parametrize("nodes,per_node", TOPOLOGIES, ids=[f"{n}x{l}" for n, l in TOPOLOGIES])
 def test_forwarded_dispatch_and_combine_equal_the_reference(nodes: int, per_node: int) -> None:
     case = _case(nodes * per_node, seed=70 + nodes * 10 + per_node)
@@ -108,9 +119,7 @@ def _forwarding_backend_round(rank: int, world_size: int, per_node: int) -> int:
         x, topk_idx, topk_weights = make_inputs(case, rank)
         outs = []
         for buf in (fast, ref):
-            per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, case.num_experts)
-            layout = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
-                          num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=topk_weights)
+            layout = _dispatch_args(buf, topk_idx, case.num_experts, topk_weights)
             recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(x, **layout)
             (fp8_x, fp8_scales), *_ = buf.dispatch(per_token_cast_to_fp8(x), **layout)
             cached = buf.dispatch(x * 2, handle=handle)[0]
@@ -137,9 +146,7 @@ def _forwarding_backend_round(rank: int, world_size: int, per_node: int) -> int:
     num_experts = case.num_experts
     outs = []
     for buf in (fast, ref):
-        per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, num_experts)
-        layout = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
-                      num_tokens_per_expert=per_expert)
+        layout = _dispatch_args(buf, topk_idx, num_experts)
         recv_x, _, _, counts, handle, _ = buf.dispatch(x, **layout, expert_alignment=4)
         worst = buf.dispatch(x, **layout, topk_idx=topk_idx, topk_weights=topk_weights,
                              num_worst_tokens=sum(case.tokens) + 3)
@@ -174,19 +181,16 @@ def _refusals_round(rank: int, world_size: int) -> list[str]:
     buf = Buffer(dist.group.WORLD, backend="forwarding")
     case = _case(world_size, 90)
     x, topk_idx, topk_weights = make_inputs(case, rank)
-    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, case.num_experts)
+    args = _dispatch_args(buf, topk_idx, case.num_experts, topk_weights)
     seen = []
-    bad = per_rank.clone()
+    bad = args["num_tokens_per_rank"].clone()
     if rank == 2:
         bad[0] += 1
     try:
-        buf.dispatch(x, num_tokens_per_rank=bad, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
-                     num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=topk_weights)
+        buf.dispatch(x, **dict(args, num_tokens_per_rank=bad))
     except ValueError as error:
         seen.append("layout" if ("rank(s) [2]" in str(error) or "disagrees" in str(error)) else str(error))
-    recv_x, _, _, _, handle, _ = buf.dispatch(x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
-                                              is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                                              topk_idx=topk_idx, topk_weights=topk_weights)
+    recv_x, _, _, _, handle, _ = buf.dispatch(x, **args)
     try:
         if rank == 3:  # a dispatch while the others combine
             buf.dispatch(x, handle=handle)
@@ -238,9 +242,7 @@ def _stall_round(rank: int, world_size: int) -> tuple:
     ref = Buffer(dist.group.WORLD, backend="reference")
     case = _case(world_size, 95)
     x, topk_idx, topk_weights = make_inputs(case, rank)
-    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, case.num_experts)
-    args = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
-                num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=topk_weights)
+    args = _dispatch_args(buf, topk_idx, case.num_experts, topk_weights)
     message, elapsed = "", 0.0
     if rank != 3:
         start = time.monotonic()
@@ -280,16 +282,14 @@ def _node_limited_round(rank: int, world_size: int, per_node: int, max_nodes: in
     outs = []
     for name in ("forwarding", "reference"):
         buf = Buffer(dist.group.WORLD, backend=name)
-        per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, num_experts)
-        assert int(per_rdma.gt(0).sum()) <= num_nodes
-        recv_x, recv_idx, _, counts, handle, _ = buf.dispatch(
-            x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=weights)
+        args = _dispatch_args(buf, topk_idx, num_experts, weights)
+        assert int(args["num_tokens_per_rdma_rank"].gt(0).sum()) <= num_nodes
+        recv_x, recv_idx, _, counts, handle, _ = buf.dispatch(x, **args)
         outs.append((recv_x, recv_idx, counts, buf.combine(expert_transform(recv_x, rank), handle)[0]))
     (f_x, f_idx, f_counts, f_comb), (r_x, r_idx, r_counts, r_comb) = outs
     assert torch.equal(f_x, r_x) and torch.equal(f_idx, r_idx) and f_counts == r_counts, f"rank {rank}: dispatch"
     torch.testing.assert_close(f_comb.float(), r_comb.float(), rtol=2 ** -6, atol=2 ** -6)
-    reach = in_rank.view(tokens, num_nodes, per_node).any(dim=2).sum(dim=1)
+    reach = args["is_token_in_rank"].view(tokens, num_nodes, per_node).any(dim=2).sum(dim=1)
     return int(reach.max())
 
 
@@ -376,9 +376,7 @@ def _rdma_row_widths(rank: int, world_size: int) -> list[tuple[int, int]]:
     buf = Buffer(dist.group.WORLD, backend="forwarding")
     case = _case(world_size, 97)
     x, topk_idx, topk_weights = make_inputs(case, rank)
-    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, case.num_experts)
-    layout = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
-                  num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=topk_weights)
+    layout = _dispatch_args(buf, topk_idx, case.num_experts, topk_weights)
     pairs = []
     for rows, row_bytes, scales in ((x, case.hidden * 2, 0), (x.float(), case.hidden * 4, 0),
                                     (per_token_cast_to_fp8(x), case.hidden, case.hidden // FP8_BLOCK)):
