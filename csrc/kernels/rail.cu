@@ -5,16 +5,16 @@
 // each of them into its receive slab n (layout: deepep_megatron_layout.h, rail_layout).
 //
 // Who signals whom, for call q of the rail (every rank of the rail launches the same number of
-// blocks, B):
-//   1. every block first acks call q - 1: consumed[home] += 1 on every other node's rank of the rail
+// blocks B_q in call q; B may differ from call to call, as the operations' SM counts do):
+//   1. block 0 first acks call q - 1: consumed[home] += 1 on every other node's rank of the rail
 //      (the stream ran the caller's copy-out of the receive slabs before this kernel);
-//   2. for each other node m, a block waits until consumed[m] >= (q - 1) * B here (node m's rank has
-//      taken the previous rows out of the slab this call overwrites), then puts its 1/B slice of
+//   2. for each other node m, a block waits until consumed[m] >= q - 1 here (node m's rank has
+//      taken the previous rows out of the slab this call overwrites), then puts its 1/B_q slice of
 //      send slab m with nvshmemx_putmem_signal_nbi_block, the signal adding 1 to arrived[home] on
 //      that rank (delivered after the slice); an empty slice adds the 1 alone;
-//   3. block 0 waits until arrived[n] >= q * B for every other node n (all of this call's rows are
-//      in), with acquire loads; every block quiets its puts (the send slabs may be rewritten after
-//      the kernel).
+//   3. block 0 waits until arrived[n] >= B_1 + ... + B_q (the host's running sum,
+//      args.arrived_target) for every other node n (all of this call's rows are in), with acquire
+//      loads; every block quiets its puts (the send slabs may be rewritten after the kernel).
 // The kernel's end therefore orders the received rows before the caller's next work on the stream.
 // Waits are bounded by ctx.timeout_ns, report a Diagnostic and raise the abort word, which stops
 // the other waits of this rank.
@@ -70,9 +70,8 @@ __device__ bool wait_at_least(const RailContext& ctx, const uint64_t* p, uint64_
 __global__ void __launch_bounds__(kRailThreads, 1) rail_exchange_kernel(RailContext ctx, RailExchangeArgs args) {
   __shared__ int ok;
   const int B = args.num_blocks, block = static_cast<int>(blockIdx.x);
-  const uint64_t blocks = static_cast<uint64_t>(B);
-  // 1. Ack the previous call's rows (one add per block and node).
-  if (args.call > 1) {
+  // 1. Ack the previous call's rows (one add per node and call).
+  if (args.call > 1 && block == 0) {
     for (int n = threadIdx.x; n < ctx.num_nodes; n += blockDim.x) {
       if (n != ctx.home) nvshmemx_signal_op(consumed(ctx, ctx.home), 1, NVSHMEM_SIGNAL_ADD, rail_pe(ctx, n));
     }
@@ -84,7 +83,7 @@ __global__ void __launch_bounds__(kRailThreads, 1) rail_exchange_kernel(RailCont
     const int m = (ctx.home + step) % ctx.num_nodes;  // a different first node per rank spreads the puts
     const int pe = rail_pe(ctx, m);
     if (threadIdx.x == 0 && ok) {
-      ok = wait_at_least(ctx, consumed(ctx, m), (args.call - 1) * blocks, kWaitRailAck, pe, m) ? 1 : 0;
+      ok = wait_at_least(ctx, consumed(ctx, m), args.call - 1, kWaitRailAck, pe, m) ? 1 : 0;
     }
     __syncthreads();
     if (!ok) break;
@@ -105,7 +104,7 @@ __global__ void __launch_bounds__(kRailThreads, 1) rail_exchange_kernel(RailCont
   // 3. Block 0: every other node's rows of this call are in.
   if (block == 0 && ok) {
     for (int n = threadIdx.x; n < ctx.num_nodes; n += blockDim.x) {
-      if (n != ctx.home && !wait_at_least(ctx, arrived(ctx, n), args.call * blocks, kWaitRailData, rail_pe(ctx, n), n)) {
+      if (n != ctx.home && !wait_at_least(ctx, arrived(ctx, n), args.arrived_target, kWaitRailData, rail_pe(ctx, n), n)) {
         break;
       }
     }

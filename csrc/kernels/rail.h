@@ -28,6 +28,7 @@ struct RailContext {
 struct RailExchangeArgs {
   int64_t send_bytes[kRailMaxNodes];  // bytes of send slab m to put to node m (0 for this node)
   uint64_t call;                      // this exchange's number on the rail, 1-based
+  uint64_t arrived_target;            // blocks of calls 1..call together: arrived[n] once call's rows are in
   int num_blocks;                     // every rank of the rail launches the same count
 };
 

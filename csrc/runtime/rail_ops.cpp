@@ -89,10 +89,13 @@ std::vector<at::Tensor> RailRuntime::exchange(const std::vector<int64_t>& send_b
     if (n == ctx_.home && (send_bytes[n] != 0 || recv_bytes[n] != 0)) fail("nothing is exchanged with this rank's own node");
     args.send_bytes[n] = send_bytes[n];
   }
-  args.call = ++calls_;
+  args.call = calls_ + 1;
   args.num_blocks = num_blocks;
+  args.arrived_target = blocks_sent_ + static_cast<uint64_t>(num_blocks);
   check_cuda(cudaSetDevice(device_), "cudaSetDevice");
   launch_rail_exchange(ctx_, args, c10::cuda::getCurrentCUDAStream(device_).stream());
+  calls_ = args.call;  // counted once launched: a refused launch leaves the rail's counts as they were
+  blocks_sent_ = args.arrived_target;
   std::vector<at::Tensor> received;
   for (int n = 0; n < N; ++n) received.push_back(view(ctx_.layout.off_recv + ctx_.layout.slab_bytes * n, recv_bytes[n]));
   return received;
@@ -105,6 +108,7 @@ void RailRuntime::clean() {
   check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize after the rail reset");
   std::memset(host_diagnostic_, 0, sizeof(Diagnostic));
   calls_ = 0;
+  blocks_sent_ = 0;
 }
 
 }  // namespace deepep_megatron

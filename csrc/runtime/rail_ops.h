@@ -45,7 +45,8 @@ class RailRuntime {
   int64_t num_bytes_;
   int device_;
   double timeout_s_ = 0;
-  uint64_t calls_ = 0;
+  uint64_t calls_ = 0;        // exchanges launched since the last clean()
+  uint64_t blocks_sent_ = 0;  // their blocks together: each adds one arrived signal per peer
   Diagnostic* host_diagnostic_ = nullptr;
 };
 

@@ -294,8 +294,8 @@ constexpr LowLatencyLayout ll_layout(int64_t max_tokens, int64_t hidden, int64_t
 // signals. This PE's symmetric region, from offset 0:
 //   control (kRailControlBytes): abort word u32 at kRailOffAbort; arrived u64 [N] at kRailOffArrived
 //     (arrived[n]: put-with-signal adds from node n's rank, one per sending block per
-//     call); consumed u64 [N] at kRailOffConsumed (consumed[m]: acks from node m's rank, one per block
-//     per call, for the rows of the call before: it took them out of its receive slab).
+//     call); consumed u64 [N] at kRailOffConsumed (consumed[m]: acks from node m's rank, one per call,
+//     for the rows of the call before: it took them out of its receive slab).
 //   send slabs [N][slab_bytes] at off_send: slab m holds this call's rows for node m
 //   recv slabs [N][slab_bytes] at off_recv: slab n holds the rows node n's rank sent this call
 // A call's signals are cumulative: call q (1-based) waits for arrived[n] >= q * blocks and, before

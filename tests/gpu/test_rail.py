@@ -3,8 +3,8 @@
 P2P transport carries the puts; no NIC is involved).
 
 * every exchange delivers, bit for bit, the rows each node's rank of the rail put there, over
-  several consecutive exchanges (the acks let a slab be rewritten) with rows of other widths and
-  ranks that send nothing;
+  several consecutive exchanges (the acks let a slab be rewritten) with rows of other widths, other
+  block counts and ranks that send nothing;
 * a rank that skips an exchange makes its rail peer's wait time out with a diagnostic naming the
   rank and node waited for, while the other rail goes on; after every rank's reset the exchanges
   are correct again;
@@ -25,8 +25,9 @@ pytestmark = GPU_MARKS
 WORLD, PER_NODE = 4, 2
 HEAP_BYTES = 64 << 20
 STALL_TIMEOUT_S = 2.0
-#: (rows per destination node, row bytes) of consecutive exchanges; 0 rows: a rank that sends nothing
-EXCHANGES = [(37, 96), (0, 96), (300, 14 * 16 + 8), (5, 16)]
+#: (rows per destination node, row bytes, blocks) of consecutive exchanges; 0 rows: a rank that sends
+#: nothing; the block count changes between exchanges as the operations' SM counts do
+EXCHANGES = [(37, 96, 4), (0, 96, 1), (300, 14 * 16 + 8, 8), (5, 16, 2), (64, 32, 8)]
 
 
 def _rows(source: int, call: int, count: int, row_bytes: int, device) -> torch.Tensor:
@@ -35,7 +36,7 @@ def _rows(source: int, call: int, count: int, row_bytes: int, device) -> torch.T
     return torch.randint(0, 256, (count, row_bytes), generator=g, dtype=torch.uint8).to(device)
 
 
-def _exchange(rail, rank: int, call: int, count: int, row_bytes: int, device) -> list[str]:
+def _exchange(rail, rank: int, call: int, count: int, row_bytes: int, device, num_blocks: int = 4) -> list[str]:
     """One exchange on this rank's rail; the mismatches found (none expected)."""
     from deepep_megatron.topology import Topology
 
@@ -46,7 +47,7 @@ def _exchange(rail, rank: int, call: int, count: int, row_bytes: int, device) ->
                                                                                        device=device)
             for n in range(topology.num_nodes)]
     recv_counts = [0 if n == home else (count if n * PER_NODE + local != 1 else 0) for n in range(topology.num_nodes)]
-    received = rail.exchange(send, recv_counts, num_blocks=4)
+    received = rail.exchange(send, recv_counts, num_blocks=num_blocks)
     problems = []
     for n, got in enumerate(received):
         if n == home:
@@ -70,8 +71,8 @@ def _rail_round(rank: int, world_size: int) -> dict:
     slabs_agree = rail._rail.slab_bytes == layout.rail_slab_bytes(HEAP_BYTES, world_size // PER_NODE) == \
         rail._C.rail_slab_bytes(HEAP_BYTES, world_size // PER_NODE)
     problems = []
-    for call, (count, row_bytes) in enumerate(EXCHANGES, start=1):
-        problems += _exchange(rail, rank, call, count, row_bytes, device)
+    for call, (count, row_bytes, num_blocks) in enumerate(EXCHANGES, start=1):
+        problems += _exchange(rail, rank, call, count, row_bytes, device, num_blocks)
     torch.cuda.synchronize()
     rail.check_errors()
 
