@@ -305,7 +305,8 @@ def _stage_rows(rank: int, world_size: int) -> dict:
     fast, x, topk_idx = _small_case(world_size, timeout_s=10)
     recv_x, count, _, _, _ = fast.low_latency_dispatch(x, topk_idx, 8, 4, use_fp8=False)
     kernels = fast.runtime._low_latency
-    rows = torch.tensor(kernels._ll.stage_times(), dtype=torch.int64).view(-1, len(_C.LL_STAGES))
+    # a plain list: a tensor sent to the parent is shared through a file descriptor that dies with this rank
+    rows = list(kernels._ll.stage_times())
     received = int(count.sum())
     fast.destroy()
     return {"rows": rows, "blocks": kernels.num_blocks, "received": received, "names": list(_C.LL_STAGES)}
@@ -316,7 +317,8 @@ def test_low_latency_stage_timer() -> None:
     time is non-negative and within the block's span, and the dispatch still moves every pair."""
     backend = nvshmem_launch(2)
     for result in run_ranks(_stage_rows, 2, backend=backend, timeout_s=90, env={"DEEPEP_MEGATRON_LL_STAGE_TIMES": "1"}):
-        rows, names = result["rows"], result["names"]
+        names = result["names"]
+        rows = torch.tensor(result["rows"], dtype=torch.int64).view(-1, len(names))
         assert result["received"] == 8 and rows.size(0) == result["blocks"], (result["received"], rows.shape)
         start, end = rows[:, names.index("start")], rows[:, names.index("end")]
         phases = rows[:, [i for i, n in enumerate(names) if n not in ("start", "end")]]
