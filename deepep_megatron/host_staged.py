@@ -75,11 +75,22 @@ class HostStagedProcessGroup(dist.ProcessGroup):
 
     def __init__(self, store: dist.Store, rank: int, size: int, timeout: datetime.timedelta) -> None:
         super().__init__(rank, size)
+        self._group_name = ""  # set by torch right after creation (_set_group_name)
         self._gloo = dist.ProcessGroupGloo(dist.PrefixStore(BACKEND_NAME, store), rank, size, timeout)
         self._stage_cpu = os.environ.get(STAGE_CPU_ENV) == "1"
 
     def getBackendName(self) -> str:  # noqa: N802 - torch's name
         return BACKEND_NAME
+
+    # torch uses a ProcessGroup subclass returned by a backend's creator as the whole group, which then
+    # has no C++ backend to keep the name torch gives it: without these two, ``group_name`` raises
+    # "ProcessGroup name not set" and ``destroy_process_group`` of a subgroup fails.
+    def _set_group_name(self, name: str) -> None:
+        self._group_name = name
+
+    @property
+    def group_name(self) -> str:
+        return self._group_name
 
     def name(self) -> str:
         return BACKEND_NAME

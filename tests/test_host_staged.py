@@ -123,3 +123,33 @@ def _buffer_over_staged(rank: int, world_size: int) -> bool:
 
 def test_buffer_runs_over_the_staged_backend() -> None:
     assert run_ranks(_buffer_over_staged, 2, backend="cpu:deepep_host_gloo", env=STAGED) == [True, True]
+
+
+def _subgroup_lifecycle(rank: int, world_size: int) -> list[float]:
+    """Subgroups of the staged backend as node forwarding uses them: one made and used, a second of
+    the same ranks made beside it (Buffer.reset), then both destroyed (Buffer.destroy); the sums
+    each computed. (Re-making a destroyed group of the same ranks would reuse its store keys.)"""
+    import datetime
+
+    import torch.distributed as dist
+
+    def subgroup() -> dist.ProcessGroup:
+        return dist.new_group(list(range(world_size)), timeout=datetime.timedelta(seconds=30),
+                              use_local_synchronization=True)
+
+    sums = []
+    groups = [subgroup()]
+    groups.append(subgroup())
+    assert groups[0].group_name and groups[0].group_name != groups[1].group_name, "torch names each group"
+    for group in groups:
+        t = torch.tensor([float(rank + 1)])
+        dist.all_reduce(t, group=group)
+        sums.append(float(t))
+    for group in groups:
+        dist.destroy_process_group(group)
+    return sums
+
+
+def test_subgroups_can_be_destroyed_under_the_staged_backend() -> None:
+    want = float(sum(range(1, 3)))
+    assert run_ranks(_subgroup_lifecycle, 2, backend="cpu:deepep_host_gloo", env=STAGED) == [[want, want]] * 2
