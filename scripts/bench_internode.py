@@ -139,7 +139,7 @@ def main() -> None:
     header = (f"{datetime.date.today()} · {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()} · "
               f"EP{args.ranks} over {backend} ({ranks_per_gpu} rank(s) per GPU) · {args.sms} SMs · RDMA leg {args.rdma_leg} · "
               f"{TOKENS} tokens/rank, hidden {HIDDEN}, top-{TOPK} of {EXPERTS} · {args.iters} iters, slowest rank · "
-              f"commit {tree_commit()}")
+              f"commit {tree_commit(os.path.dirname(os.path.abspath(__file__)))}")
     table = header + "\n\n" + _table(results[0], args.ranks, args.ranks_per_node)
     print(table)
     if args.out:

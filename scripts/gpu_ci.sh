@@ -59,7 +59,7 @@ trap mps_stop EXIT
 
 if want build; then
   rm -rf build deepep_megatron/_C*.so
-  step build env DEEPEP_MEGATRON_BUILD_CUDA=1 python3 setup.py build_ext --inplace || { cat "$SUMMARY"; exit 1; }
+  step build env DEEPEP_MEGATRON_BUILD_CUDA=1 DEEPEP_MEGATRON_NVSHMEM="${DEEPEP_MEGATRON_NVSHMEM:-1}" python3 setup.py build_ext --inplace || { cat "$SUMMARY"; exit 1; }
   step import python3 -c 'import deepep_megatron._C as c; print("extension ok, control bytes", c.CONTROL_BYTES)' ||
     { cat "$SUMMARY"; exit 1; }
 fi
