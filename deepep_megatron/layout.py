@@ -115,8 +115,8 @@ def rail_row_bytes(row_bytes: int, num_scales: int, num_topk: int, num_ranks: in
     """Bytes of one row that node forwarding (backends/forwarding.py) puts on the RDMA leg: the
     token's ``row_bytes``, its ``num_scales`` fp32 FP8 scales and its int64 index, padded to 16 bytes
     (the part the NVLink leg carries on), then its ``num_topk`` int64 expert ids and fp32 weights and
-    its ``num_ranks`` destination bytes."""
-    return align_up(row_bytes + num_scales * 4 + 8, 16) + num_topk * 12 + num_ranks
+    its ``num_ranks`` destination bytes, the whole row padded to 16 bytes."""
+    return align_up(align_up(row_bytes + num_scales * 4 + 8, 16) + num_topk * 12 + num_ranks, 16)
 
 
 def rail_bytes_needed(num_nodes: int, max_tokens: int, row_bytes: int) -> int:

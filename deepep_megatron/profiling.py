@@ -8,6 +8,7 @@ torch.profiler / Chrome trace shows, on CPU too). With no profiler running only 
 from __future__ import annotations
 
 import contextlib
+import os
 import functools
 import statistics
 import time
@@ -121,6 +122,46 @@ class StageClock:
             self._cpu_s[name] = 0.0
             self._cuda_events[name] = []
         return result
+
+
+#: ``=1``: the backends record the host time of each stage of their last operation (``host_timing()``).
+HOST_TIMING_ENV = "DEEPEP_MEGATRON_HOST_TIMING"
+#: ``=1`` with :data:`HOST_TIMING_ENV`: synchronize the device before each stage mark, so a stage's
+#: time includes the GPU work it queued (the operation gets slower; for a breakdown, not a timing).
+HOST_TIMING_SYNC_ENV = "DEEPEP_MEGATRON_HOST_TIMING_SYNC"
+
+
+class HostStages:
+    """Host microseconds of the named stages of one operation, in order: :meth:`start` at the
+    operation's beginning, :meth:`mark` at the end of each stage (the time since the previous mark).
+    Off (every call returns at once) unless ``DEEPEP_MEGATRON_HOST_TIMING=1`` when it is made;
+    ``DEEPEP_MEGATRON_HOST_TIMING_SYNC`` is read at each :meth:`start`."""
+
+    def __init__(self) -> None:
+        self.enabled = os.environ.get(HOST_TIMING_ENV) == "1"
+        self._sync = False
+        self._stages: list[tuple[str, float]] = []
+        self._last = 0.0
+
+    def start(self) -> None:
+        if self.enabled:
+            self._sync = os.environ.get(HOST_TIMING_SYNC_ENV) == "1" and _cuda_available()
+            if self._sync:
+                torch.cuda.synchronize()
+            self._stages = []
+            self._last = time.perf_counter()
+
+    def mark(self, stage: str) -> None:
+        if self.enabled:
+            if self._sync:
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            self._stages.append((stage, (now - self._last) * 1e6))
+            self._last = now
+
+    def stages(self) -> list[tuple[str, float]]:
+        """``[(stage, us)]`` of the last operation (empty when off)."""
+        return list(self._stages)
 
 
 #: How far ahead of now :func:`start_together` sets the common start (covers the broadcast's spread).

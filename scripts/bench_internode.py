@@ -3,7 +3,7 @@
 on the same ranks in the same run.
 
     python scripts/bench_internode.py [--ranks 4] [--ranks-per-node 2] [--sms 24] [--iters 20] [--out FILE]
-                                      [--rdma-leg collective|nvshmem]
+                                      [--rdma-leg collective|nvshmem] [--host-stages]
 
 Ranks: one per GPU over NCCL when there are enough GPUs, otherwise all on one GPU over gloo (start
 MPS first). Two Buffers on the same ranks, made one after the other: one node of R ranks (the
@@ -18,6 +18,12 @@ to back between two events, and one call at a time after :func:`start_together` 
 step sees, host work included). Also prints the bytes per token each leg carries, forwarding against
 sending every token to every destination rank directly (traffic.link_bytes of the same routing), and
 checks that both Buffers deliver the same rows. No RDMA NIC is used: no figure here is an RDMA one.
+
+``--host-stages``: also where node forwarding's time goes, per stage of each operation (median of
+``--iters`` calls, one at a time, slowest rank): its host time (``DEEPEP_MEGATRON_HOST_TIMING=1``, on
+for the whole run, so ``_C``'s own stage timer runs in both Buffers' calls), and in calls of their own
+the same stages with the device synchronized at each mark (``DEEPEP_MEGATRON_HOST_TIMING_SYNC=1``:
+each stage with the GPU work it queued).
 """
 from __future__ import annotations
 
@@ -33,7 +39,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from deepep_megatron.backends.rail import RDMA_LEG_ENV, RDMA_LEGS  # noqa: E402 - after the path insert
 from deepep_megatron.launch import local_backend, run_ranks, tree_commit  # noqa: E402
 from deepep_megatron.layout import rail_bytes_needed, rail_row_bytes  # noqa: E402
-from deepep_megatron.profiling import one_call_seconds, seconds_per_call  # noqa: E402
+from deepep_megatron.profiling import (  # noqa: E402
+    HOST_TIMING_ENV,
+    HOST_TIMING_SYNC_ENV,
+    one_call_seconds,
+    seconds_per_call,
+    start_together,
+)
 from deepep_megatron.topology import RANKS_PER_NODE_ENV  # noqa: E402
 from deepep_megatron.traffic import link_bytes  # noqa: E402
 
@@ -41,7 +53,23 @@ HIDDEN, TOKENS, TOPK, EXPERTS = 7168, 4096, 8, 256
 OPS = ("dispatch bf16", "dispatch fp8", "cached dispatch bf16", "combine bf16")
 
 
-def _worker(rank: int, world: int, per_node: int, sms: int, iters: int, rdma_leg: str) -> dict | None:
+def _stage_medians(op, runtime, iters: int, group) -> list[tuple[str, float]]:
+    """Median us per stage of ``runtime.host_timing()`` over ``iters`` calls of ``op``, one at a time."""
+    import statistics
+
+    per_stage: dict[str, list[float]] = {}
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        start_together(group)
+        op()
+        torch.cuda.synchronize()
+        for stage, us in runtime.host_timing():
+            per_stage.setdefault(stage, []).append(us)
+    return [(stage, statistics.median(values)) for stage, values in per_stage.items()]
+
+
+def _worker(rank: int, world: int, per_node: int, sms: int, iters: int, rdma_leg: str,
+            host_stages: bool) -> dict | None:
     from deepep_megatron import Buffer, per_token_cast_to_fp8
     from deepep_megatron.config import default_combine_config, default_dispatch_config
 
@@ -60,7 +88,9 @@ def _worker(rank: int, world: int, per_node: int, sms: int, iters: int, rdma_leg
         dist.all_gather_object(values, seconds, group=group)
         return max(values)
 
-    times, delivered = {}, {}
+    if host_stages:  # before any Buffer: _C reads it once
+        os.environ[HOST_TIMING_ENV] = "1"
+    times, delivered, stages = {}, {}, {}
     # the RDMA leg's widest row: bf16 (wider than the FP8 rows with their scales)
     row = rail_row_bytes(HIDDEN * 2, 0, TOPK, world)
     rdma = rail_bytes_needed(world // per_node, TOKENS, row) if rdma_leg == "nvshmem" else 0
@@ -85,6 +115,13 @@ def _worker(rank: int, world: int, per_node: int, sms: int, iters: int, rdma_leg
             back_to_back = seconds_per_call(ops[name], iters, group=group)
             one_call, host = one_call_seconds(ops[name], iters, group=group)
             times[(label, name)] = tuple(slowest(v) * 1e6 for v in (back_to_back, one_call, host))
+            if host_stages and ranks_per_node < world:
+                host_only = _stage_medians(ops[name], buffer.runtime, iters, group)
+                os.environ[HOST_TIMING_SYNC_ENV] = "1"
+                synced = dict(_stage_medians(ops[name], buffer.runtime, iters, group))
+                os.environ[HOST_TIMING_SYNC_ENV] = "0"
+                stages[name] = [(stage, slowest(us), slowest(synced.get(stage, float("nan"))))
+                                for stage, us in host_only]
         torch.cuda.synchronize()
         buffer.destroy()
     first, second = delivered.values()
@@ -92,7 +129,7 @@ def _worker(rank: int, world: int, per_node: int, sms: int, iters: int, rdma_leg
     dist.all_gather_object(same, bool(torch.equal(first, second)), group=group)
 
     legs = link_bytes(torch.cat(_gather(topk_idx, world, group)), EXPERTS, per_node, world, message_bytes=HIDDEN * 2)
-    return {"times": times, "same_rows": all(same), "legs": legs} if rank == 0 else None
+    return {"times": times, "same_rows": all(same), "legs": legs, "stages": stages} if rank == 0 else None
 
 
 def _gather(t: torch.Tensor, world: int, group) -> list[torch.Tensor]:
@@ -119,6 +156,10 @@ def _table(result: dict, world: int, per_node: int) -> str:
               f"| direct to every rank | {per_token(legs.direct_rdma):.1f} | {per_token(legs.direct_nvlink):.1f} |",
               f"| RDMA saving | {legs.rdma_saving:.2f}x | |",
               "", f"both Buffers delivered the same rows on every rank: {result['same_rows']}"]
+    if result["stages"]:
+        lines += ["", f"| {labels[1]}: op | stage | host us | with its GPU work us (synced) |", "|---|---|---|---|"]
+        for name, rows in result["stages"].items():
+            lines += [f"| {name} | {stage} | {host:.0f} | {synced:.0f} |" for stage, host, synced in rows]
     return "\n".join(lines)
 
 
@@ -130,15 +171,18 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--out", help="also write the table (markdown) here")
     parser.add_argument("--rdma-leg", choices=RDMA_LEGS, default="collective", help="node forwarding's RDMA leg")
+    parser.add_argument("--host-stages", action="store_true",
+                        help="also time node forwarding's stages (see above)")
     args = parser.parse_args()
     if args.ranks % args.ranks_per_node or args.ranks == args.ranks_per_node:
         parser.error("--ranks must be a multiple of --ranks-per-node, over at least two nodes")
     backend, ranks_per_gpu = local_backend(args.ranks)
-    results = run_ranks(_worker, args.ranks, args.ranks_per_node, args.sms, args.iters, args.rdma_leg, backend=backend,
-                        timeout_s=1200)
+    results = run_ranks(_worker, args.ranks, args.ranks_per_node, args.sms, args.iters, args.rdma_leg,
+                        args.host_stages, backend=backend, timeout_s=1200)
     header = (f"{datetime.date.today()} · {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()} · "
               f"EP{args.ranks} over {backend} ({ranks_per_gpu} rank(s) per GPU) · {args.sms} SMs · RDMA leg {args.rdma_leg} · "
               f"{TOKENS} tokens/rank, hidden {HIDDEN}, top-{TOPK} of {EXPERTS} · {args.iters} iters, slowest rank · "
+              f"{'host stage timers on · ' if args.host_stages else ''}"
               f"commit {tree_commit(os.path.dirname(os.path.abspath(__file__)))}")
     table = header + "\n\n" + _table(results[0], args.ranks, args.ranks_per_node)
     print(table)

@@ -90,12 +90,16 @@ if want test || want soak || want bench; then
     # node forwarding over 2 virtual nodes of 2, the NVLink leg on the kernels
     step soak_internode python3 scripts/soak_intranode.py --ranks 4 --ranks-per-node 2 --rounds 10000 --backend cuda \
       --seed 3 --out "$OUT/soak_internode.md"
+    # the same over the NVSHMEM RDMA leg (needs the NVSHMEM build)
+    step soak_internode_nvshmem python3 scripts/soak_intranode.py --ranks 4 --ranks-per-node 2 --rounds 10000 \
+      --backend cuda --rdma-leg nvshmem --seed 5 --out "$OUT/soak_internode_nvshmem.md"
   fi
   if want bench && ((BENCH_UNDER_MPS)); then
     step bench python3 scripts/bench_intranode.py $BENCH_ARGS --out "$OUT/bench_table.md"
   fi
   if want bench; then  # node forwarding over 2 virtual nodes of 2 beside the intranode kernels at EP4
-    step bench_internode python3 scripts/bench_internode.py --ranks 4 --ranks-per-node 2 --out "$OUT/bench_internode.md"
+    step bench_internode python3 scripts/bench_internode.py --ranks 4 --ranks-per-node 2 --rdma-leg nvshmem --host-stages \
+      --out "$OUT/bench_internode.md"
   fi
   mps_stop
 fi

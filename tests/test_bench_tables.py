@@ -1,5 +1,5 @@
-"""The benchmark report's arithmetic (scripts/bench_vs_deepep.py) on the CPU: bytes per GPU and the
-roofline shares, from made-up timings."""
+"""The benchmark reports' arithmetic on the CPU, from made-up timings: scripts/bench_vs_deepep.py's
+bytes per GPU and roofline shares, scripts/bench_internode.py's ratios and stage table."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,14 +11,24 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_vs_deepep", os.path.join(ROOT, "scripts", "bench_vs_deepep.py"))
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    yield _script("bench_vs_deepep")
+    sys.modules.pop("bench_vs_deepep", None)
+
+
+@pytest.fixture(scope="module")
+def internode():
+    yield _script("bench_internode")
+    sys.modules.pop("bench_internode", None)
 
 
 def test_bytes_per_gpu(bench) -> None:
@@ -60,3 +70,17 @@ def test_arena_misses_read_from_our_backend_only(bench) -> None:
 
     assert bench._arena_misses(Ours()) == 3
     assert bench._arena_misses(DeepEP()) == 0
+
+
+def test_internode_table_ratios_and_stages(internode) -> None:
+    from deepep_megatron.traffic import LinkBytes
+
+    labels = ["intranode", "2x2 nodes"]
+    times = {(label, op): (100.0 * (i + 1), 200.0 * (i + 1), 50.0) for i, label in enumerate(labels) for op in internode.OPS}
+    legs = LinkBytes(tokens=4, forwarded_rdma=4 * 1024, forwarded_nvlink=8 * 1024, direct_rdma=8 * 1024, direct_nvlink=2048)
+    stages = {"dispatch bf16": [("agreement", 12.0, 30.0), ("NVLink leg: dispatch", 800.0, 900.0)]}
+    table = internode._table({"times": times, "same_rows": True, "legs": legs, "stages": stages}, 4, 2)
+    assert "| dispatch bf16 | 100 | 200 | 50 | 200 | 400 | 50 | 2.00 |" in table
+    assert "| dispatch bf16 | NVLink leg: dispatch | 800 | 900 |" in table and "| agreement | 12 | 30 |" in table
+    assert "| RDMA saving | 2.00x | |" in table
+    assert "stage |" not in internode._table({"times": times, "same_rows": True, "legs": legs, "stages": {}}, 4, 2)

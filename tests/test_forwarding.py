@@ -5,6 +5,8 @@ deepep_megatron/traffic.py counts (virtual nodes 2x1, 2x2, 4x1, 2x4, 4x2); and t
 which runs the scheme over the group's collectives, against the reference backend and the emulation."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -389,3 +391,50 @@ def test_rail_row_bytes_is_the_packed_row() -> None:
     """layout.rail_row_bytes (what NVSHMEM heaps are sized with) is the row the RDMA leg packs."""
     for pairs in run_ranks(_rdma_row_widths, 4, env={"DEEPEP_MEGATRON_RANKS_PER_NODE": "2"}):
         assert all(packed == formula for packed, formula in pairs), pairs
+
+
+#: The stages ForwardingBackend.host_timing names, per operation, in order.
+HOST_STAGES = {
+    "dispatch": ["agreement", "notify: this rank's counts to the host", "notify: every rank's counts",
+                 "RDMA leg: rows packed", "RDMA leg: exchange", "NVLink leg: node token list and its routing",
+                 "NVLink leg: dispatch", "outputs in (source rank, source token) order"],
+    "cached dispatch": ["agreement", "RDMA leg: rows packed", "RDMA leg: exchange", "NVLink leg: node token list",
+                        "NVLink leg: cached dispatch", "outputs in (source rank, source token) order"],
+    "combine": ["agreement", "NVLink leg: rows in node token list order", "NVLink leg: combine",
+                "RDMA leg: partials packed", "RDMA leg: exchange", "node partials summed"],
+}
+
+
+def _host_stages_round(rank: int, world_size: int) -> dict:
+    import torch.distributed as dist
+
+    from deepep_megatron import Buffer
+
+    buf = Buffer(dist.group.WORLD, backend="forwarding")
+    case = _case(world_size, 91)
+    x, topk_idx, topk_weights = make_inputs(case, rank)
+    seen = {}
+    started = time.perf_counter()
+    recv_x, _, recv_w, _, handle, _ = buf.dispatch(x, **_dispatch_args(buf, topk_idx, case.num_experts, topk_weights))
+    seen["dispatch"] = (buf.runtime.host_timing(), time.perf_counter() - started)
+    started = time.perf_counter()
+    buf.dispatch(x, handle=handle)
+    seen["cached dispatch"] = (buf.runtime.host_timing(), time.perf_counter() - started)
+    started = time.perf_counter()
+    buf.combine(recv_x, handle, topk_weights=recv_w)
+    seen["combine"] = (buf.runtime.host_timing(), time.perf_counter() - started)
+    return seen
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["DEEPEP_MEGATRON_HOST_TIMING=1", "off"])
+def test_host_timing_names_each_stage(enabled: bool) -> None:
+    """With DEEPEP_MEGATRON_HOST_TIMING=1 each operation reports its stages in order, each time
+    non-negative and together no more than the call took; without it, nothing."""
+    env = {"DEEPEP_MEGATRON_RANKS_PER_NODE": "2", "DEEPEP_MEGATRON_HOST_TIMING": "1" if enabled else "0"}
+    for rank, seen in enumerate(run_ranks(_host_stages_round, 4, env=env)):
+        for operation, (stages, elapsed_s) in seen.items():
+            if not enabled:
+                assert stages == [], (rank, operation, stages)
+                continue
+            assert [name for name, _ in stages] == HOST_STAGES[operation], (rank, operation, stages)
+            assert all(us >= 0 for _, us in stages) and sum(us for _, us in stages) <= elapsed_s * 1e6, stages

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from ..config import Config
 from ..forwarding import rdma_slots
 from ..layout import align_up
+from ..profiling import HostStages
 from ..topology import Topology
 from .base import Backend, DispatchLayout, DispatchOutput, channel_prefix_matrix
 from .low_latency import LowLatencyDelegate, low_latency_engine
@@ -52,12 +53,15 @@ from .reference import (
     ReferenceBackend,
     _row_fields,
     _spec,
+    as_words,
+    cat_rows,
     deepep_prefix_matrices,
     layout_problem,
     pack_rows,
     received_per_expert,
     refuse_bad_layouts,
     routed_per_expert,
+    take_rows,
     unpack_rows,
 )
 
@@ -89,10 +93,22 @@ def _slot_tokens(slots: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
     return [torch.argsort((slots[:, m] < 0).to(torch.int8), stable=True)[:count] for m, count in enumerate(counts)]
 
 
-def _as_node_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Packed byte rows [N, B] (B a multiple of 16) as the NVLink leg's x: int16 [N, B / 2], so the
-    cuda kernels size their ring slots for B bytes (they size one-byte rows as FP8, at twice that)."""
-    return rows.contiguous().view(torch.int16)
+def _as_node_rows(rows: torch.Tensor, width: int) -> torch.Tensor:
+    """The first ``width`` bytes (a multiple of 16) of packed byte rows [N, B] as the NVLink leg's x:
+    int16 [N, width / 2], contiguous, so the cuda kernels size their ring slots for ``width`` bytes
+    (they size one-byte rows as FP8, at twice that). Copied as words."""
+    words = as_words(rows)
+    if words.dtype == torch.uint8:  # no rows
+        return rows[:, :width].contiguous().view(torch.int16)
+    return words[:, :width // 8].contiguous().view(torch.int16)
+
+
+def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[index]`` along dim 0 for any [N, ...] tensor, its rows gathered as packed words."""
+    if t.dim() < 2 or t.size(0) == 0:
+        return t[index]
+    rows = t.contiguous().view(t.size(0), -1).view(torch.uint8)
+    return take_rows(rows, index).view(t.dtype).view(index.numel(), *t.shape[1:])
 
 
 class ForwardingBackend(LowLatencyDelegate, Backend):
@@ -132,6 +148,7 @@ class ForwardingBackend(LowLatencyDelegate, Backend):
             self.node_group = _subgroup(self._node_members(), self.timeout_s)
             self.node: Backend = CudaBackend(self.node_group, num_nvl_bytes, 0, False, num_qps_per_rank, self.timeout_s)
         self._open_collectives()
+        self._stages = HostStages()
         if rdma_leg == "nvshmem":  # kept across resets: its own reset zeroes its signals
             self._rail = NvshmemRail(self.control_group, self.topology, num_rdma_bytes, self.timeout_s)
         # The low-latency calls: the NVSHMEM kernels when built (they reach every rank, NVLink or not;
@@ -212,7 +229,7 @@ class ForwardingBackend(LowLatencyDelegate, Backend):
 
     def _node_token_list(self, own: torch.Tensor, regions: list[torch.Tensor]) -> torch.Tensor:
         """This rank's node token list: per node in order, its own rows or the rows from that node."""
-        return torch.cat([own if n == self.home else regions[n] for n in range(self.topology.num_nodes)])
+        return cat_rows([own if n == self.home else regions[n] for n in range(self.topology.num_nodes)])
 
     # ------------------------------------------------------------------ normal path
     def get_dispatch_layout(self, topk_idx, num_experts):
@@ -223,12 +240,15 @@ class ForwardingBackend(LowLatencyDelegate, Backend):
                  num_worst_tokens: int = 0) -> DispatchOutput:
         """See :class:`Backend`; exact sizes (the Buffer pads a ``num_worst_tokens`` dispatch)."""
         payload = [x] if x_scales is None else [x, x_scales]
+        stages = self._stages
+        stages.start()
         if cached_layout is not None:
             return self._cached_dispatch(payload, cached_layout, config)
         R, N, L = self.num_ranks, self.topology.num_nodes, self.topology.ranks_per_node
         num_experts, num_channels, num_tokens = num_tokens_per_expert.numel(), config.num_channels, x.size(0)
         self._agree("dispatch", topk=0 if topk_idx is None else topk_idx.size(1), experts=num_experts,
                          channels=num_channels, **_row_fields(x, x_scales))
+        stages.mark("agreement")
         # notify: every rank's rows per destination rank and per node, per expert, per (rank, channel);
         # this rank's counts come to the host in one copy
         slots = rdma_slots(is_token_in_rank, L, self.rank)  # [T, N]
@@ -238,6 +258,7 @@ class ForwardingBackend(LowLatencyDelegate, Backend):
             channel_prefix_matrix(is_token_in_rank, num_channels).to(torch.int64).reshape(-1), send_counts,
             routed_per_expert(topk_idx, num_experts) if topk_idx is not None else send_counts[:0],
         ]).cpu()
+        stages.mark("notify: this rank's counts to the host")
         sizes = [R, N, num_experts, R * num_channels, R, num_experts if topk_idx is not None else 0]
         per_rank_sent, slots_sent, per_expert_sent, channel_sent, sent, routed = mine.split(sizes)
         problem = layout_problem(per_rank_sent, sent, per_expert_sent, routed if topk_idx is not None else None)
@@ -249,16 +270,20 @@ class ForwardingBackend(LowLatencyDelegate, Backend):
         rdma_rows = everyone[:, R:R + N]  # [source, node]: slots a source fills there
         per_expert = received_per_expert(everyone[:, R + N:R + N + num_experts], self.rank, expert_alignment)
         source_channels = everyone[:, R + N + num_experts:-1].view(R, R, num_channels)[:, self.rank]
+        stages.mark("notify: every rank's counts")
 
         # RDMA leg: [x, scales, token index, padding | top-k ids, weights, is_token_in_rank row]
         carried = payload + [torch.arange(num_tokens, device=x.device)]
         carried.append(_padding(num_tokens, _row_bytes(carried), x.device))
         routing = [] if topk_idx is None else [topk_idx.to(torch.int64), topk_weights.to(torch.float32)]
         routing.append(is_token_in_rank.to(torch.uint8))
-        rows = pack_rows(carried + routing)
+        # whole rows of 16-byte multiples: every copy of them below moves words, the slabs' rows unpadded
+        rows = pack_rows(carried + routing + [_padding(num_tokens, _row_bytes(carried + routing), x.device)])
         slot_tokens = _slot_tokens(slots, rdma_rows[self.rank].tolist())
-        regions = self._across_nodes([rows.index_select(0, tokens) for tokens in slot_tokens],
-                                     self._from_nodes(rdma_rows), config.num_sms)
+        send = [take_rows(rows, tokens) for tokens in slot_tokens]
+        stages.mark("RDMA leg: rows packed")
+        regions = self._across_nodes(send, self._from_nodes(rdma_rows), config.num_sms)
+        stages.mark("RDMA leg: exchange")
         node_rows = self._node_token_list(rows, regions)
 
         # NVLink leg: the node token list to this node's ranks, routed by the rows' own routing columns
@@ -274,15 +299,18 @@ class ForwardingBackend(LowLatencyDelegate, Backend):
             on_node = (global_topk >= first) & (global_topk < first + node_experts)
             node_topk = torch.where(on_node, global_topk - first, torch.full_like(global_topk, -1))
             node_per_expert = routed_per_expert(node_topk, node_experts).to(torch.int32)
+        node_x = _as_node_rows(node_rows, carried_bytes)
+        stages.mark("NVLink leg: node token list and its routing")
         node_out = self._node_call(
-            self.node.dispatch, _as_node_rows(node_rows[:, :carried_bytes]), None, node_topk, node_weights,
+            self.node.dispatch, node_x, None, node_topk, node_weights,
             node_in_rank.sum(dim=0).to(torch.int32), node_in_rank, node_per_expert, 1, config, None,
         )
         self._rail.check_errors()  # the NVLink leg's host wait came after the exchange on the stream
+        stages.mark("NVLink leg: dispatch")
         order = self._node_order(counts, x.device)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        received = unpack_rows(node_out.recv_x[order].view(torch.uint8), [_spec(t) for t in carried[:-1]])
+        received = unpack_rows(take_rows(node_out.recv_x.view(torch.uint8), order), [_spec(t) for t in carried[:-1]])
         rank_prefix, recv_channel_prefix = deepep_prefix_matrices(counts, source_channels, self.rank, x.device)
         layout = DispatchLayout(
             is_token_in_rank=is_token_in_rank,
@@ -298,7 +326,8 @@ class ForwardingBackend(LowLatencyDelegate, Backend):
         )
         recv_topk_idx = recv_topk_weights = None
         if topk_idx is not None:
-            recv_topk_idx, recv_topk_weights = node_out.recv_topk_idx[order], node_out.recv_topk_weights[order]
+            recv_topk_idx, recv_topk_weights = _take(node_out.recv_topk_idx, order), _take(node_out.recv_topk_weights, order)
+        stages.mark("outputs in (source rank, source token) order")
         return DispatchOutput(received[0], received[1] if x_scales is not None else None, recv_topk_idx,
                               recv_topk_weights, layout)
 
@@ -314,29 +343,43 @@ class ForwardingBackend(LowLatencyDelegate, Backend):
         private = self._private(layout)
         x = payload[0]
         self._agree("cached dispatch", channels=layout.num_channels, **_row_fields(*payload))
+        stages = self._stages
+        stages.mark("agreement")
         if layout.is_token_in_rank.size(0) != x.size(0):
             raise ValueError(f"x has {x.size(0)} tokens but the cached layout was made for {layout.is_token_in_rank.size(0)}")
         slot_tokens, rdma_rows = private["slot_tokens"], private["rdma_rows"]
         carried = payload + [_padding(x.size(0), _row_bytes(payload), x.device)]
         rows = pack_rows(carried)
-        regions = self._across_nodes([rows.index_select(0, tokens) for tokens in slot_tokens],
-                                     self._from_nodes(rdma_rows), 2 * layout.num_channels)
-        node_out = self._node_call(self.node.dispatch, _as_node_rows(self._node_token_list(rows, regions)), None, None,
-                                   None, None, None, None, 1, config, private["node_layout"])
+        send = [take_rows(rows, tokens) for tokens in slot_tokens]
+        stages.mark("RDMA leg: rows packed")
+        regions = self._across_nodes(send, self._from_nodes(rdma_rows), 2 * layout.num_channels)
+        stages.mark("RDMA leg: exchange")
+        node_x = _as_node_rows(self._node_token_list(rows, regions), rows.size(1))
+        stages.mark("NVLink leg: node token list")
+        node_out = self._node_call(self.node.dispatch, node_x, None, None, None, None, None, None, 1, config,
+                                   private["node_layout"])
         self._rail.check_errors()  # the NVLink leg's host wait came after the exchange on the stream
-        received = unpack_rows(node_out.recv_x[private["order"]].view(torch.uint8), [_spec(t) for t in payload])
+        stages.mark("NVLink leg: cached dispatch")
+        received = unpack_rows(take_rows(node_out.recv_x.view(torch.uint8), private["order"]), [_spec(t) for t in payload])
+        stages.mark("outputs in (source rank, source token) order")
         return DispatchOutput(received[0], received[1] if len(payload) > 1 else None, None, None, layout)
 
     def combine(self, x, topk_weights, layout: DispatchLayout, config: Config):
         """``x`` [N_recv, H] (the dispatch's row order) -> [T, H] x.dtype, and the summed
         ``topk_weights`` [T, K] fp32 or None: node partials from the NVLink leg, summed in node order."""
         private = self._private(layout)
+        stages = self._stages
+        stages.start()
         self._agree("combine", topk=0 if topk_weights is None else topk_weights.size(1), channels=layout.num_channels,
                          **_row_fields(x, None))
+        stages.mark("agreement")
         N = self.topology.num_nodes
         slot_tokens, rdma_rows, inverse = private["slot_tokens"], private["rdma_rows"], private["inverse"]
-        weights = None if topk_weights is None else topk_weights.to(torch.float32)[inverse]
-        partial, partial_weights = self._node_call(self.node.combine, x[inverse], weights, private["node_layout"], config)
+        weights = None if topk_weights is None else _take(topk_weights.to(torch.float32), inverse)
+        node_x = _take(x, inverse)
+        stages.mark("NVLink leg: rows in node token list order")
+        partial, partial_weights = self._node_call(self.node.combine, node_x, weights, private["node_layout"], config)
+        stages.mark("NVLink leg: combine")
         num_tokens = layout.is_token_in_rank.size(0)
         sizes = self._from_nodes(rdma_rows)
         sizes[self.home] = num_tokens
@@ -345,8 +388,10 @@ class ForwardingBackend(LowLatencyDelegate, Backend):
         by_node = [c.split(sizes) for c in columns]  # [column][node]
         nothing = torch.empty(0, _row_bytes(columns), dtype=torch.uint8, device=x.device)
         send = [pack_rows([c[n] for c in by_node]) if n != self.home else nothing for n in range(N)]
+        stages.mark("RDMA leg: partials packed")
         back = self._across_nodes(  # RDMA leg back: each forwarded token's node partial to its source
             send, rdma_rows[self.rank].tolist(), 2 * layout.num_channels)
+        stages.mark("RDMA leg: exchange")
         sums = [torch.zeros(num_tokens, *shape, dtype=torch.float32, device=x.device) for _, shape in specs]
         for m in range(N):  # node order, this rank's own node at its place
             if m == self.home:
@@ -356,7 +401,18 @@ class ForwardingBackend(LowLatencyDelegate, Backend):
             for total, rows in zip(sums, unpack_rows(back[m], specs)):
                 total.index_add_(0, slot_tokens[m], rows.float())  # one row per token: a single add each
         self._rail.check_errors(wait=True)  # nothing else waits for the exchange: never return rows it missed
-        return sums[0].to(x.dtype), sums[1] if partial_weights is not None else None
+        out = sums[0].to(x.dtype), sums[1] if partial_weights is not None else None
+        stages.mark("node partials summed")
+        return out
+
+    def host_timing(self) -> list[tuple[str, float]]:
+        """``[(stage, us)]`` of this rank's last dispatch, cached dispatch or combine when the process
+        runs with ``DEEPEP_MEGATRON_HOST_TIMING=1`` (empty otherwise): this backend's stages (with
+        ``DEEPEP_MEGATRON_HOST_TIMING_SYNC=1`` each includes its GPU work), then those of a cuda
+        NVLink leg inside its dispatch / combine, named ``"NVLink leg/<stage>"``."""
+        inner = getattr(self.node, "host_timing", None)
+        nested = inner() if inner is not None and self._stages.enabled else []
+        return self._stages.stages() + [(f"NVLink leg/{stage}", us) for stage, us in nested]
 
     # ------------------------------------------------------------------ lifecycle
     def synchronize(self) -> None:

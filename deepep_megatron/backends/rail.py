@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from ..layout import RAIL_CONTROL_BYTES, RAIL_ROW_ALIGN, align_up, rail_bytes_needed
 from ..topology import Topology
-from .reference import ReferenceBackend
+from .reference import ReferenceBackend, copy_rows
 
 RDMA_LEG_ENV = "DEEPEP_MEGATRON_RDMA_LEG"
 RDMA_LEGS = ("collective", "nvshmem")
@@ -139,7 +139,7 @@ class NvshmemRail:
         self._last_stream = stream
         for node, rows in enumerate(send):
             if rows.size(0):
-                self._rail.send_slab(node, rows.size(0) * padded).view(-1, padded)[:, :row_bytes].copy_(rows)
+                copy_rows(self._rail.send_slab(node, rows.size(0) * padded).view(-1, padded)[:, :row_bytes], rows)
         try:
             views = self._rail.exchange([rows.size(0) * padded for rows in send], [c * padded for c in recv_counts],
                                         max(1, min(num_blocks, RAIL_BLOCKS)))

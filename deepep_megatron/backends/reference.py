@@ -25,6 +25,63 @@ from .base import (
 )
 
 
+#: Packed rows are copied in words of this many bytes where their widths and offsets allow: a CUDA
+#: gather, concatenation or strided copy runs one thread iteration per element, so byte rows cost
+#: 8x the iterations of the same bytes as int64.
+ROW_WORD = torch.int64
+ROW_WORD_BYTES = 8
+
+
+def word_view(rows: torch.Tensor) -> Optional[torch.Tensor]:
+    """``rows`` [N, B] uint8 viewed as [N, B / 8] int64, or None where the width, strides or offset
+    do not allow a view (or there are no rows)."""
+    if rows.size(0) == 0 or rows.size(1) == 0 or rows.size(1) % ROW_WORD_BYTES or rows.stride(1) != 1:
+        return None
+    if rows.size(0) == 1:  # a size-1 dim may carry any stride, which a dtype view still checks
+        rows = rows.view(-1).view(1, -1)
+    if rows.stride(0) % ROW_WORD_BYTES or rows.storage_offset() % ROW_WORD_BYTES:
+        return None
+    return rows.view(ROW_WORD)
+
+
+def as_words(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` [N, B] uint8 with B a multiple of :data:`ROW_WORD_BYTES` as [N, B / 8] int64 (a view
+    when the rows' storage allows it, else a contiguous copy); any other width as it is."""
+    if rows.size(0) == 0 or rows.size(1) == 0 or rows.size(1) % ROW_WORD_BYTES:
+        return rows
+    words = word_view(rows)
+    # a fresh copy, not .contiguous(): that returns contiguous rows at an odd storage offset as they are
+    return words if words is not None else rows.clone(memory_format=torch.contiguous_format).view(ROW_WORD)
+
+
+def as_bytes(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`as_words`: [N, W] int64 (or uint8, returned as it is) -> [N, 8 W] uint8."""
+    return words if words.dtype == torch.uint8 else words.view(torch.uint8)
+
+
+def take_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``rows[index]`` for [N, B] uint8 rows, gathered as words where B allows (same bytes)."""
+    return as_bytes(as_words(rows).index_select(0, index))
+
+
+def cat_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)`` of [n_i, B] uint8 rows, as words where B allows (same bytes)."""
+    width = parts[0].size(1)
+    if width == 0 or width % ROW_WORD_BYTES:
+        return torch.cat(parts)
+    words = [as_words(p) if p.size(0) else p.new_empty(0, width // ROW_WORD_BYTES, dtype=ROW_WORD) for p in parts]
+    return torch.cat(words).view(torch.uint8)
+
+
+def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for [N, B] uint8 rows, as words where both allow a view."""
+    dst_words, src_words = word_view(dst), word_view(src)
+    if dst_words is not None and src_words is not None:
+        dst_words.copy_(src_words)
+    else:
+        dst.copy_(src)
+
+
 def pack_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Concatenate the bytes of each row of ``tensors`` (all [N, ...]) into one uint8 [N, B]."""
     num_rows = tensors[0].size(0)
@@ -37,12 +94,29 @@ def pack_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
             parts.append(torch.empty(0, row_numel * t.element_size(), dtype=torch.uint8, device=t.device))
             continue
         parts.append(t.contiguous().view(num_rows, row_numel).view(torch.uint8))
-    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    if len(parts) == 1:
+        return parts[0]
+    widths = [p.size(1) for p in parts]
+    out = torch.empty(num_rows, sum(widths), dtype=torch.uint8, device=parts[0].device)
+    if num_rows == 0:
+        return out
+    words = word_view(out)
+    offset = 0
+    for part, width in zip(parts, widths):
+        if width == 0:
+            continue
+        if words is not None and offset % ROW_WORD_BYTES == 0 and width % ROW_WORD_BYTES == 0:
+            words[:, offset // ROW_WORD_BYTES:(offset + width) // ROW_WORD_BYTES].copy_(as_words(part))
+        else:
+            out[:, offset:offset + width].copy_(part)
+        offset += width
+    return out
 
 
 def unpack_rows(rows: torch.Tensor, like: Sequence[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
     """Inverse of :func:`pack_rows`: ``like`` lists (dtype, per-row shape) of each packed tensor."""
     out, offset, num_rows = [], 0, rows.size(0)
+    words = word_view(rows)  # no copy: a row slice that cannot be viewed is read bytewise
     for dtype, shape in like:
         numel = 1
         for s in shape:
@@ -50,7 +124,10 @@ def unpack_rows(rows: torch.Tensor, like: Sequence[tuple[torch.dtype, tuple[int,
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
         # A fresh tensor: a slice may keep a stride (or offset) that a dtype view cannot reinterpret.
         chunk = torch.empty(num_rows, nbytes, dtype=torch.uint8, device=rows.device)
-        chunk.copy_(rows[:, offset : offset + nbytes])
+        if words is not None and offset % ROW_WORD_BYTES == 0 and nbytes % ROW_WORD_BYTES == 0:
+            chunk.view(ROW_WORD).copy_(words[:, offset // ROW_WORD_BYTES:(offset + nbytes) // ROW_WORD_BYTES])
+        else:
+            chunk.copy_(rows[:, offset : offset + nbytes])
         out.append(chunk.view(dtype).view(num_rows, *shape))
         offset += nbytes
     return out
