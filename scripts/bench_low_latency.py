@@ -65,8 +65,9 @@ def _gpu_time(fn, group, repeats: int, iters: int = 1, before=None, after=None, 
 
 
 def _stage_times(fast, dispatch, group, calls: int = 9) -> dict[str, float]:
-    """Per stage of the dispatch kernel, the largest time over blocks, and the blocks' span, in
-    seconds: medians over ``calls`` dispatches, each run alone after a barrier."""
+    """Per stage of the dispatch kernel, the largest and the median time over blocks (a slow stage
+    of every block, or a few slow blocks), and the blocks' span, in seconds: medians over ``calls``
+    dispatches, each run alone after a barrier."""
     from deepep_megatron import _C
 
     kernels = fast.runtime._low_latency._ll  # the LowLatencyKernels of the LowLatencyBackend
@@ -82,6 +83,7 @@ def _stage_times(fast, dispatch, group, calls: int = 9) -> dict[str, float]:
         for i, name in enumerate(names):
             if name not in ("start", "end"):
                 per_call.setdefault(f"stage: {name} (max over blocks)", []).append(float(rows[:, i].max()))
+                per_call.setdefault(f"stage: {name} (median over blocks)", []).append(float(rows[:, i].median()))
     return {what: statistics.median(values) * 1e-9 for what, values in per_call.items()}
 
 
