@@ -11,7 +11,8 @@ Two implementations of one interface, ``exchange(send, recv_counts, num_blocks) 
   ``DEEPEP_MEGATRON_RDMA_LEG=nvshmem`` and a Buffer with ``num_rdma_bytes`` (2 x nodes x tokens x
   row bytes + 4 KiB covers any routing); it needs the extension built with NVSHMEM and takes the
   process's one NVSHMEM heap (a low-latency Buffer cannot live next to it in the same process).
-  Opt-in until it has run on a GPU.
+  Opt-in: its GPU tests pass on one GPU over the P2P transport (2026-12-04), but it has not had its
+  10^4-round soak nor run over a NIC.
 """
 from __future__ import annotations
 
