@@ -270,6 +270,11 @@ class ForwardingBackend(LowLatencyDelegate, Backend):
         rdma_rows = everyone[:, R:R + N]  # [source, node]: slots a source fills there
         per_expert = received_per_expert(everyone[:, R + N:R + N + num_experts], self.rank, expert_alignment)
         source_channels = everyone[:, R + N + num_experts:-1].view(R, R, num_channels)[:, self.rank]
+        # The indices built on the host go to the device now, while its stream is idle: a copy from
+        # pageable host memory synchronizes the stream, which after the legs' launches would hold the
+        # host until their kernels end.
+        order = self._node_order(counts, x.device)
+        rank_prefix, recv_channel_prefix = deepep_prefix_matrices(counts, source_channels, self.rank, x.device)
         stages.mark("notify: every rank's counts")
 
         # RDMA leg: [x, scales, token index, padding | top-k ids, weights, is_token_in_rank row]
@@ -307,11 +312,9 @@ class ForwardingBackend(LowLatencyDelegate, Backend):
         )
         self._rail.check_errors()  # the NVLink leg's host wait came after the exchange on the stream
         stages.mark("NVLink leg: dispatch")
-        order = self._node_order(counts, x.device)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         received = unpack_rows(take_rows(node_out.recv_x.view(torch.uint8), order), [_spec(t) for t in carried[:-1]])
-        rank_prefix, recv_channel_prefix = deepep_prefix_matrices(counts, source_channels, self.rank, x.device)
         layout = DispatchLayout(
             is_token_in_rank=is_token_in_rank,
             num_tokens_per_rank=send_counts.to(torch.int32),
