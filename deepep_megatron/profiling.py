@@ -8,8 +8,8 @@ torch.profiler / Chrome trace shows, on CPU too). With no profiler running only 
 from __future__ import annotations
 
 import contextlib
-import os
 import functools
+import os
 import statistics
 import time
 from typing import Any, Callable, Iterable, Iterator, Optional

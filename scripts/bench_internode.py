@@ -44,7 +44,6 @@ from deepep_megatron.profiling import (  # noqa: E402
     HOST_TIMING_SYNC_ENV,
     one_call_seconds,
     seconds_per_call,
-    start_together,
 )
 from deepep_megatron.topology import RANKS_PER_NODE_ENV  # noqa: E402
 from deepep_megatron.traffic import link_bytes  # noqa: E402
@@ -54,17 +53,19 @@ OPS = ("dispatch bf16", "dispatch fp8", "cached dispatch bf16", "combine bf16")
 
 
 def _stage_medians(op, runtime, iters: int, group) -> list[tuple[str, float]]:
-    """Median us per stage of ``runtime.host_timing()`` over ``iters`` calls of ``op``, one at a time."""
+    """Median us per stage of ``runtime.host_timing()`` over ``iters`` calls of ``op``, one at a time
+    (:func:`one_call_seconds`' calls; its own times are not used here)."""
     import statistics
 
     per_stage: dict[str, list[float]] = {}
-    for _ in range(iters):
-        torch.cuda.synchronize()
-        start_together(group)
-        op()
-        torch.cuda.synchronize()
-        for stage, us in runtime.host_timing():
+
+    def recorded():
+        result = op()
+        for stage, us in runtime.host_timing():  # recorded by the call itself: no sync needed to read
             per_stage.setdefault(stage, []).append(us)
+        return result
+
+    one_call_seconds(recorded, iters, warmup=0, group=group)
     return [(stage, statistics.median(values)) for stage, values in per_stage.items()]
 
 

@@ -298,8 +298,9 @@ constexpr LowLatencyLayout ll_layout(int64_t max_tokens, int64_t hidden, int64_t
 //     for the rows of the call before: it took them out of its receive slab).
 //   send slabs [N][slab_bytes] at off_send: slab m holds this call's rows for node m
 //   recv slabs [N][slab_bytes] at off_recv: slab n holds the rows node n's rank sent this call
-// A call's signals are cumulative: call q (1-based) waits for arrived[n] >= q * blocks and, before
-// putting into node m's slab, for consumed[m] >= (q - 1) * blocks. Every wait is bounded and
+// A call's signals are cumulative: call q (1-based) waits for arrived[n] >= the blocks of calls 1..q
+// together (the block count may change from call to call; the host keeps the sum) and, before
+// putting into node m's slab, for consumed[m] >= q - 1. Every wait is bounded and
 // reports a Diagnostic (kWaitRailAck / kWaitRailData, the peer = the EP rank waited for).
 constexpr int kRailMaxNodes = 128;
 constexpr int64_t kRailOffAbort = 0;
